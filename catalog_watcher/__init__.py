@@ -1,0 +1,1 @@
+"""Catalogue watcher: STAC polling, scene upsert and the transactional outbox."""

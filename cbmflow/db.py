@@ -1,0 +1,181 @@
+"""PostgreSQL access: connections, migrations and the per-dataset tables.
+
+Identifiers (schemas, tables) only ever come from the ``datasets`` table and are composed with
+``psycopg2.sql.Identifier``; values are always bound parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+from psycopg2 import sql
+
+from cbmflow.settings import DbSettings
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+def connect(dsn: str | None = None, **kwargs: Any) -> psycopg2.extensions.connection:
+    conn = psycopg2.connect(dsn or DbSettings().resolved_dsn(), connect_timeout=10, **kwargs)
+    return conn
+
+
+@contextmanager
+def transaction(dsn: str | None = None) -> Iterator[psycopg2.extensions.cursor]:
+    """One connection, one transaction: committed on success, rolled back on any exception."""
+    conn = connect(dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            yield cur
+    finally:
+        conn.close()
+
+
+def migrate(dsn: str | None = None, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply ``sql/NNN_*.sql`` files not yet recorded; returns the names applied.
+
+    A checksum is kept per file so that editing an applied migration is caught instead of being
+    silently ignored. An advisory lock serialises concurrent migrators.
+    """
+    applied: list[str] = []
+    conn = connect(dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(7421001)")
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, sha256 text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            cur.execute("SELECT name, sha256 FROM schema_migrations")
+            done = dict(cur.fetchall())
+            for path in sorted(sql_dir.glob("[0-9][0-9][0-9]_*.sql")):
+                text = path.read_text()
+                digest = hashlib.sha256(text.encode()).hexdigest()
+                if path.name in done:
+                    if done[path.name] != digest:
+                        from cbmflow.errors import ConfigError
+
+                        raise ConfigError(f"migration {path.name} changed after it was applied")
+                    continue
+                cur.execute(text)
+                cur.execute("INSERT INTO schema_migrations (name, sha256) VALUES (%s, %s)", (path.name, digest))
+                applied.append(path.name)
+    finally:
+        conn.close()
+    return applied
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One (aoi, year) parcel set and where its tables live."""
+
+    id: int
+    aoi: str
+    year: int
+    schema_name: str
+    parcel_table: str
+    sigs_table: str
+    hists_table: str
+    srid: int
+    buffer_m: float
+    min_pixels: int
+    parcels_version: int
+
+    def ident(self, table: str) -> sql.Composed:
+        return sql.SQL("{}.{}").format(sql.Identifier(self.schema_name), sql.Identifier(table))
+
+    @property
+    def parcels(self) -> sql.Composed:
+        return self.ident(self.parcel_table)
+
+    @property
+    def sigs(self) -> sql.Composed:
+        return self.ident(self.sigs_table)
+
+    @property
+    def hists(self) -> sql.Composed:
+        return self.ident(self.hists_table)
+
+
+_DATASET_COLS = (
+    "id, aoi, year, schema_name, parcel_table, sigs_table, hists_table, srid, buffer_m, min_pixels, parcels_version"
+)
+
+
+def get_dataset(cur: psycopg2.extensions.cursor, aoi: str, year: int) -> Dataset | None:
+    cur.execute(f"SELECT {_DATASET_COLS} FROM datasets WHERE aoi = %s AND year = %s", (aoi, year))  # noqa: S608
+    row = cur.fetchone()
+    return Dataset(*row) if row else None
+
+
+def list_datasets(cur: psycopg2.extensions.cursor) -> list[Dataset]:
+    cur.execute(f"SELECT {_DATASET_COLS} FROM datasets ORDER BY aoi, year")  # noqa: S608
+    return [Dataset(*row) for row in cur.fetchall()]
+
+
+def ensure_dataset(
+    cur: psycopg2.extensions.cursor, aoi: str, year: int, srid: int, description: str = ""
+) -> Dataset:
+    """Create (or return) the dataset row and its schema and tables."""
+    existing = get_dataset(cur, aoi, year)
+    if existing is None:
+        cur.execute(
+            "INSERT INTO datasets (aoi, year, schema_name, parcel_table, sigs_table, hists_table, srid, description)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (aoi, year) DO NOTHING",
+            (aoi, year, aoi, f"parcels_{year}", f"sigs_{year}", f"hists_{year}", srid, description),
+        )
+        existing = get_dataset(cur, aoi, year)
+        assert existing is not None
+    ds = existing
+    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(ds.schema_name)))
+    cur.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {t} ("
+            " pid integer PRIMARY KEY,"
+            " parcel_id text NOT NULL UNIQUE,"
+            " crop_code text,"
+            " crop_name text,"
+            " geom geometry(MultiPolygon, {srid}) NOT NULL)"
+        ).format(t=ds.parcels, srid=sql.Literal(int(ds.srid)))
+    )
+    cur.execute(
+        sql.SQL("CREATE INDEX IF NOT EXISTS {ix} ON {t} USING gist (geom)").format(
+            ix=sql.Identifier(f"{ds.parcel_table}_geom_gix"), t=ds.parcels
+        )
+    )
+    cur.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {t} ("
+            " pid integer NOT NULL, scene_id bigint NOT NULL, band text NOT NULL,"
+            " count integer NOT NULL, mean double precision, std double precision,"
+            " min double precision, max double precision,"
+            " p25 double precision, p50 double precision, p75 double precision,"
+            " PRIMARY KEY (pid, scene_id, band))"
+        ).format(t=ds.sigs)
+    )
+    cur.execute(
+        sql.SQL("CREATE INDEX IF NOT EXISTS {ix} ON {t} (scene_id)").format(
+            ix=sql.Identifier(f"{ds.sigs_table}_scene_idx"), t=ds.sigs
+        )
+    )
+    cur.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {t} ("
+            " pid integer NOT NULL, scene_id bigint NOT NULL, class smallint NOT NULL, count integer NOT NULL,"
+            " PRIMARY KEY (pid, scene_id, class))"
+        ).format(t=ds.hists)
+    )
+    cur.execute(
+        sql.SQL("CREATE INDEX IF NOT EXISTS {ix} ON {t} (scene_id)").format(
+            ix=sql.Identifier(f"{ds.hists_table}_scene_idx"), t=ds.hists
+        )
+    )
+    return ds

@@ -1,0 +1,1 @@
+"""Provisioner: scales worker VMs (or local processes) by queue depth."""

@@ -1,0 +1,1 @@
+"""Extraction worker: the numba engine and the job consumer."""
