@@ -121,9 +121,7 @@ def list_datasets(cur: psycopg2.extensions.cursor) -> list[Dataset]:
     return [Dataset(*row) for row in cur.fetchall()]
 
 
-def ensure_dataset(
-    cur: psycopg2.extensions.cursor, aoi: str, year: int, srid: int, description: str = ""
-) -> Dataset:
+def ensure_dataset(cur: psycopg2.extensions.cursor, aoi: str, year: int, srid: int, description: str = "") -> Dataset:
     """Create (or return) the dataset row and its schema and tables."""
     existing = get_dataset(cur, aoi, year)
     if existing is None:

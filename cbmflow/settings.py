@@ -119,7 +119,10 @@ class WorkerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CBMFLOW_WORKER_")
 
-    lease_s: float = 3600.0
+    lease_s: float = 120.0
+    heartbeat_s: float = 10.0
+    stop_deadline_s: float = 600.0
+    index_cache_entries: int = 8
     prefetch: int = 1
     idle_exit_s: float = 0.0
     drain_file: str = ""

@@ -1,0 +1,54 @@
+# cbmflow: the two commands are `make demo` and `make test`; both install what they need.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+BIN   := $(VENV)/bin
+DEB_PACKAGES := postgresql-15 postgresql-15-postgis-3 rabbitmq-server cloud-init
+SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system-packages venv demo test lint typecheck unit bench bench-extract clean stack-down
+
+setup: system-packages venv
+
+# Debian packages: installed only when missing. policy-rc.d keeps apt from auto-starting the
+# distribution's own RabbitMQ/PostgreSQL services: cbmflow runs its own, unprivileged, on loopback.
+system-packages:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null; $(SUDO) chmod +x /usr/sbin/policy-rc.d; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	  rc=$$?; $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$rc; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check cbmflow catalog_watcher provisioner worker card api tests
+
+typecheck: venv
+	$(BIN)/mypy
+
+test: setup lint typecheck
+	$(BIN)/pytest -q
+
+demo: setup
+	$(BIN)/cbmflow demo
+
+bench: bench-extract
+
+bench-extract: setup
+	$(PY) -m worker.bench
+
+stack-down: venv
+	$(BIN)/cbmflow stack down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,3 @@
+from cbmflow.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""``cbmflow status``: queue depths, scenes by status and workers, read from the real sources."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cbmflow import bus as busmod
+from cbmflow import db
+from cbmflow.settings import BusSettings, DbSettings
+
+
+def collect() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    try:
+        depth = busmod.queue_depth(BusSettings())
+        out["queue"] = {
+            "ready": depth.ready,
+            "unacked": depth.unacked,
+            "consumers": depth.consumers,
+            "dead_lettered": depth.dead_lettered,
+        }
+    except Exception as exc:  # noqa: BLE001 - status must show what it can
+        out["queue"] = {"error": str(exc)}
+    with db.transaction(DbSettings().resolved_dsn()) as cur:
+        cur.execute("SELECT status, count(*) FROM scenes GROUP BY status ORDER BY status")
+        out["scenes"] = {s: int(n) for s, n in cur.fetchall()}
+        cur.execute(
+            "SELECT id, host, pid, state, current_scene, extract(epoch FROM now() - heartbeat_at)::int"
+            " FROM workers WHERE state <> 'stopped' OR heartbeat_at > now() - interval '10 minutes' ORDER BY id"
+        )
+        out["workers"] = [
+            {"id": r[0], "host": r[1], "pid": r[2], "state": r[3], "current_scene": r[4], "heartbeat_age_s": r[5]}
+            for r in cur.fetchall()
+        ]
+        cur.execute("SELECT id, product_id, reason FROM scenes WHERE status = 'failed' ORDER BY id LIMIT 10")
+        out["failed"] = [{"scene_id": r[0], "product_id": r[1], "reason": r[2]} for r in cur.fetchall()]
+    return out
+
+
+def print_status(as_json: bool = False) -> None:
+    data = collect()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    q = data["queue"]
+    if "error" in q:
+        console.print(f"[red]queue: {q['error']}[/red]")
+    else:
+        console.print(
+            f"[bold]queue[/bold] ready {q['ready']}  unacked {q['unacked']}  consumers {q['consumers']}"
+            f"  dead-lettered {q['dead_lettered']}"
+        )
+    scenes = Table(title="scenes")
+    scenes.add_column("status")
+    scenes.add_column("count", justify="right")
+    for s, n in data["scenes"].items():
+        scenes.add_row(s, str(n))
+    console.print(scenes)
+    workers = Table(title="workers")
+    for col in ("id", "host", "pid", "state", "scene", "heartbeat age s"):
+        workers.add_column(col)
+    for w in data["workers"]:
+        workers.add_row(
+            w["id"], w["host"], str(w["pid"]), w["state"], str(w["current_scene"] or ""), str(w["heartbeat_age_s"])
+        )
+    console.print(workers)
+    for f in data["failed"]:
+        console.print(f"[red]failed[/red] scene {f['scene_id']} {f['product_id']}: {f['reason']}")

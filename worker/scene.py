@@ -1,0 +1,246 @@
+"""Reduce one claimed scene to parcel statistics and write them in one transaction.
+
+The parcel index of a (dataset, grid) pair is built once and reused for every later scene on
+that grid: parcels are selected by the *grid's* extent, not the scene footprint, so that every
+scene of a tile shares one cache key. Pixels outside the scene's data are nodata and drop out.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import psycopg2.extensions
+import rasterio
+import rasterio.errors
+import rasterio.windows
+import shapely
+from card.s2 import MissingBandError, S2Product, open_s2_product
+from psycopg2 import sql
+
+from cbmflow.db import Dataset
+from cbmflow.errors import PermanentJobError
+from cbmflow.logging import get_logger
+from worker import engine, pgcopy
+
+log = get_logger("worker")
+
+S2_BANDS_10M = ("B02", "B03", "B04", "B08")
+S2_BANDS_20M = ("B05", "B11")
+
+
+@dataclass(frozen=True)
+class ClaimedScene:
+    id: int
+    product_id: str
+    card: str
+    location: str
+    year: int
+
+
+@dataclass
+class SceneResult:
+    datasets: int = 0
+    parcels: int = 0
+    sig_rows: int = 0
+    hist_rows: int = 0
+
+
+class IndexCache:
+    """A small LRU of parcel indexes keyed by dataset, parcel version, CRS, transform and shape.
+
+    The key includes ``parcels_version``, which every parcel import bumps, so a changed parcel set
+    can never be served from a stale index.
+    """
+
+    def __init__(self, entries: int = 8) -> None:
+        self.entries = entries
+        self._items: OrderedDict[tuple[Any, ...], engine.ParcelIndex] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[Any, ...]) -> engine.ParcelIndex | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+        return item
+
+    def put(self, key: tuple[Any, ...], index: engine.ParcelIndex) -> None:
+        self.misses += 1
+        self._items[key] = index
+        self._items.move_to_end(key)
+        while len(self._items) > self.entries:
+            self._items.popitem(last=False)
+
+
+def local_path(location: str) -> Path:
+    parsed = urlparse(location)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else location)
+    raise PermanentJobError(f"unsupported product location {location!r} (local paths only for now)")
+
+
+@contextmanager
+def _open_raster(path: Path) -> Iterator[Any]:
+    try:
+        with rasterio.open(path) as src:
+            yield src
+    except rasterio.errors.RasterioIOError as exc:
+        raise PermanentJobError(f"cannot read raster {path}: {exc}") from exc
+
+
+def datasets_for_scene(cur: psycopg2.extensions.cursor, scene_id: int) -> list[Dataset]:
+    cur.execute(
+        "SELECT d.id, d.aoi, d.year, d.schema_name, d.parcel_table, d.sigs_table, d.hists_table, d.srid,"
+        "       d.buffer_m, d.min_pixels, d.parcels_version"
+        "  FROM datasets d JOIN aois a ON a.name = d.aoi JOIN scenes s ON s.id = %s"
+        " WHERE ST_Intersects(a.geom, s.footprint)"
+        "   AND d.year = extract(year FROM s.acquired_at AT TIME ZONE 'UTC')::int"
+        " ORDER BY d.id",
+        (scene_id,),
+    )
+    return [Dataset(*row) for row in cur.fetchall()]
+
+
+def grid_of(src: Any) -> engine.Grid:
+    return engine.Grid(transform=src.transform, width=int(src.width), height=int(src.height), crs=str(src.crs))
+
+
+def parcels_on_grid(
+    cur: psycopg2.extensions.cursor, ds: Dataset, grid: engine.Grid, epsg: int
+) -> tuple[np.ndarray[Any, Any], list[Any]]:
+    """Parcels intersecting the grid extent, transformed to the raster CRS in PostGIS."""
+    left, top = grid.transform * (0, 0)
+    right, bottom = grid.transform * (grid.width, grid.height)
+    cur.execute(
+        sql.SQL(
+            "SELECT pid, ST_AsBinary(ST_Transform(geom, %(epsg)s)) FROM {parcels}"
+            " WHERE geom && ST_Transform(ST_MakeEnvelope(%(xmin)s, %(ymin)s, %(xmax)s, %(ymax)s, %(epsg)s), %(srid)s)"
+            " ORDER BY pid"
+        ).format(parcels=ds.parcels),
+        {
+            "epsg": epsg,
+            "xmin": min(left, right),
+            "xmax": max(left, right),
+            "ymin": min(top, bottom),
+            "ymax": max(top, bottom),
+            "srid": ds.srid,
+        },
+    )
+    rows = cur.fetchall()
+    pids = np.array([r[0] for r in rows], dtype=np.int64)
+    geoms = list(shapely.from_wkb([bytes(r[1]) for r in rows])) if rows else []
+    return pids, geoms
+
+
+def extract_s2(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: IndexCache) -> SceneResult:
+    """Compute and write every dataset's statistics for one S2 L2A product.
+
+    Runs inside the caller's transaction: the old rows of this scene are deleted and the new ones
+    COPY'd in, so a re-run replaces and a crash leaves the previous state untouched.
+    """
+    try:
+        product: S2Product = open_s2_product(local_path(scene.location))
+    except (MissingBandError, FileNotFoundError, ValueError) as exc:
+        raise PermanentJobError(f"unreadable product {scene.product_id}: {exc}") from exc
+    result = SceneResult()
+    for ds in datasets_for_scene(cur, scene.id):
+        result.datasets += 1
+        sig_chunks: list[bytes] = []
+        hist_chunks: list[bytes] = []
+        n_parcels: set[int] = set()
+        for bands, with_scl in ((S2_BANDS_10M, False), (S2_BANDS_20M, True)):
+            try:
+                paths = {b: product.band_path(b) for b in (*bands, *(("SCL",) if with_scl else ()))}
+            except MissingBandError as exc:
+                raise PermanentJobError(str(exc)) from exc
+            with _open_raster(paths[bands[0]]) as src:
+                grid = grid_of(src)
+            key = (
+                ds.id,
+                ds.parcels_version,
+                ds.buffer_m,
+                product.epsg,
+                tuple(grid.transform)[:6],
+                grid.width,
+                grid.height,
+            )
+            index = cache.get(key)
+            if index is None:
+                pids, geoms = parcels_on_grid(cur, ds, grid, product.epsg)
+                index = engine.build_index(geoms, pids, grid, buffer_m=ds.buffer_m)
+                cache.put(key, index)
+            if len(index.pids) == 0:
+                continue
+            row_off, col_off, height, width = index.window
+            window = rasterio.windows.Window(col_off, row_off, width, height)
+            for band, path in paths.items():
+                with _open_raster(path) as src:
+                    if (src.width, src.height) != (grid.width, grid.height) or src.transform != grid.transform:
+                        raise PermanentJobError(f"{path.name}: grid differs from {paths[bands[0]].name}")
+                    try:
+                        values = src.read(1, window=window)
+                    except rasterio.errors.RasterioIOError as exc:
+                        raise PermanentJobError(f"corrupt raster {path}: {exc}") from exc
+                if band == "SCL":
+                    hist = engine.class_histograms(index, values, nodata=0, window_offset=(row_off, col_off))
+                    if len(hist.pid):
+                        hist_chunks.append(pgcopy.hist_rows(hist.pid, scene.id, hist.cls, hist.count))
+                        result.hist_rows += len(hist.pid)
+                    continue
+                stats = engine.band_stats(
+                    index,
+                    values,
+                    nodata=0,
+                    offset=float(product.reflectance_offset(band)),
+                    window_offset=(row_off, col_off),
+                )
+                keep = stats.count >= ds.min_pixels
+                if not keep.any():
+                    continue
+                n_parcels.update(stats.pid[keep].tolist())
+                sig_chunks.append(
+                    pgcopy.sig_rows(
+                        stats.pid[keep],
+                        scene.id,
+                        band,
+                        stats.count[keep],
+                        {name: getattr(stats, name)[keep] for name in pgcopy.STAT_FIELDS},
+                    )
+                )
+                result.sig_rows += int(keep.sum())
+        write_scene_rows(cur, ds, scene.id, sig_chunks, hist_chunks)
+        result.parcels += len(n_parcels)
+    return result
+
+
+def write_scene_rows(
+    cur: psycopg2.extensions.cursor, ds: Dataset, scene_id: int, sig_chunks: list[bytes], hist_chunks: list[bytes]
+) -> None:
+    """Replace the scene's rows of one dataset by binary COPY (idempotent re-extraction)."""
+    cur.execute(sql.SQL("DELETE FROM {} WHERE scene_id = %s").format(ds.sigs), (scene_id,))
+    cur.execute(sql.SQL("DELETE FROM {} WHERE scene_id = %s").format(ds.hists), (scene_id,))
+    if sig_chunks:
+        cur.copy_expert(
+            sql.SQL(
+                "COPY {} (pid, scene_id, band, count, mean, std, min, max, p25, p50, p75)"
+                " FROM STDIN WITH (FORMAT binary)"
+            )
+            .format(ds.sigs)
+            .as_string(cur),
+            pgcopy.stream(sig_chunks),
+        )
+    if hist_chunks:
+        cur.copy_expert(
+            sql.SQL("COPY {} (pid, scene_id, class, count) FROM STDIN WITH (FORMAT binary)")
+            .format(ds.hists)
+            .as_string(cur),
+            pgcopy.stream(hist_chunks),
+        )
