@@ -81,7 +81,7 @@ def upsert_scene(cur: psycopg2.extensions.cursor, rec: SceneRecord) -> tuple[int
         assert found is not None
         return int(found[0]), "same"
     scene_id, inserted = int(row[0]), bool(row[1])
-    msg = ExtractParcels(scene_id=scene_id, product_id=rec.product_id, card=rec.card, location=rec.location)  # type: ignore[arg-type]
+    msg = ExtractParcels(scene_id=scene_id, product_id=rec.product_id, card=rec.card, location=rec.location)
     cur.execute(
         "INSERT INTO outbox (message_id, kind, body) VALUES (%s, %s, %s)",
         (msg.message_id, msg.kind, json.dumps(msg.model_dump(mode="json"))),

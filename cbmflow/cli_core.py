@@ -102,3 +102,25 @@ def register(app: typer.Typer) -> None:
     app.command("demo-data")(demo_data)
     app.command("status")(status)
     app.command("demo")(demo)
+    app.command("settings")(settings_cmd)
+
+
+def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table.")) -> None:
+    """Every setting with its environment variable, default and meaning."""
+    from cbmflow.settings import settings_table
+
+    rows = settings_table()
+    if markdown:
+        typer.echo("| variable | default | meaning |\n|---|---|---|")
+        for env, default, desc in rows:
+            typer.echo(f"| `{env}` | `{default}` | {desc} |")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for col in ("variable", "default", "meaning"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)

@@ -35,15 +35,19 @@ class StackSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CBMFLOW_STACK_")
 
-    pg_port: int = 55432
-    amqp_port: int = 55672
-    management_port: int = 55673
-    dist_port: int = 55674
-    epmd_port: int = 55675
+    pg_port: int = Field(55432, description="PostgreSQL port of the local stack")
+    amqp_port: int = Field(55672, description="RabbitMQ AMQP port of the local stack")
+    management_port: int = Field(55673, description="RabbitMQ management (HTTP API and console) port")
+    dist_port: int = Field(55674, description="Erlang distribution port of the local RabbitMQ node")
+    epmd_port: int = Field(
+        55675, description="epmd port of the local RabbitMQ node (kept off 4369 so stacks never collide)"
+    )
     run_as: str = Field("nobody", description="unprivileged user the servers run as when invoked as root")
-    db_name: str = "cbmflow"
-    db_user: str = "cbmflow"
-    consumer_timeout_ms: int = 3 * 3600 * 1000
+    db_name: str = Field("cbmflow", description="database created by `stack up`")
+    db_user: str = Field("cbmflow", description="database role created by `stack up`")
+    consumer_timeout_ms: int = Field(
+        3 * 3600 * 1000, description="RabbitMQ consumer_timeout; must exceed the longest job"
+    )
 
 
 class DbSettings(BaseSettings):
@@ -51,7 +55,7 @@ class DbSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CBMFLOW_DB_")
 
-    dsn: str = ""
+    dsn: str = Field("", description="PostgreSQL DSN; default: the local stack's, from stack.json")
 
     def resolved_dsn(self) -> str:
         dsn = self.dsn or str(stack_info().get("dsn", ""))
@@ -67,13 +71,15 @@ class BusSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CBMFLOW_BUS_")
 
-    amqp_url: str = ""
-    management_url: str = ""
-    queue: str = "cbmflow.extract"
-    dead_letter_exchange: str = "cbmflow.dlx"
-    dead_letter_queue: str = "cbmflow.extract.dead"
-    delivery_limit: int = 5
-    heartbeat_s: int = 60
+    amqp_url: str = Field("", description="AMQP URL (vhost in the path); default: the local stack's")
+    management_url: str = Field(
+        "", description="RabbitMQ management API base URL with credentials; default: the local stack's"
+    )
+    queue: str = Field("cbmflow.extract", description="quorum queue of ExtractParcels jobs")
+    dead_letter_exchange: str = Field("cbmflow.dlx", description="exchange that receives rejected and over-limit jobs")
+    dead_letter_queue: str = Field("cbmflow.extract.dead", description="queue bound to the dead-letter exchange")
+    delivery_limit: int = Field(5, description="x-delivery-limit of the job queue: deliveries before dead-lettering")
+    heartbeat_s: int = Field(60, description="AMQP heartbeat")
 
     def resolved_amqp_url(self) -> str:
         url = self.amqp_url or str(stack_info().get("amqp_url", ""))
@@ -97,9 +103,9 @@ class StoreSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CBMFLOW_STORE_")
 
-    url: str = ""
-    s3_endpoint_url: str = ""
-    s3_region: str = ""
+    url: str = Field("", description="object store root: a local directory (default) or s3://bucket/prefix")
+    s3_endpoint_url: str = Field("", description="custom S3 endpoint (CDSE, CREODIAS, MinIO)")
+    s3_region: str = Field("", description="S3 region")
 
 
 class WatchSettings(BaseSettings):
@@ -107,11 +113,11 @@ class WatchSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CBMFLOW_WATCH_")
 
-    catalog_url: str = ""
-    collections: list[str] = Field(default_factory=lambda: ["sentinel-2-l2a"])
-    lookback_days: int = 60
-    interval_s: float = 300.0
-    page_size: int = 100
+    catalog_url: str = Field("", description="STAC API URL or path of a static catalog.json")
+    collections: list[str] = Field(default_factory=lambda: ["sentinel-2-l2a"], description="STAC collections to watch")
+    lookback_days: int = Field(60, description="acquisition window re-scanned each cycle; 0 = unbounded")
+    interval_s: float = Field(300.0, description="seconds between watch cycles")
+    page_size: int = Field(100, description="STAC search page size")
 
 
 class WorkerSettings(BaseSettings):
@@ -119,14 +125,18 @@ class WorkerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CBMFLOW_WORKER_")
 
-    lease_s: float = 120.0
-    heartbeat_s: float = 10.0
-    stop_deadline_s: float = 600.0
-    index_cache_entries: int = 8
-    prefetch: int = 1
-    idle_exit_s: float = 0.0
-    drain_file: str = ""
-    cache_dir: str = ""
+    lease_s: float = Field(
+        120.0, description="scene lease; renewed every heartbeat, taken over by another worker after expiry"
+    )
+    heartbeat_s: float = Field(10.0, description="worker registry heartbeat and lease renewal period")
+    stop_deadline_s: float = Field(
+        600.0, description="on SIGTERM/drain, how long the current job may run before it is requeued"
+    )
+    index_cache_entries: int = Field(8, description="parcel indexes (dataset x grid) kept in memory")
+    prefetch: int = Field(1, description="AMQP prefetch; 1 so a long job never hoards others")
+    idle_exit_s: float = Field(0.0, description="exit after this many idle seconds; 0 = never")
+    drain_file: str = Field("", description="if this file exists the worker drains and exits")
+    cache_dir: str = Field("", description="directory for on-disk parcel index cache; empty = memory only")
 
 
 class ApiSettings(BaseSettings):
@@ -134,11 +144,11 @@ class ApiSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CBMFLOW_API_")
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    auth_cache_s: float = 300.0
-    server_title: str = "cbmflow"
+    host: str = Field("127.0.0.1", description="API bind address")
+    port: int = Field(8080, description="API port")
+    workers: int = Field(1, description="API worker processes")
+    auth_cache_s: float = Field(300.0, description="how long a verified (user, password) pair is cached")
+    server_title: str = Field("cbmflow", description="title reported by /query/info")
 
 
 class ProvisionSettings(BaseSettings):
@@ -146,9 +156,35 @@ class ProvisionSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CBMFLOW_PROVISION_")
 
-    driver: str = "local"
-    min_workers: int = 0
-    max_workers: int = 2
-    per_worker: int = 5
-    userdata_template: str = ""
-    wheel_url: str = ""
+    driver: str = Field("local", description="worker driver: local (processes) or openstack")
+    min_workers: int = Field(0, description="fewest workers kept")
+    max_workers: int = Field(2, description="most workers started")
+    per_worker: int = Field(5, description="backlog (ready + unacked jobs) one worker is expected to absorb")
+    userdata_template: str = Field("", description="custom cloud-init template; empty = the built-in one")
+    wheel_url: str = Field("", description="where VMs install cbmflow from (wheel URL); empty = pre-baked image")
+
+
+ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
+    StackSettings,
+    DbSettings,
+    BusSettings,
+    StoreSettings,
+    WatchSettings,
+    WorkerSettings,
+    ApiSettings,
+    ProvisionSettings,
+)
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every setting, for docs and ``cbmflow settings``."""
+    rows = [
+        ("CBMFLOW_STATE_DIR", ".cbmflow", "state directory: local stack data, stack.json, demo world, worker logs"),
+        ("CBMFLOW_LOG_LEVEL", "INFO", "log level of the JSON logs on stderr"),
+    ]
+    for cls in ALL_SETTINGS:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        for name, info in cls.model_fields.items():
+            default = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
+            rows.append((f"{prefix}{name.upper()}", str(default), info.description or ""))
+    return rows
