@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
-DEB_PACKAGES := postgresql-15 postgresql-15-postgis-3 rabbitmq-server cloud-init
+DEB_PACKAGES := postgresql-15 postgresql-15-postgis-3 rabbitmq-server cloud-init systemd
 SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages venv demo test lint typecheck unit bench bench-extract clean stack-down

@@ -106,12 +106,13 @@ def queue_depth(bus: BusSettings | None = None) -> QueueDepth:
 
     def one(name: str) -> dict[str, Any]:
         try:
-            data: dict[str, Any] = management_get(bus, f"/api/queues/{vhost}/{urllib.parse.quote(name, safe='')}{cols}")
+            data: Any = management_get(bus, f"/api/queues/{vhost}/{urllib.parse.quote(name, safe='')}{cols}")
         except requests.HTTPError as exc:
             if exc.response is not None and exc.response.status_code == 404:
                 return {}
             raise
-        return data
+        # A queue not yet sampled by the management plugin answers ``[]`` for a columns query.
+        return data if isinstance(data, dict) else {}
 
     q = one(bus.queue)
     dl = one(bus.dead_letter_queue)

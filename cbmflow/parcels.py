@@ -1,0 +1,576 @@
+"""Parcel and AOI import: the only way parcels get into a dataset.
+
+Parcel files come from national LPIS/GSA exports of uneven quality, so one bad feature must never
+block a whole import: each feature is checked on its own and either loaded or rejected with a
+reason the data provider can act on. Integer ``pid`` s are what signatures and histograms are keyed
+on, so they must survive re-imports: a ``parcel_id`` seen before keeps its ``pid`` forever, and only
+new ids get new ones. The worker caches its pixel index per ``parcels_version``, which is bumped
+whenever an import changed anything, so a stale index is never used.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import psycopg2.extensions
+import pyproj
+import shapely
+import typer
+from psycopg2 import sql
+from shapely.geometry import MultiPolygon, box
+
+from cbmflow import db
+from cbmflow.errors import CbmflowError, InvalidInputError
+from cbmflow.logging import get_logger
+
+log = get_logger("parcels")
+
+AOI_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+# The AOI name becomes the dataset's schema; these would collide with PostgreSQL's or PostGIS's own.
+RESERVED_AOI_NAMES = frozenset({"public", "information_schema", "topology", "tiger", "tiger_data"})
+ID_COLUMN_CANDIDATES = ("parcel_id", "pid", "id")
+DEFAULT_CROP_CODE_COLUMN = "crop_code"
+DEFAULT_CROP_NAME_COLUMN = "crop_name"
+PARQUET_SUFFIXES = (".parquet", ".geoparquet")
+# Margin around the parcels' envelope when an AOI is derived from them: parcels on the edge still
+# fall well inside it after the AOI is used to select scenes, whose footprints are coarse.
+AOI_MARGIN_DEG = 0.01
+# Rows per COPY: bounds the in-memory CSV buffer (about 1 KiB per parcel) for national-size files.
+COPY_BATCH_ROWS = 50_000
+_POLYGON_TYPE_ID = 3
+_MULTIPOLYGON_TYPE_ID = 6
+_STAGE_TABLE = "cbmflow_parcel_stage"
+
+Rejection = tuple[int, str | None, str]
+
+
+@dataclass
+class ImportReport:
+    """Outcome of one import; ``rejected`` holds (0-based feature index, parcel id or None, reason)."""
+
+    imported: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    srid: int = 0
+    parcels_version: int = 0
+
+    @property
+    def accepted(self) -> int:
+        return self.imported + self.updated + self.unchanged
+
+
+def aoi_name(name: str) -> str:
+    """The canonical (lowercase) AOI name; it becomes a schema name, hence the strict pattern."""
+    canonical = name.strip().lower()
+    if not AOI_NAME_RE.match(canonical):
+        raise InvalidInputError(
+            f"dataset/AOI name {name!r} must match {AOI_NAME_RE.pattern} (a letter, then letters, digits or _)"
+        )
+    if canonical in RESERVED_AOI_NAMES or canonical.startswith("pg_"):
+        raise InvalidInputError(f"dataset/AOI name {name!r} is reserved by PostgreSQL/PostGIS; choose another")
+    return canonical
+
+
+def _read_frame(path: Path, layer: str | None) -> gpd.GeoDataFrame:
+    if not path.exists():
+        raise InvalidInputError(f"{path}: no such file")
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        if layer is not None:
+            raise InvalidInputError(f"{path}: GeoParquet has no layers; drop --layer")
+        try:
+            return gpd.read_parquet(path)
+        except (ValueError, OSError) as exc:
+            raise InvalidInputError(f"{path}: not a readable GeoParquet file: {exc}") from exc
+    import pyogrio
+
+    try:
+        layers = pyogrio.list_layers(path)
+    except Exception as exc:  # noqa: BLE001 - GDAL raises several unrelated types for unreadable files
+        raise InvalidInputError(f"{path}: not a readable vector file: {exc}") from exc
+    names = [str(row[0]) for row in layers]
+    if layer is None and len(names) > 1:
+        raise InvalidInputError(f"{path} has {len(names)} layers ({', '.join(names)}); choose one with --layer")
+    if layer is not None and layer not in names:
+        raise InvalidInputError(f"{path}: no layer {layer!r}; layers are {', '.join(names)}")
+    try:
+        return gpd.read_file(path, layer=layer, engine="pyogrio")
+    except Exception as exc:  # noqa: BLE001 - same as above
+        raise InvalidInputError(f"{path}: cannot read: {exc}") from exc
+
+
+def _column(frame: gpd.GeoDataFrame, wanted: str | None, candidates: Sequence[str], what: str) -> str | None:
+    """Match column names case-insensitively: shapefile and GPKG exports differ only in case."""
+    by_lower = {str(c).lower(): str(c) for c in frame.columns if c != frame.geometry.name}
+    if wanted is not None:
+        if wanted in frame.columns:
+            return wanted
+        if wanted.lower() in by_lower:
+            return by_lower[wanted.lower()]
+        raise InvalidInputError(f"no {what} column {wanted!r}; columns are {', '.join(sorted(by_lower.values()))}")
+    for candidate in candidates:
+        if candidate in by_lower:
+            return by_lower[candidate]
+    return None
+
+
+def _text(value: Any) -> str | None:
+    """A cell as text, with integral floats (shapefile ids read back as 123.0) kept integral."""
+    if value is None:
+        return None
+    if isinstance(value, float | np.floating):
+        if math.isnan(value):
+            return None
+        if float(value).is_integer():
+            return str(int(value))
+    text = str(value).strip()
+    return text or None
+
+
+def _crs_epsg(crs: pyproj.CRS, path: Path) -> int:
+    epsg = crs.to_epsg()
+    if epsg is None:
+        raise InvalidInputError(f"{path}: CRS {crs.name!r} has no EPSG code; reproject to an EPSG CRS first")
+    return int(epsg)
+
+
+def _geometry_rejections(geoms: np.ndarray[Any, Any]) -> list[str | None]:
+    """Per-feature reason, or None for an acceptable polygon; vectorised for national-size files."""
+    missing = shapely.is_missing(geoms)
+    empty = shapely.is_empty(geoms)
+    types = shapely.get_type_id(geoms)
+    reasons = shapely.is_valid_reason(geoms)
+    out: list[str | None] = []
+    for i, geom in enumerate(geoms):
+        if missing[i]:
+            out.append("null geometry")
+        elif empty[i]:
+            out.append("empty geometry")
+        elif types[i] not in (_POLYGON_TYPE_ID, _MULTIPOLYGON_TYPE_ID):
+            out.append(f"geometry type {geom.geom_type} is not polygonal")
+        elif reasons[i] != "Valid Geometry":
+            out.append(f"invalid geometry: {reasons[i]}")
+        else:
+            out.append(None)
+    return out
+
+
+def _csv_field(value: str | None) -> str:
+    """COPY CSV: an unquoted empty field is NULL, a quoted one is text, so NULL and '' stay distinct."""
+    if value is None:
+        return ""
+    return '"' + value.replace('"', '""') + '"'
+
+
+def _copy_batches(rows: Sequence[tuple[int, str, str | None, str | None, str]]) -> Iterator[io.StringIO]:
+    for start in range(0, len(rows), COPY_BATCH_ROWS):
+        buf = io.StringIO()
+        for ordinal, pid_text, code, name, wkb_hex in rows[start : start + COPY_BATCH_ROWS]:
+            buf.write(f"{ordinal},{_csv_field(pid_text)},{_csv_field(code)},{_csv_field(name)},{wkb_hex}\n")
+        buf.seek(0)
+        yield buf
+
+
+def _aoi_exists(cur: psycopg2.extensions.cursor, name: str) -> bool:
+    cur.execute("SELECT 1 FROM aois WHERE name = %s", (name,))
+    return cur.fetchone() is not None
+
+
+def _upsert_aoi_geom(cur: psycopg2.extensions.cursor, name: str, geom_4326: MultiPolygon) -> None:
+    cur.execute(
+        "INSERT INTO aois (name, geom) VALUES (%s, ST_SetSRID(ST_GeomFromWKB(%s), 4326))"
+        " ON CONFLICT (name) DO UPDATE SET geom = EXCLUDED.geom",
+        (name, psycopg2.Binary(shapely.to_wkb(geom_4326))),
+    )
+
+
+def _aoi_from_extent(bounds: Sequence[float], crs: pyproj.CRS) -> MultiPolygon:
+    to_wgs84 = pyproj.Transformer.from_crs(crs, 4326, always_xy=True)
+    west, south, east, north = to_wgs84.transform_bounds(bounds[0], bounds[1], bounds[2], bounds[3], densify_pts=21)
+    envelope = box(
+        max(west - AOI_MARGIN_DEG, -180.0),
+        max(south - AOI_MARGIN_DEG, -90.0),
+        min(east + AOI_MARGIN_DEG, 180.0),
+        min(north + AOI_MARGIN_DEG, 90.0),
+    )
+    return MultiPolygon([envelope])
+
+
+def import_parcels(
+    cur: psycopg2.extensions.cursor,
+    path: Path,
+    aoi: str,
+    year: int,
+    *,
+    id_column: str | None = None,
+    crop_code_column: str | None = None,
+    crop_name_column: str | None = None,
+    layer: str | None = None,
+    srid: int | None = None,
+) -> ImportReport:
+    """Load a parcel file into the (aoi, year) dataset inside the caller's transaction.
+
+    ``srid`` only matters when the dataset is new: it is the CRS the dataset is created in (default:
+    the file's, which must then be projected, because extraction works in metres on the UTM grid and
+    a geographic dataset CRS would make every area and buffer meaningless). Later imports are
+    reprojected to the dataset's CRS.
+    """
+    path = Path(path)
+    aoi = aoi_name(aoi)
+    if not 1990 <= year <= 2100:
+        raise InvalidInputError(f"year {year} outside 1990..2100")
+    frame = _read_frame(path, layer)
+    if frame.crs is None:
+        raise InvalidInputError(f"{path}: no CRS; set one (e.g. ogr2ogr -a_srs) before importing")
+    file_crs = pyproj.CRS.from_user_input(frame.crs)
+
+    dataset = db.get_dataset(cur, aoi, year)
+    if dataset is not None:
+        target_srid = dataset.srid
+        if srid is not None and srid != dataset.srid:
+            raise InvalidInputError(f"dataset {aoi}/{year} exists in EPSG:{dataset.srid}; --srid {srid} conflicts")
+    elif srid is not None:
+        target_srid = srid
+    else:
+        if file_crs.is_geographic:
+            raise InvalidInputError(
+                f"{path} is in the geographic CRS {file_crs.name!r}; a new dataset needs a projected CRS "
+                "(give --srid, e.g. 3035 or the national grid, or reproject the file)"
+            )
+        target_srid = _crs_epsg(file_crs, path)
+    target_crs = pyproj.CRS.from_epsg(target_srid)
+    if target_crs.is_geographic:
+        raise InvalidInputError(f"EPSG:{target_srid} is geographic; a dataset needs a projected CRS")
+
+    id_col = _column(frame, id_column, ID_COLUMN_CANDIDATES, "parcel id")
+    if id_col is None:
+        raise InvalidInputError(
+            f"{path}: no parcel id column (looked for {', '.join(ID_COLUMN_CANDIDATES)}); give --id-column"
+        )
+    code_col = _column(frame, crop_code_column, (DEFAULT_CROP_CODE_COLUMN,), "crop code")
+    name_col = _column(frame, crop_name_column, (DEFAULT_CROP_NAME_COLUMN,), "crop name")
+
+    report = ImportReport(srid=target_srid)
+    geoms = np.asarray(frame.geometry.array, dtype=object)
+    ids = [_text(v) for v in frame[id_col].tolist()]
+    codes = [_text(v) for v in frame[code_col].tolist()] if code_col else [None] * len(frame)
+    names = [_text(v) for v in frame[name_col].tolist()] if name_col else [None] * len(frame)
+
+    reasons = _geometry_rejections(geoms)
+    positions: dict[str, list[int]] = defaultdict(list)
+    for i, pid_text in enumerate(ids):
+        if pid_text is None:
+            reasons[i] = reasons[i] or "missing parcel id"
+        else:
+            positions[pid_text].append(i)
+    # Every copy of a duplicated id is rejected: which row the provider meant cannot be guessed,
+    # and silently keeping one would attach signatures to possibly the wrong geometry.
+    for pid_text, where in positions.items():
+        if len(where) > 1:
+            for i in where:
+                reasons[i] = f"duplicate parcel id {pid_text!r} (features {', '.join(map(str, where))})"
+
+    keep = [i for i, r in enumerate(reasons) if r is None]
+    kept = gpd.GeoSeries(shapely.force_2d(geoms[keep]), crs=file_crs)
+    if not file_crs.equals(target_crs, ignore_axis_order=True):
+        kept = kept.to_crs(target_crs)
+        # Reprojection can fold a sliver onto itself; what is stored must be valid, not the input.
+        after = shapely.is_valid_reason(np.asarray(kept.array, dtype=object))
+        for j, i in enumerate(keep):
+            if after[j] != "Valid Geometry":
+                reasons[i] = f"invalid after reprojection to EPSG:{target_srid}: {after[j]}"
+    report.rejected = [(i, ids[i], r) for i, r in enumerate(reasons) if r is not None]
+    stored = [(j, i) for j, i in enumerate(keep) if reasons[i] is None]
+    if not stored:
+        log.warning("parcels.nothing_accepted", path=str(path), aoi=aoi, year=year, rejected=len(report.rejected))
+        return report
+
+    if not _aoi_exists(cur, aoi):
+        kept_geoms = np.asarray(kept.array, dtype=object)[[j for j, _ in stored]]
+        bounds = shapely.total_bounds(kept_geoms)
+        _upsert_aoi_geom(cur, aoi, _aoi_from_extent(bounds, target_crs))
+        log.info("aoi.created_from_parcels", aoi=aoi, bounds=[round(float(b), 3) for b in bounds])
+    dataset = db.ensure_dataset(cur, aoi, year, target_srid)
+    # Serialises imports into one dataset: new pids are max(pid)+1.. and must not be handed out twice.
+    cur.execute("SELECT parcels_version FROM datasets WHERE id = %s FOR UPDATE", (dataset.id,))
+
+    hexes = shapely.to_wkb(np.asarray(kept.array, dtype=object), hex=True)
+    rows = [(i, str(ids[i]), codes[i], names[i], str(hexes[j])) for j, i in stored]
+    cur.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(sql.Identifier(_STAGE_TABLE)))
+    cur.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE {} (ord integer NOT NULL, parcel_id text NOT NULL, crop_code text,"
+            " crop_name text, wkb text NOT NULL) ON COMMIT DROP"
+        ).format(sql.Identifier(_STAGE_TABLE))
+    )
+    copy = sql.SQL("COPY {} (ord, parcel_id, crop_code, crop_name, wkb) FROM STDIN WITH (FORMAT csv)").format(
+        sql.Identifier(_STAGE_TABLE)
+    )
+    for batch in _copy_batches(rows):
+        cur.copy_expert(copy.as_string(cur), batch)
+    # New ids are numbered in file order after the current max; known ids carry their pid into the
+    # candidate row, so the parcel_id conflict always resolves to the same row as the pid key.
+    # A geometry counts as changed only if it covers a different area (ST_Equals): the same parcel
+    # exported through a Shapefile comes back with its rings re-oriented, which must not bump
+    # parcels_version and throw away every worker's pixel index.
+    cur.execute(
+        sql.SQL(
+            "INSERT INTO {t} AS t (pid, parcel_id, crop_code, crop_name, geom)"
+            " SELECT COALESCE(e.pid, base.max_pid + row_number() OVER (PARTITION BY e.pid IS NULL ORDER BY s.ord)),"
+            "        s.parcel_id, s.crop_code, s.crop_name,"
+            "        ST_Multi(ST_Force2D(ST_GeomFromWKB(decode(s.wkb, 'hex'), {srid})))"
+            " FROM {stage} s LEFT JOIN {t} e ON e.parcel_id = s.parcel_id"
+            " CROSS JOIN (SELECT COALESCE(max(pid), 0) AS max_pid FROM {t}) base"
+            " ON CONFLICT (parcel_id) DO UPDATE"
+            " SET crop_code = EXCLUDED.crop_code, crop_name = EXCLUDED.crop_name, geom = EXCLUDED.geom"
+            " WHERE (t.crop_code, t.crop_name) IS DISTINCT FROM (EXCLUDED.crop_code, EXCLUDED.crop_name)"
+            "    OR (ST_AsBinary(t.geom) <> ST_AsBinary(EXCLUDED.geom) AND NOT ST_Equals(t.geom, EXCLUDED.geom))"
+            " RETURNING (xmax = 0)"
+        ).format(t=dataset.parcels, stage=sql.Identifier(_STAGE_TABLE), srid=sql.Literal(int(target_srid)))
+    )
+    inserted_flags = [bool(row[0]) for row in cur.fetchall()]
+    cur.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(_STAGE_TABLE)))
+    report.imported = sum(inserted_flags)
+    report.updated = len(inserted_flags) - report.imported
+    report.unchanged = len(rows) - len(inserted_flags)
+    if inserted_flags:
+        cur.execute(
+            "UPDATE datasets SET parcels_version = parcels_version + 1 WHERE id = %s RETURNING parcels_version",
+            (dataset.id,),
+        )
+    else:
+        cur.execute("SELECT parcels_version FROM datasets WHERE id = %s", (dataset.id,))
+    version_row = cur.fetchone()
+    assert version_row is not None
+    report.parcels_version = int(version_row[0])
+    log.info(
+        "parcels.imported",
+        path=str(path),
+        aoi=aoi,
+        year=year,
+        srid=target_srid,
+        imported=report.imported,
+        updated=report.updated,
+        unchanged=report.unchanged,
+        rejected=len(report.rejected),
+        parcels_version=report.parcels_version,
+    )
+    return report
+
+
+def add_aoi(cur: psycopg2.extensions.cursor, name: str, path: Path, *, layer: str | None = None) -> tuple[float, ...]:
+    """Create or replace an AOI from a polygon file; returns its (west, south, east, north) in degrees.
+
+    An AOI only selects scenes and datasets, so a slightly invalid hand-drawn outline is repaired
+    with ``make_valid`` (and logged) rather than rejected.
+    """
+    name = aoi_name(name)
+    frame = _read_frame(Path(path), layer)
+    if frame.crs is None:
+        raise InvalidInputError(f"{path}: no CRS; set one before using it as an AOI")
+    geoms = np.asarray(frame.to_crs(4326).geometry.array, dtype=object)
+    geoms = geoms[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
+    if len(geoms) == 0:
+        raise InvalidInputError(f"{path}: no geometry")
+    types = shapely.get_type_id(geoms)
+    if not np.isin(types, (_POLYGON_TYPE_ID, _MULTIPOLYGON_TYPE_ID)).all():
+        raise InvalidInputError(f"{path}: an AOI must be made of polygons only")
+    invalid = ~shapely.is_valid(geoms)
+    if invalid.any():
+        log.warning("aoi.repaired", aoi=name, invalid_features=int(invalid.sum()))
+        geoms = shapely.make_valid(geoms)
+    # Twice: make_valid may nest a MultiPolygon inside a GeometryCollection next to stray lines,
+    # which are dropped because only areas make an AOI.
+    parts = shapely.get_parts(shapely.get_parts(shapely.force_2d(geoms)))
+    polygons = parts[shapely.get_type_id(parts) == _POLYGON_TYPE_ID]
+    if len(polygons) == 0:
+        raise InvalidInputError(f"{path}: no area left after repairing the geometry")
+    union = shapely.union_all(polygons)
+    merged = MultiPolygon([g for g in shapely.get_parts(union) if g.geom_type == "Polygon"])
+    _upsert_aoi_geom(cur, name, merged)
+    bounds = tuple(float(b) for b in merged.bounds)
+    log.info("aoi.added", aoi=name, path=str(path), bounds=[round(b, 5) for b in bounds])
+    return bounds
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+parcels_app = typer.Typer(help="Import and list parcels.", no_args_is_help=True)
+aoi_app = typer.Typer(help="Areas of interest.", no_args_is_help=True)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)
+
+
+@parcels_app.command("import")
+def import_cmd(
+    file: Path = typer.Argument(..., help="GeoPackage, Shapefile, GeoJSON or GeoParquet file."),
+    dataset: str = typer.Option(..., "--dataset", help="AOI (member state) name; the dataset is (AOI, year)."),
+    year: int = typer.Option(..., "--year", help="Claim year."),
+    id_column: str | None = typer.Option(None, "--id-column", help="Parcel id column (default: parcel_id, pid or id)."),
+    crop_code_column: str | None = typer.Option(
+        None, "--crop-code-column", help="Crop code column (default: crop_code)."
+    ),
+    crop_name_column: str | None = typer.Option(
+        None, "--crop-name-column", help="Crop name column (default: crop_name)."
+    ),
+    layer: str | None = typer.Option(None, "--layer", help="Layer of a multi-layer file (GeoPackage)."),
+    srid: int | None = typer.Option(None, "--srid", help="EPSG code of a NEW dataset (default: the file's)."),
+    show: int = typer.Option(10, "--show", help="How many rejections to print."),
+) -> None:
+    """Upsert parcels by parcel id; invalid features are rejected with a reason, the rest imported.
+
+    Exit code: 0 if any parcel was accepted (even with rejections), 1 if none was, 2 on an error.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    try:
+        conn = db.connect()
+        try:
+            with conn, conn.cursor() as cur:
+                report = import_parcels(
+                    cur,
+                    file,
+                    dataset,
+                    year,
+                    id_column=id_column,
+                    crop_code_column=crop_code_column,
+                    crop_name_column=crop_name_column,
+                    layer=layer,
+                    srid=srid,
+                )
+        finally:
+            conn.close()
+    except (CbmflowError, psycopg2.Error) as exc:
+        raise _fail(exc) from exc
+    console = Console()
+    summary = Table(title=f"{file.name} → {aoi_name(dataset)}/{year} (EPSG:{report.srid})")
+    for col in ("imported", "updated", "unchanged", "rejected", "parcels_version"):
+        summary.add_column(col, justify="right")
+    summary.add_row(
+        str(report.imported),
+        str(report.updated),
+        str(report.unchanged),
+        str(len(report.rejected)),
+        str(report.parcels_version),
+    )
+    console.print(summary)
+    if report.rejected:
+        rejected = Table(title=f"first {min(show, len(report.rejected))} of {len(report.rejected)} rejections")
+        for col in ("feature", "parcel id", "reason"):
+            rejected.add_column(col)
+        for index, pid_text, reason in report.rejected[:show]:
+            rejected.add_row(str(index), pid_text or "-", reason)
+        console.print(rejected)
+    if report.accepted == 0:
+        raise typer.Exit(1)
+
+
+@parcels_app.command("list")
+def list_cmd(
+    dataset: str | None = typer.Option(None, "--dataset", help="Show parcels of this AOI (with --year)."),
+    year: int | None = typer.Option(None, "--year"),
+    limit: int = typer.Option(20, "--limit", help="Parcels shown with --dataset/--year."),
+) -> None:
+    """Datasets with their parcel counts, or the first parcels of one dataset."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    try:
+        conn = db.connect()
+        try:
+            with conn, conn.cursor() as cur:
+                if dataset is None:
+                    table = Table(title="datasets")
+                    for col in ("aoi", "year", "srid", "parcels", "parcels_version"):
+                        table.add_column(col, justify="right" if col != "aoi" else "left")
+                    for ds in db.list_datasets(cur):
+                        cur.execute(sql.SQL("SELECT count(*) FROM {}").format(ds.parcels))
+                        count_row = cur.fetchone()
+                        count = int(count_row[0]) if count_row else 0
+                        table.add_row(ds.aoi, str(ds.year), str(ds.srid), str(count), str(ds.parcels_version))
+                    console.print(table)
+                    return
+                if year is None:
+                    raise InvalidInputError("--dataset needs --year")
+                one = db.get_dataset(cur, aoi_name(dataset), year)
+                if one is None:
+                    raise InvalidInputError(f"no dataset {aoi_name(dataset)}/{year}")
+                cur.execute(
+                    sql.SQL(
+                        "SELECT pid, parcel_id, crop_code, crop_name, ST_Area(geom) / 10000.0"
+                        " FROM {} ORDER BY pid LIMIT %s"
+                    ).format(one.parcels),
+                    (limit,),
+                )
+                table = Table(title=f"{one.aoi}/{one.year} parcels (EPSG:{one.srid})")
+                for col in ("pid", "parcel id", "crop code", "crop name", "area ha"):
+                    table.add_column(col)
+                for pid, parcel_id, code, crop, area_ha in cur.fetchall():
+                    table.add_row(str(pid), parcel_id, code or "", crop or "", f"{area_ha:.4f}")
+                console.print(table)
+        finally:
+            conn.close()
+    except (CbmflowError, psycopg2.Error) as exc:
+        raise _fail(exc) from exc
+
+
+@aoi_app.command("add")
+def aoi_add_cmd(
+    name: str = typer.Argument(..., help="AOI name (lowercase letters, digits, _)."),
+    file: Path = typer.Argument(..., help="GeoJSON, GeoPackage, Shapefile or GeoParquet polygon(s)."),
+    layer: str | None = typer.Option(None, "--layer"),
+) -> None:
+    """Create or replace an AOI (stored as a MultiPolygon in EPSG:4326)."""
+    try:
+        conn = db.connect()
+        try:
+            with conn, conn.cursor() as cur:
+                west, south, east, north = add_aoi(cur, name, file, layer=layer)
+        finally:
+            conn.close()
+    except (CbmflowError, psycopg2.Error) as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"aoi {aoi_name(name)}: {west:.5f}, {south:.5f} .. {east:.5f}, {north:.5f} (lon/lat)")
+
+
+@aoi_app.command("list")
+def aoi_list_cmd() -> None:
+    """AOIs with their extent, area and datasets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    try:
+        conn = db.connect()
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(
+                    "SELECT a.name, ST_XMin(a.geom), ST_YMin(a.geom), ST_XMax(a.geom), ST_YMax(a.geom),"
+                    " ST_Area(a.geom::geography) / 1e6,"
+                    " COALESCE(string_agg(d.year::text, ',' ORDER BY d.year), '')"
+                    " FROM aois a LEFT JOIN datasets d ON d.aoi = a.name GROUP BY a.name, a.geom ORDER BY a.name"
+                )
+                rows = cur.fetchall()
+        finally:
+            conn.close()
+    except (CbmflowError, psycopg2.Error) as exc:
+        raise _fail(exc) from exc
+    table = Table(title="areas of interest")
+    for col in ("name", "west", "south", "east", "north", "area km²", "years"):
+        table.add_column(col)
+    for name, west, south, east, north, area_km2, years in rows:
+        table.add_row(name, f"{west:.4f}", f"{south:.4f}", f"{east:.4f}", f"{north:.4f}", f"{area_km2:.1f}", years)
+    Console().print(table)

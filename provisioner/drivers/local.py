@@ -1,0 +1,232 @@
+"""The embedded driver: workers are processes on this machine, booted from rendered user-data.
+
+It exists so the whole chain (demo, tests, a single-host deployment) runs the same provisioning
+path as a cloud: the environment and command come from ``parse_worker_launch`` of the very
+user-data a VM would receive. State lives in files, not in this object, because every
+``cbmflow provision`` invocation is a new process: ``<dir>/<id>.pid`` holds the pid and the kernel
+start time (so a recycled pid is never mistaken for a worker), ``<id>.log`` the output, and
+``<id>.draining`` marks a worker already told to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg2
+
+from cbmflow.logging import get_logger
+from cbmflow.settings import state_dir
+from provisioner.policy import WorkerView
+from provisioner.userdata import parse_worker_launch
+
+log = get_logger("provisioner")
+
+# The registry lookup must not stall `provision status` when the database is down.
+REGISTRY_CONNECT_TIMEOUT_S = 3
+# Workers started by this process, whichever driver object started them, so they are reaped (no
+# zombies, no ResourceWarning) when the provisioner lives on, as in the demo; any other process
+# finds them through /proc instead.
+_CHILDREN: dict[str, subprocess.Popen[bytes]] = {}
+
+
+def local_worker_command() -> list[str]:
+    """This interpreter's ``cbmflow worker``: the venv's console script, else ``python -m cbmflow``."""
+    script = Path(sys.executable).parent / "cbmflow"
+    if script.exists():
+        return [str(script), "worker"]
+    return [sys.executable, "-m", "cbmflow", "worker"]
+
+
+def _proc_start_ticks(pid: int) -> int | None:
+    """Kernel start time of a live, non-zombie process, or None; a zombie is reaped if it is ours."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may contain spaces and parentheses; fields after the last ')' don't.
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return None
+    return int(fields[19])
+
+
+class LocalDriver:
+    def __init__(
+        self,
+        workers_dir: Path | None = None,
+        *,
+        userdata: str | Callable[[], str],
+        dsn: str | None = None,
+    ) -> None:
+        """``userdata`` may be a callable so that listing and draining never need the secrets resolved."""
+        self.workers_dir = workers_dir or state_dir() / "workers"
+        self._userdata = userdata
+        self.dsn = dsn
+
+    # ---- files ------------------------------------------------------------------------------
+    def _pid_path(self, worker_id: str) -> Path:
+        return self.workers_dir / f"{worker_id}.pid"
+
+    def _marker(self, worker_id: str) -> Path:
+        return self.workers_dir / f"{worker_id}.draining"
+
+    def log_path(self, worker_id: str) -> Path:
+        return self.workers_dir / f"{worker_id}.log"
+
+    def _live_pid(self, worker_id: str) -> int | None:
+        """The worker's pid while its process lives; forgets the worker once it is gone."""
+        path = self._pid_path(worker_id)
+        try:
+            pid_text, ticks_text = path.read_text().split()
+            pid, ticks = int(pid_text), int(ticks_text)
+        except (FileNotFoundError, ValueError):
+            return None
+        child = _CHILDREN.get(worker_id)
+        if child is not None and child.poll() is not None:
+            del _CHILDREN[worker_id]
+        elif _proc_start_ticks(pid) == ticks:
+            return pid
+        path.unlink(missing_ok=True)
+        self._marker(worker_id).unlink(missing_ok=True)
+        return None
+
+    def _registry(self, ids: list[str]) -> dict[str, tuple[str, int | None, float]] | None:
+        """(state, current_scene, heartbeat age) per worker id from the ``workers`` table; None if unreachable."""
+        if not self.dsn or not ids:
+            return None if not self.dsn else {}
+        try:
+            conn = psycopg2.connect(self.dsn, connect_timeout=REGISTRY_CONNECT_TIMEOUT_S)
+        except psycopg2.Error as exc:
+            log.warning("provision.registry_unreachable", error=str(exc).strip()[:300])
+            return None
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(
+                    "SELECT id, state, current_scene, EXTRACT(EPOCH FROM now() - heartbeat_at)"
+                    " FROM workers WHERE id = ANY(%s)",
+                    (ids,),
+                )
+                return {row[0]: (str(row[1]), row[2], float(row[3])) for row in cur.fetchall()}
+        except psycopg2.Error as exc:
+            log.warning("provision.registry_failed", error=str(exc).strip()[:300])
+            return None
+        finally:
+            conn.close()
+
+    # ---- the driver port --------------------------------------------------------------------
+    def list_workers(self) -> list[WorkerView]:
+        if not self.workers_dir.is_dir():
+            return []
+        live: list[tuple[str, int, float]] = []
+        for path in sorted(self.workers_dir.glob("*.pid")):
+            worker_id = path.stem
+            pid = self._live_pid(worker_id)
+            if pid is not None:
+                live.append((worker_id, pid, path.stat().st_mtime))
+        registry = self._registry([w[0] for w in live])
+        views = []
+        for worker_id, pid, started_at_s in live:
+            scene: int | None = None
+            age_s: float | None = None
+            if self._marker(worker_id).exists():
+                state = "draining"
+            elif registry is None:
+                state = "unknown"
+            elif worker_id in registry:
+                state, scene, age_s = registry[worker_id]
+            else:
+                state = "starting"
+            views.append(
+                WorkerView(
+                    id=worker_id,
+                    state=state,
+                    started_at_s=started_at_s,
+                    pid=pid,
+                    current_scene=scene,
+                    heartbeat_age_s=age_s,
+                    detail=str(self.log_path(worker_id)),
+                )
+            )
+        return views
+
+    def start(self, n: int) -> list[str]:
+        if n <= 0:
+            return []
+        userdata = self._userdata() if callable(self._userdata) else self._userdata
+        file_env, command = parse_worker_launch(userdata)
+        self.workers_dir.mkdir(parents=True, exist_ok=True)
+        started = []
+        for _ in range(n):
+            worker_id = f"local-{secrets.token_hex(4)}"
+            env = {
+                **os.environ,
+                **file_env,
+                "CBMFLOW_WORKER_ID": worker_id,
+                "CBMFLOW_STATE_DIR": str(state_dir()),
+            }
+            with open(self.log_path(worker_id), "ab") as out:
+                # A session of its own: a Ctrl-C in the provisioner's terminal must not reach the
+                # workers, which are stopped only through a drain.
+                proc = subprocess.Popen(
+                    command,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            ticks = _proc_start_ticks(proc.pid)
+            if ticks is None:
+                rc = proc.wait()
+                log.error(
+                    "provision.start_failed", worker_id=worker_id, returncode=rc, log=str(self.log_path(worker_id))
+                )
+                continue
+            tmp = self._pid_path(worker_id).with_suffix(".pid.tmp")
+            tmp.write_text(f"{proc.pid} {ticks}\n")
+            tmp.replace(self._pid_path(worker_id))
+            _CHILDREN[worker_id] = proc
+            log.info("provision.started", worker_id=worker_id, pid=proc.pid, log=str(self.log_path(worker_id)))
+            started.append(worker_id)
+        return started
+
+    def drain(self, ids: list[str]) -> list[str]:
+        """SIGTERM: the worker stops consuming, finishes or requeues its job, and exits 0."""
+        signalled = []
+        for worker_id in ids:
+            pid = self._live_pid(worker_id)
+            if pid is None:
+                continue
+            self._marker(worker_id).touch()
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            log.info("provision.drain", worker_id=worker_id, pid=pid)
+            signalled.append(worker_id)
+        return signalled
+
+    def down(self) -> list[str]:
+        return self.drain([w.id for w in self.list_workers()])
+
+    def wait_gone(self, ids: list[str], timeout_s: float) -> list[str]:
+        """Wait until these workers have exited; returns those still running at the deadline."""
+        deadline = time.monotonic() + timeout_s
+        remaining = list(ids)
+        while remaining:
+            remaining = [w for w in remaining if self._live_pid(w) is not None]
+            if not remaining or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        return remaining
