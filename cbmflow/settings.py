@@ -149,6 +149,9 @@ class ApiSettings(BaseSettings):
     workers: int = Field(1, description="API worker processes")
     auth_cache_s: float = Field(300.0, description="how long a verified (user, password) pair is cached")
     server_title: str = Field("cbmflow", description="title reported by /query/info")
+    pool_size: int = Field(10, description="database connections per API process")
+    statement_timeout_s: float = Field(30.0, description="per-query timeout; a slower query answers 503")
+    polygon_limit: int = Field(100, description="most parcels parcelsByPolygon returns")
 
 
 class ProvisionSettings(BaseSettings):

@@ -1,0 +1,264 @@
+"""The Starlette application: an app factory, a connection pool and the error contract.
+
+Nothing is built at import (titiler style): ``create_app(dsn)`` returns a fresh app, so tests and
+uvicorn workers each get their own pool and auth cache. The pool is opened by the lifespan, not
+at construction, so building an app never touches the network.
+
+Error contract (JRC answered ``{}`` with 200 or an HTML 500): every failure is JSON
+``{"error": {"code": ..., "message": ...}}`` with the status of the table below, and bad user
+input is always a 4xx, never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.pool
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api.auth import AuthenticationError, Authenticator, User
+from cbmflow.errors import CbmflowError, InvalidInputError, NotFoundError, PermissionDeniedError
+from cbmflow.logging import get_logger
+from cbmflow.settings import ApiSettings, DbSettings
+
+log = get_logger("api")
+
+WWW_AUTHENTICATE = 'Basic realm="cbmflow"'
+
+# exception → (HTTP status, stable error code). Looked up along the exception's MRO.
+STATUS_CODES: dict[type[BaseException], tuple[int, str]] = {
+    InvalidInputError: (400, "invalid_input"),
+    AuthenticationError: (401, "unauthorized"),
+    PermissionDeniedError: (403, "forbidden"),
+    NotFoundError: (404, "not_found"),
+}
+
+_HTTP_CODES = {
+    400: "invalid_input",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    414: "uri_too_long",
+}
+
+
+class ServiceUnavailableError(CbmflowError):
+    """The database cannot be reached or every pooled connection stayed busy (HTTP 503)."""
+
+
+def _setting(settings: ApiSettings, name: str, default: int) -> int:
+    # Read when ApiSettings grows the field (CBMFLOW_API_<NAME>); the default applies until then.
+    return int(getattr(settings, name, default))
+
+
+class ApiJSONResponse(JSONResponse):
+    """JSON that keeps non-ASCII parcel ids and crop names readable."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": WWW_AUTHENTICATE} if status == 401 else None
+    return ApiJSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def response_for(request: Request, exc: BaseException) -> JSONResponse:
+    """Map any exception to the JSON error contract; unexpected ones are logged and kept generic."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_CODES:
+            status, code = STATUS_CODES[cls]
+            return error_response(status, code, str(exc) or code)
+    if isinstance(exc, HTTPException):
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        resp = error_response(exc.status_code, code, str(exc.detail))
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
+    if isinstance(exc, psycopg2.errors.QueryCanceled):
+        log.warning("api.query_timeout", path=request.url.path)
+        return error_response(503, "timeout", "the query took too long; narrow it down")
+    if isinstance(exc, psycopg2.errors.DataError):
+        # A value PostgreSQL refused (e.g. a coordinate PROJ cannot transform): the input's fault.
+        log.info("api.data_error", path=request.url.path, error=str(exc).splitlines()[0] if str(exc) else "")
+        return error_response(400, "invalid_input", "a parameter value was rejected by the database")
+    if isinstance(exc, ServiceUnavailableError | psycopg2.OperationalError | psycopg2.InterfaceError):
+        log.error("api.db_unavailable", path=request.url.path, error=type(exc).__name__)
+        return error_response(503, "unavailable", "the database is unavailable; retry later")
+    log.error("api.internal_error", path=request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal server error")
+
+
+class Pool:
+    """A psycopg2 ThreadedConnectionPool that blocks when exhausted instead of raising.
+
+    Connections are read-only and carry a statement timeout, so the API can never write and a
+    pathological query cannot hold a connection for ever.
+    """
+
+    def __init__(self, dsn: str, size: int, statement_timeout_s: int) -> None:
+        parsed = psycopg2.extensions.parse_dsn(dsn)
+        options = " ".join(
+            o
+            for o in (
+                parsed.get("options", ""),
+                "-c default_transaction_read_only=on",
+                f"-c statement_timeout={max(0, statement_timeout_s) * 1000}",
+            )
+            if o
+        )
+        full = psycopg2.extensions.make_dsn(
+            dsn,
+            options=options,
+            application_name=parsed.get("application_name", "cbmflow-api"),
+            connect_timeout=parsed.get("connect_timeout", "10"),
+        )
+        self._slots = threading.BoundedSemaphore(size)
+        self._pool = psycopg2.pool.ThreadedConnectionPool(1, size, full)
+
+    @contextmanager
+    def cursor(self, wait_s: float = 30.0) -> Iterator[Any]:
+        if not self._slots.acquire(timeout=wait_s):
+            raise ServiceUnavailableError("no database connection free")
+        try:
+            conn = self._pool.getconn()
+        except Exception:
+            self._slots.release()
+            raise
+        broken = False
+        try:
+            with conn.cursor() as cur:
+                yield cur
+        finally:
+            # A dead connection fails its rollback (or is already closed) and is discarded.
+            try:
+                if not conn.closed:
+                    conn.rollback()
+            except psycopg2.Error:
+                broken = True
+            try:
+                self._pool.putconn(conn, close=broken or bool(conn.closed))
+            finally:
+                self._slots.release()
+
+    def close(self) -> None:
+        self._pool.closeall()
+
+
+@dataclass
+class AppState:
+    """What one app instance owns, on ``app.state.cbmflow`` once the lifespan has started."""
+
+    settings: ApiSettings
+    pool: Pool
+    auth: Authenticator
+    polygon_limit: int
+
+
+def state_of(request: Request) -> AppState:
+    state: AppState | None = getattr(request.app.state, "cbmflow", None)
+    if state is None:
+        raise ServiceUnavailableError("the API is not started (lifespan not run)")
+    return state
+
+
+@dataclass
+class Call:
+    """One authenticated request: its cursor, its user and its parameters."""
+
+    cur: Any
+    user: User
+    request: Request
+    state: AppState
+
+
+@contextmanager
+def authenticated(request: Request) -> Iterator[Call]:
+    """Borrow a connection, authenticate the caller on it, and keep it for the request's queries."""
+    state = state_of(request)
+    with state.pool.cursor() as cur:
+        user = state.auth.authenticate(cur, request.headers.get("authorization"))
+        request.state.user = user
+        yield Call(cur=cur, user=user, request=request, state=state)
+
+
+def _route(path: str, handler: Callable[[Request], Response]) -> Route:
+    def endpoint(request: Request) -> Response:
+        # A sync endpoint: Starlette runs it in its threadpool, where blocking DB calls belong.
+        # Every handler only reads, so one retry after a lost connection (database restarted,
+        # idle connection cut) is safe and hides the stale pooled connection from the client.
+        for attempt in (1, 2):
+            try:
+                return handler(request)
+            except psycopg2.errors.QueryCanceled as exc:
+                return response_for(request, exc)
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                if attempt == 2:
+                    return response_for(request, exc)
+                log.warning("api.db_retry", path=request.url.path, error=type(exc).__name__)
+            except Exception as exc:
+                return response_for(request, exc)
+        raise AssertionError("unreachable")
+
+    endpoint.__name__ = handler.__name__
+    endpoint.__doc__ = handler.__doc__
+    return Route(path, endpoint, methods=["GET"])
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    return response_for(request, exc)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    return response_for(request, exc)
+
+
+def create_app(dsn: str, settings: ApiSettings | None = None) -> Starlette:
+    """A new API app on ``dsn``; the pool opens when the app starts and closes when it stops."""
+    from api import routes
+
+    api_settings = settings or ApiSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        size = max(1, _setting(api_settings, "pool_size", 10))
+        pool = await run_in_threadpool(Pool, dsn, size, _setting(api_settings, "statement_timeout_s", 30))
+        app.state.cbmflow = AppState(
+            settings=api_settings,
+            pool=pool,
+            auth=Authenticator(api_settings.auth_cache_s),
+            polygon_limit=max(1, _setting(api_settings, "polygon_limit", 100)),
+        )
+        log.info("api.started", pool_size=size)
+        try:
+            yield
+        finally:
+            app.state.cbmflow = None
+            await run_in_threadpool(pool.close)
+            log.info("api.stopped")
+
+    return Starlette(
+        routes=[_route(path, handler) for path, handler in routes.ROUTES],
+        exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
+        lifespan=lifespan,
+    )
+
+
+def app_from_env() -> Starlette:
+    """Factory for ``uvicorn --factory``: every worker process builds its app from the environment."""
+    return create_app(DbSettings().resolved_dsn(), ApiSettings())

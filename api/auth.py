@@ -1,0 +1,185 @@
+"""HTTP Basic authentication on argon2id hashes, and per-dataset grants.
+
+Basic auth is kept because the JRC ``cbm`` client only speaks Basic. argon2id is deliberately
+slow, so a verified (user, password) pair is remembered for ``auth_cache_s``; the cache key is an
+HMAC-SHA256 of the pair under a per-process random key, so neither the password nor an offline
+guessable digest of it is ever held in memory. The user row and its grants are still read on
+every request (one indexed query), so deleting a user, changing a password or revoking a grant
+takes effect at once instead of after the cache expiry.
+
+Unknown users and malformed names still cost one argon2 verification against a dummy hash, so
+response time does not reveal whether a user exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from cbmflow.errors import CbmflowError, PermissionDeniedError
+from cbmflow.logging import get_logger
+
+log = get_logger("api.auth")
+
+# Mirrors the CHECK constraint on users.name; anything else can never match a row, and rejecting it
+# before the query keeps NUL and control characters away from the database driver.
+USER_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+# Mirrors the CHECK constraint on aois.name: what a grant, and the ``aoi`` parameter, may name.
+AOI_RE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+_MAX_PASSWORD_CHARS = 1024
+
+
+class AuthenticationError(CbmflowError):
+    """Missing, malformed or wrong credentials (HTTP 401)."""
+
+
+@dataclass(frozen=True)
+class User:
+    """The authenticated caller of one request; lives in ``request.state.user``."""
+
+    name: str
+    is_admin: bool
+    grants: frozenset[str]
+
+    def can_see(self, aoi: str) -> bool:
+        return self.is_admin or aoi in self.grants
+
+
+@cache
+def _hasher() -> PasswordHasher:
+    # argon2-cffi's defaults are argon2id with the RFC 9106 "low memory" profile.
+    return PasswordHasher()
+
+
+@cache
+def _dummy_hash() -> str:
+    return _hasher().hash(secrets.token_urlsafe(24))
+
+
+def hash_password(password: str) -> str:
+    """argon2id hash (PHC string, salt and parameters included) for ``users.password_hash``."""
+    return _hasher().hash(password)
+
+
+def verify(password_hash: str, password: str) -> bool:
+    """True when ``password`` matches; a corrupt or foreign hash counts as a mismatch, never an error."""
+    try:
+        return bool(_hasher().verify(password_hash, password))
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def parse_basic(header: str | None) -> tuple[str, str]:
+    """(name, password) from an ``Authorization: Basic ...`` header (RFC 7617: UTF-8, else Latin-1)."""
+    if not header:
+        raise AuthenticationError("credentials required")
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic" or not token.strip():
+        raise AuthenticationError("HTTP Basic credentials required")
+    try:
+        raw = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise AuthenticationError("malformed Basic credentials") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    name, sep, password = text.partition(":")
+    if not sep:
+        raise AuthenticationError("malformed Basic credentials")
+    return name, password
+
+
+@dataclass
+class _Entry:
+    password_hash: str
+    expires_at: float
+
+
+class Authenticator:
+    """Verifies Basic credentials against ``users`` with a bounded, time-limited cache of successes."""
+
+    def __init__(self, cache_s: float, max_entries: int = 10_000) -> None:
+        self._cache_s = max(0.0, float(cache_s))
+        self._max_entries = max_entries
+        self._secret = secrets.token_bytes(32)
+        self._entries: dict[bytes, _Entry] = {}
+        self._lock = threading.Lock()
+
+    def _key(self, name: str, password: str) -> bytes:
+        material = name.encode("utf-8", "surrogatepass") + b"\x00" + password.encode("utf-8", "surrogatepass")
+        return hmac.new(self._secret, material, hashlib.sha256).digest()
+
+    def _cached(self, key: bytes, password_hash: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False
+            if entry.expires_at <= now:
+                del self._entries[key]
+                return False
+        # A changed hash (password reset) invalidates the entry even before it expires.
+        return hmac.compare_digest(entry.password_hash.encode(), password_hash.encode())
+
+    def _remember(self, key: bytes, password_hash: str) -> None:
+        if self._cache_s <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if len(self._entries) >= self._max_entries:
+                for k in [k for k, e in self._entries.items() if e.expires_at <= now]:
+                    del self._entries[k]
+                if len(self._entries) >= self._max_entries:
+                    self._entries.clear()
+            self._entries[key] = _Entry(password_hash, now + self._cache_s)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def authenticate(self, cur: Any, header: str | None) -> User:
+        """The caller of this request, or AuthenticationError; ``cur`` is a psycopg2 cursor."""
+        name, password = parse_basic(header)
+        row = None
+        if USER_NAME_RE.match(name) and len(password) <= _MAX_PASSWORD_CHARS:
+            cur.execute(
+                "SELECT u.password_hash, u.is_admin,"
+                " coalesce(array_agg(g.aoi) FILTER (WHERE g.aoi IS NOT NULL), '{}'::text[])"
+                " FROM users u LEFT JOIN user_grants g ON g.user_name = u.name"
+                " WHERE u.name = %s GROUP BY u.name, u.password_hash, u.is_admin",
+                (name,),
+            )
+            row = cur.fetchone()
+        if row is None:
+            # Same work as a real check, so timing does not tell unknown users apart.
+            verify(_dummy_hash(), password[:_MAX_PASSWORD_CHARS])
+            log.info("auth.failed", user=name[:64], reason="unknown user")
+            raise AuthenticationError("invalid credentials")
+        password_hash, is_admin, grants = str(row[0]), bool(row[1]), row[2]
+        key = self._key(name, password)
+        if not self._cached(key, password_hash):
+            if not verify(password_hash, password):
+                log.info("auth.failed", user=name, reason="wrong password")
+                raise AuthenticationError("invalid credentials")
+            self._remember(key, password_hash)
+        return User(name=name, is_admin=is_admin, grants=frozenset(str(g) for g in grants))
+
+
+def authorize(user: User, aoi: str) -> None:
+    """Raise PermissionDeniedError unless ``user`` was granted ``aoi`` (or is an admin)."""
+    if not user.can_see(aoi):
+        log.info("auth.denied", user=user.name, aoi=aoi)
+        raise PermissionDeniedError(f"user {user.name!r} is not granted dataset {aoi!r}")

@@ -1,0 +1,183 @@
+"""``cbmflow api`` and ``cbmflow users``.
+
+Heavy imports (uvicorn, starlette, argon2, psycopg2) happen inside the commands so that
+``cbmflow --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+users_app = typer.Typer(help="API users and their dataset grants.", no_args_is_help=True)
+
+
+def serve(host: str, port: int, workers: int = 1) -> None:
+    """Run uvicorn on the app factory; each worker process builds its own app and pool."""
+    import uvicorn
+
+    from cbmflow.settings import DbSettings
+
+    DbSettings().resolved_dsn()  # fail here, with a clear message, rather than in every worker
+    typer.echo(f"cbmflow API at http://{host}:{port}/query/info ({workers} worker(s))")
+    uvicorn.run(
+        "api.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        proxy_headers=False,
+        server_header=False,
+    )
+
+
+def api(
+    host: str | None = typer.Option(None, "--host", help="Bind address (default: CBMFLOW_API_HOST, else 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", help="Port (default: CBMFLOW_API_PORT, else 8080)."),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, help="Worker processes (default: CBMFLOW_API_WORKERS, else 1)."
+    ),
+) -> None:
+    """Serve the JRC-compatible REST API (/query/*) until interrupted."""
+    from cbmflow.errors import ConfigError
+    from cbmflow.settings import ApiSettings
+
+    settings = ApiSettings()
+    try:
+        serve(host or settings.host, port or settings.port, workers or settings.workers)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+        return password
+    # Scripted use: the first line of stdin, so the password never appears in argv or the environment.
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _run(action: str, fn: Callable[[Any], object]) -> None:
+    """Run a DB action in one transaction, turning user errors into a message and exit code 1."""
+    from cbmflow import db
+    from cbmflow.errors import CbmflowError
+    from cbmflow.settings import DbSettings
+
+    try:
+        with db.transaction(DbSettings().resolved_dsn()) as cur:
+            fn(cur)
+    except CbmflowError as exc:
+        typer.echo(f"{action}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def _warn_unknown(cur: Any, datasets: list[str]) -> None:
+    from api.users import known_datasets
+
+    missing = sorted(set(datasets) - known_datasets(cur))
+    if missing:
+        typer.echo(f"note: no dataset yet for {', '.join(missing)}; the grant applies once one is imported", err=True)
+
+
+@users_app.command("add")
+def users_add(
+    name: str = typer.Argument(..., help="User name (A-Z a-z 0-9 _ . @ -)."),
+    datasets: str = typer.Option("", "--datasets", help="Comma-separated AOIs the user may query, e.g. ms,xx."),
+    admin: bool = typer.Option(False, "--admin", help="May query every dataset."),
+) -> None:
+    """Create a user; the password is prompted twice (a TTY) or read as one line from stdin."""
+    from api import users
+    from cbmflow.errors import CbmflowError
+
+    try:
+        aois = users.parse_datasets(datasets)
+        users.check_name(name)
+        password = users.check_password(_read_password())
+    except CbmflowError as exc:
+        typer.echo(f"users add: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+    def action(cur: Any) -> None:
+        users.add_user(cur, name, password, aois, admin=admin)
+        _warn_unknown(cur, aois)
+
+    _run("users add", action)
+    typer.echo(f"user {name} added" + (" (admin)" if admin else "") + (f", datasets {', '.join(aois)}" if aois else ""))
+
+
+@users_app.command("passwd")
+def users_passwd(name: str = typer.Argument(..., help="User name.")) -> None:
+    """Set a new password (prompted twice on a TTY, else one line from stdin)."""
+    from api import users
+    from cbmflow.errors import CbmflowError
+
+    try:
+        password = users.check_password(_read_password())
+    except CbmflowError as exc:
+        typer.echo(f"users passwd: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    _run("users passwd", lambda cur: users.set_password(cur, name, password))
+    typer.echo(f"password of {name} changed")
+
+
+@users_app.command("grant")
+def users_grant(name: str = typer.Argument(...), aoi: str = typer.Argument(..., help="Dataset (AOI) name.")) -> None:
+    """Allow a user to query one more dataset."""
+    from api import users
+
+    result: list[bool] = []
+
+    def action(cur: Any) -> None:
+        result.append(users.grant(cur, name, aoi))
+        _warn_unknown(cur, [users.check_aoi(aoi)])
+
+    _run("users grant", action)
+    typer.echo(f"granted {aoi.strip().lower()} to {name}" if result[0] else f"{name} already had {aoi}")
+
+
+@users_app.command("revoke")
+def users_revoke(name: str = typer.Argument(...), aoi: str = typer.Argument(..., help="Dataset (AOI) name.")) -> None:
+    """Withdraw a dataset from a user (effective on the next request)."""
+    from api import users
+
+    result: list[bool] = []
+    _run("users revoke", lambda cur: result.append(users.revoke(cur, name, aoi)))
+    typer.echo(f"revoked {aoi.strip().lower()} from {name}" if result[0] else f"{name} had no grant {aoi}")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """Users, admin flag and granted datasets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from api import users
+
+    rows: list[users.UserInfo] = []
+    _run("users list", lambda cur: rows.extend(users.list_users(cur)))
+    table = Table("user", "admin", "datasets")
+    for u in rows:
+        table.add_row(u.name, "yes" if u.is_admin else "", ", ".join(u.datasets))
+    Console().print(table)
+
+
+@users_app.command("delete")
+def users_delete(name: str = typer.Argument(...)) -> None:
+    """Delete a user and their grants."""
+    from api import users
+
+    result: list[bool] = []
+    _run("users delete", lambda cur: result.append(users.delete_user(cur, name)))
+    if not result[0]:
+        typer.echo(f"users delete: no user {name!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"user {name} deleted")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("api")(api)
+    app.add_typer(users_app, name="users", help="API users and their dataset grants.")

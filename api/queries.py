@@ -1,0 +1,333 @@
+"""The SQL behind the JRC-compatible routes, returning JRC's column → list shape.
+
+Every value is a bound parameter. Table identifiers come only from the ``datasets`` row
+(``Dataset.parcels/.sigs/.hists``, composed by psycopg2.sql); the one exception, a ``ptype``
+variant table, is a validated suffix of the dataset's own parcel table that must exist in the
+catalogue before it is composed. Areas and distances are computed in EPSG:3035 whatever the
+national SRID, as JRC did, so values are comparable across Member States.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+from urllib.parse import quote
+
+from psycopg2 import sql
+
+from api.params import PTYPE_RE
+from cbmflow.db import Dataset
+from cbmflow.errors import NotFoundError
+
+Columns = dict[str, list[Any]]
+
+# The card of each JRC tstype (tstype 'scl' is served from the histogram table instead).
+CARDS = {"s2": "s2", "bs": "bs", "c6": "c6"}
+TSTYPES = (*CARDS, "scl")
+EQUAL_AREA_SRID = 3035
+# parcelsByPolygon: the search area is clipped to the AOI's envelope grown by this margin (parcels
+# may stick out of a hand-drawn AOI) and densified to this segment length before reprojection.
+AREA_MARGIN_DEG = 1.0
+AREA_STEP_DEG = 0.05
+
+
+def _jsonable(value: Any) -> Any:
+    # NaN/inf are not JSON; a statistic without a value is null. numeric → float for json.dumps.
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Decimal):
+        return _jsonable(float(value))
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return value
+
+
+def fetch_columns(cur: Any) -> Columns:
+    """Column → list mapping of the last query; zero rows still give every key (with [])."""
+    names = [d.name for d in cur.description]
+    out: Columns = {name: [] for name in names}
+    for row in cur.fetchall():
+        for name, value in zip(names, row, strict=True):
+            out[name].append(_jsonable(value))
+    return out
+
+
+def parcel_table(cur: Any, ds: Dataset, ptype: str | None) -> sql.Composed:
+    """The dataset's parcel table, or its ``_<ptype>`` variant (JRC: grazing, mowing, ...) if it exists."""
+    if not ptype:
+        return ds.parcels
+    name = f"{ds.parcel_table}_{ptype}"
+    cur.execute(
+        "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = %s AND tablename = %s",
+        (ds.schema_name, name),
+    )
+    if cur.fetchone() is None:
+        raise NotFoundError(f"dataset {ds.aoi} {ds.year} has no parcel type {ptype!r}")
+    return ds.ident(name)
+
+
+def _parcel_columns(with_geometry: bool, wgs84: bool, *, only_ids: bool = False) -> sql.Composable:
+    parts: list[sql.Composable] = [sql.SQL("p.parcel_id AS pid")]
+    if not only_ids:
+        parts.append(sql.SQL("p.crop_name AS cropname, p.crop_code::text AS cropcode, ST_SRID(p.geom) AS srid"))
+    if with_geometry:
+        # Native: GeoJSON with a "crs" member (PostGIS default for non-4326); wgs84: plain RFC 7946.
+        parts.append(
+            sql.SQL("ST_AsGeoJSON(ST_Transform(p.geom, 4326)) AS geom")
+            if wgs84
+            else sql.SQL("ST_AsGeoJSON(p.geom) AS geom")
+        )
+    if not only_ids:
+        parts.append(
+            sql.SQL(
+                "ST_Area(ST_Transform(p.geom, {eq}))::bigint AS area,"
+                " ST_X(ST_Transform(ST_Centroid(p.geom), 4326)) AS clon,"
+                " ST_Y(ST_Transform(ST_Centroid(p.geom), 4326)) AS clat"
+            ).format(eq=sql.Literal(EQUAL_AREA_SRID))
+        )
+    return sql.SQL(", ").join(parts)
+
+
+def parcel_by_id(cur: Any, table: sql.Composed, pid: str, *, with_geometry: bool, wgs84: bool) -> Columns:
+    cur.execute(
+        sql.SQL("SELECT {cols} FROM {t} p WHERE p.parcel_id = %s").format(
+            cols=_parcel_columns(with_geometry, wgs84), t=table
+        ),
+        (pid,),
+    )
+    out = fetch_columns(cur)
+    if not out["pid"]:
+        raise NotFoundError("no such parcel")
+    return out
+
+
+def parcels_by_location(
+    cur: Any, ds: Dataset, table: sql.Composed, lon: float, lat: float, *, with_geometry: bool, wgs84: bool, limit: int
+) -> Columns:
+    cur.execute(
+        sql.SQL(
+            "SELECT {cols} FROM {t} p"
+            " WHERE ST_Intersects(p.geom, ST_Transform(ST_SetSRID(ST_MakePoint(%s, %s), 4326), %s))"
+            " ORDER BY p.pid LIMIT %s"
+        ).format(cols=_parcel_columns(with_geometry, wgs84), t=table),
+        (lon, lat, ds.srid, limit),
+    )
+    return fetch_columns(cur)
+
+
+def parcels_by_polygon(
+    cur: Any,
+    ds: Dataset,
+    table: sql.Composed,
+    wkb: bytes,
+    *,
+    only_ids: bool,
+    with_geometry: bool,
+    wgs84: bool,
+    limit: int,
+) -> Columns:
+    """Parcels intersecting a lon/lat area.
+
+    JRC reprojected the raw polygon, so a large one (a few vertices spanning tens of degrees)
+    became a different shape in the national CRS, or a degenerate one far from the projection's
+    centre, and silently matched the wrong parcels. Here the area is first clipped to the
+    dataset's AOI envelope plus a margin, then densified in degrees, so what is tested is the
+    polygon the caller drew in EPSG:4326.
+    """
+    cur.execute(
+        sql.SQL(
+            "WITH q AS (SELECT ST_Transform(ST_Segmentize(ST_Intersection(ST_GeomFromWKB(%(wkb)s, 4326),"
+            " ST_Expand(ST_Envelope(a.geom), %(margin)s)), %(step)s), %(srid)s) AS g"
+            " FROM aois a WHERE a.name = %(aoi)s)"
+            " SELECT {cols} FROM {t} p, q WHERE ST_Intersects(p.geom, q.g) ORDER BY p.pid LIMIT %(limit)s"
+        ).format(cols=_parcel_columns(with_geometry, wgs84, only_ids=only_ids), t=table),
+        {
+            "wkb": wkb,
+            "margin": AREA_MARGIN_DEG,
+            "step": AREA_STEP_DEG,
+            "srid": ds.srid,
+            "aoi": ds.aoi,
+            "limit": limit,
+        },
+    )
+    return fetch_columns(cur)
+
+
+def parcel_pk(cur: Any, table: sql.Composed, pid: str) -> int:
+    """The integer key shared by parcels, sigs and hists, for the user-facing parcel id."""
+    cur.execute(sql.SQL("SELECT pid FROM {t} WHERE parcel_id = %s").format(t=table), (pid,))
+    row = cur.fetchone()
+    if row is None:
+        raise NotFoundError("no such parcel")
+    return int(row[0])
+
+
+def parcel_peers(
+    cur: Any,
+    ds: Dataset,
+    table: sql.Composed,
+    pid: str,
+    *,
+    distance: float,
+    max_peers: int,
+    min_area: float,
+) -> Columns:
+    """Parcels with the same crop name within ``distance`` m (EPSG:3035), nearest first.
+
+    The ``&&`` test against the search box, taken back to the national SRID, lets the GIST index
+    prune candidates; the box is densified and padded so that reprojection cannot shrink it
+    below the exact ST_DWithin test that follows.
+    """
+    parcel_pk(cur, table, pid)
+    cur.execute(
+        sql.SQL(
+            "WITH cp AS (SELECT crop_name, ST_Transform(geom, {eq}) AS g FROM {t} WHERE parcel_id = %(pid)s)"
+            " SELECT p.parcel_id AS pids, ST_Distance(ST_Transform(p.geom, {eq}), cp.g) AS distance"
+            " FROM {t} p, cp"
+            " WHERE p.crop_name = cp.crop_name AND p.parcel_id <> %(pid)s"
+            " AND p.geom && ST_Transform(ST_Segmentize(ST_Expand(ST_Envelope(cp.g), %(d)s + 100),"
+            " GREATEST((%(d)s + 100) / 8.0, 1.0)), %(srid)s)"
+            " AND ST_DWithin(ST_Transform(p.geom, {eq}), cp.g, %(d)s)"
+            " AND ST_Area(ST_Transform(p.geom, {eq})) >= %(min_area)s"
+            " ORDER BY 2, p.parcel_id LIMIT %(max)s"
+        ).format(t=table, eq=sql.Literal(EQUAL_AREA_SRID)),
+        {"pid": pid, "d": distance, "srid": ds.srid, "min_area": min_area, "max": max_peers},
+    )
+    return fetch_columns(cur)
+
+
+def time_series(cur: Any, ds: Dataset, pk: int, card: str, *, bands: list[str] | None, scl: bool, ref: bool) -> Columns:
+    """One row per (scene, band) of the parcel, by acquisition time then band.
+
+    Unlike JRC, which inner-joined the histogram table and so silently dropped observations
+    without an SCL histogram, the histogram is a LEFT JOIN: such rows stay, with ``hist`` ``{}``.
+    An empty dict rather than null keeps the column one type, which the JRC client relies on
+    (it parses every row's ``hist``); a real histogram is never empty, so ``{}`` is unambiguous.
+    """
+    extra: list[sql.Composable] = []
+    joins: list[sql.Composable] = []
+    if scl:
+        extra.append(sql.SQL(", coalesce(hh.hist, '{}'::json) AS hist"))
+        joins.append(
+            sql.SQL(
+                " LEFT JOIN LATERAL (SELECT json_object_agg(h.class::text, h.count ORDER BY h.class) AS hist"
+                " FROM {h} h WHERE h.pid = g.pid AND h.scene_id = g.scene_id) hh ON true"
+            ).format(h=ds.hists)
+        )
+    if ref:
+        extra.append(sql.SQL(", s.product_name AS reference"))
+    where = [sql.SQL("g.pid = %(pk)s"), sql.SQL("s.card = %(card)s")]
+    if bands:
+        where.append(sql.SQL("g.band = ANY(%(bands)s)"))
+    cur.execute(
+        sql.SQL(
+            "SELECT extract(epoch FROM s.acquired_at)::double precision AS date_part, g.band, g.count,"
+            " g.mean, g.std, g.min, g.p25, g.p50, g.p75, g.max{extra}"
+            " FROM {sigs} g JOIN scenes s ON s.id = g.scene_id{joins}"
+            " WHERE {where} ORDER BY s.acquired_at, g.band, s.id"
+        ).format(
+            extra=sql.Composed(extra),
+            sigs=ds.sigs,
+            joins=sql.Composed(joins),
+            where=sql.SQL(" AND ").join(where),
+        ),
+        {"pk": pk, "card": card, "bands": bands or []},
+    )
+    return fetch_columns(cur)
+
+
+def scl_series(cur: Any, ds: Dataset, pk: int) -> Columns:
+    """JRC ``tstype=scl``: one SCL histogram per scene (``obsid`` = scene id), by acquisition time."""
+    cur.execute(
+        sql.SQL(
+            "SELECT h.scene_id AS obsid, json_object_agg(h.class::text, h.count ORDER BY h.class) AS hist"
+            " FROM {h} h JOIN scenes s ON s.id = h.scene_id"
+            " WHERE h.pid = %s GROUP BY h.scene_id, s.acquired_at ORDER BY s.acquired_at, h.scene_id"
+        ).format(h=ds.hists),
+        (pk,),
+    )
+    return fetch_columns(cur)
+
+
+def _ptypes(cur: Any, ds: Dataset) -> list[str]:
+    cur.execute(
+        "SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = %s AND tablename LIKE %s ORDER BY tablename",
+        (ds.schema_name, ds.parcel_table.replace("_", r"\_") + r"\_%"),
+    )
+    prefix = ds.parcel_table + "_"
+    return [str(name)[len(prefix) :] for (name,) in cur.fetchall() if PTYPE_RE.match(str(name)[len(prefix) :])]
+
+
+def _examples(cur: Any, table: sql.Composed, n: int = 5) -> list[str]:
+    # The first ids by key, not a random sample: cheap on tables of millions and stable for docs.
+    cur.execute(sql.SQL("SELECT parcel_id FROM {t} ORDER BY pid LIMIT %s").format(t=table), (n,))
+    return [str(r[0]) for r in cur.fetchall()]
+
+
+def _cards_present(cur: Any, ds: Dataset) -> list[str]:
+    # LATERAL ... LIMIT 1 forces one index probe per scene: a plain join may be planned as a scan
+    # of the whole signatures table (hundreds of millions of rows) for a card that has none.
+    out = []
+    for card in CARDS:
+        cur.execute(
+            sql.SQL(
+                "SELECT EXISTS (SELECT 1 FROM scenes s"
+                " CROSS JOIN LATERAL (SELECT 1 FROM {sigs} g WHERE g.scene_id = s.id LIMIT 1) x"
+                " WHERE s.card = %s)"
+            ).format(sigs=ds.sigs),
+            (card,),
+        )
+        if cur.fetchone()[0]:
+            out.append(card)
+    return out
+
+
+def info(cur: Any, datasets: list[Dataset], base_url: str, title: str) -> dict[str, Any]:
+    """JRC ``/query/info`` for the datasets the caller may see (all years, not one at random)."""
+    aois: dict[str, dict[str, Any]] = {}
+    for ds in datasets:
+        entry = aois.setdefault(
+            ds.aoi,
+            {
+                "years": [],
+                "datasets": [],
+                "time_series": [],
+                "tms": [],
+                "id_table_column": "parcel_id",
+                "request_examples": {},
+            },
+        )
+        entry["years"].append(ds.year)
+        ptypes = _ptypes(cur, ds)
+        for pt in ptypes:
+            if pt not in entry["datasets"]:
+                entry["datasets"].append(pt)
+        for card in _cards_present(cur, ds):
+            if card not in entry["time_series"]:
+                entry["time_series"].append(card)
+        examples = _examples(cur, ds.parcels)
+        entry[f"id_examples_{ds.year}"] = examples
+        for pt in ptypes:
+            entry[f"id_examples_{ds.year}_{pt}"] = _examples(cur, ds.ident(f"{ds.parcel_table}_{pt}"))
+        if examples:
+            q = f"aoi={quote(ds.aoi)}&year={ds.year}&pid={quote(examples[0], safe='')}"
+            entry["request_examples"] = {
+                "parcelByID": f"{base_url}/query/parcelByID?{q}&withGeometry=True",
+                "parcelTimeSeries_s2": f"{base_url}/query/parcelTimeSeries?{q}&tstype=s2&scl=True",
+                "parcelTimeSeries_bs": f"{base_url}/query/parcelTimeSeries?{q}&tstype=bs",
+                "parcelTimeSeries_c6": f"{base_url}/query/parcelTimeSeries?{q}&tstype=c6",
+                "parcelPeers": f"{base_url}/query/parcelPeers?{q}",
+            }
+    return {
+        "server": {"title": title},
+        "helpers": {
+            "documentation": None,
+            "git_repository": None,
+            "information_page": f"{base_url}/query/info",
+            "downloadable material": None,
+            "swagger": None,
+        },
+        "aois": aois,
+    }

@@ -1,0 +1,143 @@
+"""API users and their dataset grants, in PostgreSQL (JRC kept them in a JSON file).
+
+Functions take an open cursor so that callers (the CLI, the demo, tests) choose the transaction.
+Passwords are stored only as argon2id hashes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from api.auth import AOI_RE, USER_NAME_RE, hash_password
+from cbmflow.errors import InvalidInputError, NotFoundError
+
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    name: str
+    is_admin: bool
+    datasets: list[str]
+
+
+def check_name(name: str) -> str:
+    if not USER_NAME_RE.match(name):
+        raise InvalidInputError(f"invalid user name {name!r}: 1-64 of A-Z a-z 0-9 _ . @ -")
+    return name
+
+
+def check_aoi(aoi: str) -> str:
+    aoi = aoi.strip().lower()
+    if not AOI_RE.match(aoi):
+        raise InvalidInputError(f"invalid dataset name {aoi!r}: a lower-case letter, then letters, digits or _")
+    return aoi
+
+
+def check_password(password: str) -> str:
+    if not MIN_PASSWORD_CHARS <= len(password) <= MAX_PASSWORD_CHARS:
+        raise InvalidInputError(f"a password needs {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters")
+    return password
+
+
+def parse_datasets(text: str) -> list[str]:
+    """``ms,xx`` → ['ms', 'xx'] (validated, de-duplicated, order kept)."""
+    out: list[str] = []
+    for part in text.split(","):
+        if part.strip():
+            aoi = check_aoi(part)
+            if aoi not in out:
+                out.append(aoi)
+    return out
+
+
+def _exists(cur: Any, name: str) -> bool:
+    cur.execute("SELECT 1 FROM users WHERE name = %s", (name,))
+    return cur.fetchone() is not None
+
+
+def _grant_all(cur: Any, name: str, datasets: Iterable[str]) -> None:
+    for aoi in datasets:
+        cur.execute(
+            "INSERT INTO user_grants (user_name, aoi) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (name, check_aoi(aoi)),
+        )
+
+
+def add_user(cur: Any, name: str, password: str, datasets: Iterable[str] = (), admin: bool = False) -> None:
+    """Create a user; refuses to overwrite an existing one (use ``upsert_user`` for that)."""
+    check_name(name)
+    check_password(password)
+    if _exists(cur, name):
+        raise InvalidInputError(f"user {name!r} already exists")
+    cur.execute(
+        "INSERT INTO users (name, password_hash, is_admin) VALUES (%s, %s, %s)",
+        (name, hash_password(password), admin),
+    )
+    _grant_all(cur, name, datasets)
+
+
+def upsert_user(cur: Any, name: str, password: str, datasets: Iterable[str] = (), admin: bool = False) -> None:
+    """Create or reset a user (password and admin flag); grants are added, never removed.
+
+    The demo calls this on every run with the same password, so it must be idempotent.
+    """
+    check_name(name)
+    check_password(password)
+    cur.execute(
+        "INSERT INTO users (name, password_hash, is_admin) VALUES (%s, %s, %s)"
+        " ON CONFLICT (name) DO UPDATE SET password_hash = EXCLUDED.password_hash, is_admin = EXCLUDED.is_admin",
+        (name, hash_password(password), admin),
+    )
+    _grant_all(cur, name, datasets)
+
+
+def set_password(cur: Any, name: str, password: str) -> None:
+    check_password(password)
+    cur.execute("UPDATE users SET password_hash = %s WHERE name = %s", (hash_password(password), check_name(name)))
+    if cur.rowcount == 0:
+        raise NotFoundError(f"no user {name!r}")
+
+
+def grant(cur: Any, name: str, aoi: str) -> bool:
+    """True when the grant is new."""
+    if not _exists(cur, check_name(name)):
+        raise NotFoundError(f"no user {name!r}")
+    cur.execute(
+        "INSERT INTO user_grants (user_name, aoi) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+        (name, check_aoi(aoi)),
+    )
+    return bool(cur.rowcount)
+
+
+def revoke(cur: Any, name: str, aoi: str) -> bool:
+    """True when a grant was removed."""
+    if not _exists(cur, check_name(name)):
+        raise NotFoundError(f"no user {name!r}")
+    cur.execute("DELETE FROM user_grants WHERE user_name = %s AND aoi = %s", (name, check_aoi(aoi)))
+    return bool(cur.rowcount)
+
+
+def delete_user(cur: Any, name: str) -> bool:
+    """True when the user existed; their grants go with them (ON DELETE CASCADE)."""
+    cur.execute("DELETE FROM users WHERE name = %s", (check_name(name),))
+    return bool(cur.rowcount)
+
+
+def list_users(cur: Any) -> list[UserInfo]:
+    cur.execute(
+        "SELECT u.name, u.is_admin,"
+        " coalesce(array_agg(g.aoi ORDER BY g.aoi) FILTER (WHERE g.aoi IS NOT NULL), '{}'::text[])"
+        " FROM users u LEFT JOIN user_grants g ON g.user_name = u.name"
+        " GROUP BY u.name, u.is_admin ORDER BY u.name"
+    )
+    return [UserInfo(str(n), bool(a), [str(x) for x in g]) for n, a, g in cur.fetchall()]
+
+
+def known_datasets(cur: Any) -> set[str]:
+    """AOIs that have at least one dataset, so the CLI can warn about grants to nothing (yet)."""
+    cur.execute("SELECT DISTINCT aoi FROM datasets")
+    return {str(r[0]) for r in cur.fetchall()}
