@@ -163,7 +163,9 @@ class ProvisionSettings(BaseSettings):
     min_workers: int = Field(0, description="fewest workers kept")
     max_workers: int = Field(2, description="most workers started")
     per_worker: int = Field(5, description="backlog (ready + unacked jobs) one worker is expected to absorb")
-    userdata_template: str = Field("", description="path of an extra cloud-config YAML merged under the worker's pieces")
+    userdata_template: str = Field(
+        "", description="path of an extra cloud-config YAML merged under the worker's pieces"
+    )
     wheel_url: str = Field("", description="where VMs install cbmflow from (wheel URL); empty = pre-baked image")
 
 
