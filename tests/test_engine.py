@@ -8,6 +8,7 @@ from the file, so that both engines see the same bytes and nothing of ours sits 
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -370,8 +371,11 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(23)
     geoms = random_polygons(rng, 60)
     index = engine.build_index(geoms, np.arange(60), engine.Grid(TRANSFORM, WIDTH, HEIGHT, 32735), buffer_m=-3.0)
-    index.save(tmp_path / "index.npz")
-    loaded = engine.ParcelIndex.load(tmp_path / "index.npz")
+    index.save(tmp_path / "index.bin")  # any name: not silently renamed to .npz
+    loaded = engine.ParcelIndex.load(tmp_path / "index.bin")
+    unpickled = pickle.loads(pickle.dumps(index))
+    np.testing.assert_array_equal(unpickled.run_col, index.run_col)
+    assert unpickled.grid == index.grid
     assert loaded.grid == index.grid and loaded.window == index.window and loaded.buffer_m == -3.0
     for name in ("pids", "offsets", "run_row", "run_col", "run_len", "npixels"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(index, name))
@@ -380,10 +384,12 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(engine.band_stats(loaded, band).mean, engine.band_stats(index, band).mean)
 
 
-def test_empty_and_invalid_inputs() -> None:
+def test_empty_and_invalid_inputs(tmp_path: Path) -> None:
     empty = engine.build_index([pbox(-50, -50, -40, -40), Polygon()], np.array([1, 2]), GRID)
     assert len(empty) == 0 and empty.window == (0, 0, 0, 0)
     band = np.ones((HEIGHT, WIDTH), np.uint16)
+    values, offset = engine.read_window(write_tif(tmp_path / "one.tif", band), empty)
+    assert len(engine.band_stats(empty, values, window_offset=offset)) == 0
     assert len(engine.band_stats(empty, band)) == 0
     assert len(engine.class_histograms(empty, band.astype(np.uint8))) == 0
     with pytest.raises(ValueError, match="pids"):

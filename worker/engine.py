@@ -105,23 +105,28 @@ class ParcelIndex:
         return pixel_offsets, rows, cols
 
     def save(self, path: str | Path) -> None:
-        """Write as one ``.npz`` (no pickle), so indexes can be cached on disk between runs."""
+        """Write as one ``.npz`` (no pickle), so indexes can be cached on disk between runs.
+
+        Written through a file object so that ``path`` is used as given (``np.savez`` would
+        append ``.npz`` to a bare name, and ``load(path)`` would then miss it).
+        """
         t = self.grid.transform
         crs = self.grid.crs
-        np.savez(
-            path,
-            pids=self.pids,
-            offsets=self.offsets,
-            run_row=self.run_row,
-            run_col=self.run_col,
-            run_len=self.run_len,
-            window=np.array(self.window, np.int64),
-            transform=np.array([t.a, t.b, t.c, t.d, t.e, t.f], np.float64),
-            shape=np.array([self.grid.width, self.grid.height], np.int64),
-            crs=np.array(str(crs)),
-            crs_is_int=np.array(isinstance(crs, int)),
-            buffer_m=np.array(self.buffer_m, np.float64),
-        )
+        with open(path, "wb") as f:
+            np.savez(
+                f,
+                pids=self.pids,
+                offsets=self.offsets,
+                run_row=self.run_row,
+                run_col=self.run_col,
+                run_len=self.run_len,
+                window=np.array(self.window, np.int64),
+                transform=np.array([t.a, t.b, t.c, t.d, t.e, t.f], np.float64),
+                shape=np.array([self.grid.width, self.grid.height], np.int64),
+                crs=np.array(str(crs)),
+                crs_is_int=np.array(isinstance(crs, int)),
+                buffer_m=np.array(self.buffer_m, np.float64),
+            )
 
     @classmethod
     def load(cls, path: str | Path) -> ParcelIndex:
@@ -263,9 +268,9 @@ def _polygon_parts(geoms: npt.NDArray[Any]) -> tuple[list[dict[str, Any]], npt.N
 def _layers(r_lo: Any, r_hi: Any, c_lo: Any, c_hi: Any) -> npt.NDArray[np.int32]:
     """Layer number per parcel: parcels in one layer have disjoint pixel-centre windows."""
     n = len(r_lo)
-    # Boxes in pixel-index space; STRtree's envelope test is inclusive, so windows sharing a row
-    # and a column (integer ranges that overlap) are reported.
-    boxes = shapely.box(c_lo, r_lo, c_hi, r_hi)
+    # Boxes in pixel-index space, padded by a quarter pixel so that one-pixel windows are not
+    # degenerate: integer ranges overlap exactly when the padded boxes intersect.
+    boxes = shapely.box(c_lo - 0.25, r_lo - 0.25, c_hi + 0.25, r_hi + 0.25)
     src, dst = shapely.STRtree(boxes).query(boxes)
     keep = src != dst
     src, dst = src[keep], dst[keep]
@@ -339,14 +344,12 @@ class _Rasterizer:
             found.append((members[local], rows, cols, lens))
             if not shared or not clash.any():
                 continue
-            sat = np.zeros((clash.shape[0] + 1, clash.shape[1] + 1), np.int64)
-            np.cumsum(np.cumsum(clash, axis=0), axis=1, out=sat[1:, 1:])
             a0 = np.maximum(self.r_lo[members], w_r0) - w_r0
             a1 = np.minimum(self.r_hi[members], w_r1) - w_r0 + 1
             b0 = self.c_lo[members] - w_c0
             b1 = self.c_hi[members] - w_c0 + 1
-            hits = sat[a1, b1] - sat[a0, b1] - sat[a1, b0] + sat[a0, b0]
-            suspect[members[hits > 0]] = True
+            hits = kernels.window_hits(clash, a0, a1, b0, b1)
+            suspect[members[hits]] = True
         return found, suspect
 
 
@@ -464,27 +467,18 @@ def band_stats(
     ``BOA_ADD_OFFSET`` since processing baseline 04.00), so statistics are in reflectance DN.
     """
     r0, c0 = _values_for(index, values, window_offset)
+    args = (index.offsets, index.run_row, index.run_col, index.run_len, index.npixels, _chunks(index.npixels))
     if values.dtype.kind in "iu":
-        kernel = kernels.band_stats_int
+        # A nodata value the dtype cannot hold (or a fraction) can never match: no test at all.
+        info = np.iinfo(values.dtype)
+        matchable = nodata is not None and float(nodata).is_integer() and info.min <= nodata <= info.max
+        nd_int = int(nodata) if matchable and nodata is not None else 0
+        count, out = kernels.band_stats_int(*args, values, r0, c0, matchable, nd_int, float(offset))
     elif values.dtype.kind == "f":
-        kernel = kernels.band_stats_float
+        nd = math.nan if nodata is None else float(nodata)
+        count, out = kernels.band_stats_float(*args, values, r0, c0, not math.isnan(nd), nd, float(offset))
     else:
         raise ValueError(f"unsupported band dtype {values.dtype}")
-    nd = 0.0 if nodata is None else float(nodata)
-    count, out = kernel(
-        index.offsets,
-        index.run_row,
-        index.run_col,
-        index.run_len,
-        index.npixels,
-        _chunks(index.npixels),
-        values,
-        r0,
-        c0,
-        not math.isnan(nd) and nodata is not None,
-        nd,
-        float(offset),
-    )
     keep = count > 0
     kept = out[:, keep]
     return BandStats(
@@ -533,5 +527,7 @@ def read_window(path: str | Path, index: ParcelIndex, band: int = 1) -> tuple[np
     with rasterio.open(path) as src:
         if (src.width, src.height) != (index.grid.width, index.grid.height) or src.transform != index.grid.transform:
             raise ValueError(f"{path}: grid differs from the index's grid")
+        if not len(index):
+            return np.zeros((0, 0), src.dtypes[band - 1]), (0, 0)
         arr = src.read(band, window=rasterio.windows.Window(col_off, row_off, width, height))
     return arr, (row_off, col_off)

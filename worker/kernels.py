@@ -117,6 +117,25 @@ def label_runs(burnt: Any, row0: int, col0: int, count_bits: int) -> Any:
 
 
 @njit(cache=True)
+def window_hits(clash: Any, a0: Any, a1: Any, b0: Any, b1: Any) -> Any:
+    """Whether each window ``[a0, a1) x [b0, b1)`` of the ``clash`` mask holds a set pixel.
+
+    One pass builds an int32 summed-area table, then every window is four lookups.
+    """
+    h, w = clash.shape
+    sat = np.zeros((h + 1, w + 1), np.int32)
+    for r in range(h):
+        acc = 0
+        for c in range(w):
+            acc += clash[r, c]
+            sat[r + 1, c + 1] = sat[r, c + 1] + acc
+    hits = np.empty(a0.shape[0], np.bool_)
+    for i in range(a0.shape[0]):
+        hits[i] = sat[a1[i], b1[i]] - sat[a0[i], b1[i]] - sat[a1[i], b0[i]] + sat[a0[i], b0[i]] > 0
+    return hits
+
+
+@njit(cache=True)
 def _rank_positions(n: int, pos: Any) -> int:
     """Ascending distinct sorted positions that p25, p50 and p75 read (see :func:`_percentile`)."""
     m = 0
@@ -283,12 +302,13 @@ def band_stats_int(
     row0: int,
     col0: int,
     has_nodata: bool,
-    nodata: float,
+    nodata: int,
     offset: float,
 ) -> Any:
     """count, mean, std, min, max, p25, p50, p75 per parcel of an integer band.
 
-    Valid: raw value != ``nodata`` (if ``has_nodata``); ``offset`` is added afterwards. The sum is
+    Valid: raw value != ``nodata`` (if ``has_nodata``; an integer, compared without a float
+    conversion per pixel); ``offset`` is added afterwards. The sum is
     exact in int64, as rasterstats does; percentiles come from radix selection when the parcel's
     values span less than 65536 (always for uint8/uint16), else from quickselect. Parallel over
     chunks of parcels, each with its own scratch.
@@ -316,10 +336,9 @@ def band_stats_int(
                 row = run_row[r] - row0
                 c0 = run_col[r] - col0
                 for j in range(run_len[r]):
-                    v = values[row, c0 + j]
-                    if has_nodata and v == nodata:
+                    x = int(values[row, c0 + j])
+                    if has_nodata and x == nodata:
                         continue
-                    x = int(v)
                     if k == 0:
                         vmin = x
                         vmax = x
