@@ -22,11 +22,10 @@ app = typer.Typer(
 def _register() -> None:
     from api.cli import register as register_api
     from catalog_watcher.cli import register as register_watch
-    from provisioner.cli import register as register_provision
-    from worker.cli import register as register_worker
-
     from cbmflow.cli_core import register as register_core
     from cbmflow.stack import app as stack_app
+    from provisioner.cli import register as register_provision
+    from worker.cli import register as register_worker
 
     app.add_typer(stack_app, name="stack", help="Start, stop and inspect the local PostgreSQL + RabbitMQ stack.")
     register_core(app)

@@ -61,12 +61,11 @@ def _ndvi_table(dsn: str, console: Console) -> None:
 
 def run_demo(serve: bool, parcels: int, scenes: int, max_workers: int, port: int) -> int:
     from card.testworld import generate
-    from provisioner.cli import scale_once
-
     from catalog_watcher.service import watch_once
     from cbmflow import stack
     from cbmflow.parcels import add_aoi, import_parcels
     from cbmflow.verify import verify_truth
+    from provisioner.cli import scale_once
 
     console = Console()
     started = time.monotonic()

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pika
 import pytest
-from card.testworld import generate
-from cbmflow.parcels import add_aoi, import_parcels
 
+from card.testworld import generate
 from catalog_watcher.service import watch_once
 from cbmflow import db
+from cbmflow.parcels import add_aoi, import_parcels
 from cbmflow.settings import BusSettings, WatchSettings
 from cbmflow.verify import verify_truth
 

@@ -21,9 +21,9 @@ import rasterio
 import rasterio.errors
 import rasterio.windows
 import shapely
-from card.s2 import MissingBandError, S2Product, open_s2_product
 from psycopg2 import sql
 
+from card.s2 import MissingBandError, S2Product, open_s2_product
 from cbmflow.db import Dataset
 from cbmflow.errors import PermanentJobError
 from cbmflow.logging import get_logger
