@@ -26,11 +26,13 @@ def _register() -> None:
     from cbmflow.stack import app as stack_app
     from provisioner.cli import register as register_provision
     from worker.cli import register as register_worker
+    from worker.extract import register as register_extract
 
     app.add_typer(stack_app, name="stack", help="Start, stop and inspect the local PostgreSQL + RabbitMQ stack.")
     register_core(app)
     register_watch(app)
     register_worker(app)
+    register_extract(app)
     register_provision(app)
     register_api(app)
 
