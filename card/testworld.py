@@ -51,11 +51,14 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 TILE_ID = "32UPU"
+"""A real MGRS tile (Bavaria, north of Munich). Its true origin is used, ULY included: S2 tiles
+start 20 m above the 100 km MGRS square, and a worker that assumes round numbers should fail here."""
 TILE_EPSG = 32632
 TILE_ULX_M = 600000
 TILE_ULY_M = 5400020
 TILE_SIZE_M = 109800
 PARCELS_EPSG = 3035
+"""ETRS89-LAEA, as national LPIS data often is: the extractor must reproject parcels to UTM."""
 MISSION = "S2B"
 RELATIVE_ORBIT = 65
 PROCESSING_BASELINE = "05.10"
@@ -77,6 +80,7 @@ EDGE_GUARD_M = 0.01
 """No pixel centre may lie closer than this to a parcel boundary (see the module docstring)."""
 NUDGE_M = 0.5
 EXTENT_MARGIN_M = 240.0
+"""Raster beyond the AOI, so the product footprint contains the AOI with room to spare."""
 GRID_ALIGN_M = 60
 """Crops start on a multiple of 60 m from the tile origin, so the 10, 20 and 60 m grids nest."""
 BLOCK_ROWS = 512
@@ -404,9 +408,7 @@ def _layout_parcels(n: int, rng: np.random.Generator, centre_x: float, centre_y:
     geoms[plain] = shapely.polygons(_place(quads[plain], cos[plain], sin[plain], cx[plain], cy[plain]))
     cornered = (kind == _SIMPLE) & cut
     pentagons = _cut_corner(quads[cornered], corner[cornered], cut_at[cornered])
-    geoms[cornered] = shapely.polygons(
-        _place(pentagons, cos[cornered], sin[cornered], cx[cornered], cy[cornered])
-    )
+    geoms[cornered] = shapely.polygons(_place(pentagons, cos[cornered], sin[cornered], cx[cornered], cy[cornered]))
     for i in np.flatnonzero(kind != _SIMPLE):
         geoms[i] = _field_geometry(quads[i], int(kind[i]), rng, (cos[i], sin[i], cx[i], cy[i]))
     parcels = _Parcels(
@@ -727,9 +729,7 @@ def _render_product(plan: _ProductPlan, world: _World, img_dir: Path) -> _Truth:
                     truth.scl_histogram += np.bincount(scl.ravel(), minlength=16)
                     keep = parcel & (scl != 0)
                     assert truth.scl is not None
-                    truth.scl += np.bincount(
-                        f.label[keep].astype(np.int64) * 16 + scl[keep], minlength=n_labels * 16
-                    )
+                    truth.scl += np.bincount(f.label[keep].astype(np.int64) * 16 + scl[keep], minlength=n_labels * 16)
                     continue
                 dn = _dn(band, f, rng)
                 arrays[band][r0:r1] = dn
@@ -842,7 +842,7 @@ def _nodata(plan: _ProductPlan, grid: _Grid, xs: FloatArray, ys: FloatArray) -> 
     nodata = np.zeros((len(ys), len(xs)), dtype=bool)
     xmin, ymin, xmax, ymax = _extent_m(grid)
     if plan.nodata_strip:
-        width_top, width_bottom = 0.12 * (xmax - xmin), 0.03 * (xmax - xmin)
+        width_top, width_bottom = 0.2 * (xmax - xmin), 0.04 * (xmax - xmin)
         edge = xmin + width_bottom + (width_top - width_bottom) * (ys - ymin) / (ymax - ymin)
         nodata |= xs[None, :] < edge[:, None]
     if plan.nodata_patch is not None:
@@ -978,9 +978,7 @@ def _mtd_msil2a(plan: _ProductPlan, footprint: Any, truth: _Truth) -> str:
     ring = " ".join(f"{lat!r} {lon!r}" for lon, lat in footprint.exterior.coords)
     qi = "\n".join(f"      <{k}>{v}</{k}>" for k, v in _qi_percentages(truth).items())
     baseline = PROCESSING_BASELINE
-    ds_id = (
-        f"{MISSION}_OPER_MSI_L2A_DS_2BPS_{plan.generated:%Y%m%dT%H%M%S}_S{plan.sensing:%Y%m%dT%H%M%S}_N{baseline}"
-    )
+    ds_id = f"{MISSION}_OPER_MSI_L2A_DS_2BPS_{plan.generated:%Y%m%dT%H%M%S}_S{plan.sensing:%Y%m%dT%H%M%S}_N{baseline}"
     tl_id = (
         f"{MISSION}_OPER_MSI_L2A_TL_2BPS_{plan.generated:%Y%m%dT%H%M%S}_A{plan.abs_orbit:06d}_T{TILE_ID}_N{baseline}"
     )
