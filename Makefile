@@ -6,7 +6,7 @@ BIN   := $(VENV)/bin
 DEB_PACKAGES := postgresql-15 postgresql-15-postgis-3 rabbitmq-server cloud-init systemd
 SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages venv demo test lint typecheck unit bench bench-extract clean stack-down
+.PHONY: setup system-packages venv demo test lint typecheck unit bench bench-extract bench-api clean stack-down
 
 setup: system-packages venv
 
@@ -42,10 +42,14 @@ test: setup lint typecheck
 demo: setup
 	$(BIN)/cbmflow demo
 
-bench: bench-extract
+bench: bench-extract bench-api
 
 bench-extract: setup
 	$(PY) -m worker.bench
+
+bench-api: setup
+	@dpkg -s wrk >/dev/null 2>&1 || { $(SUDO) apt-get update -qq; DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends wrk; }
+	$(PY) -m api.bench
 
 stack-down: venv
 	$(BIN)/cbmflow stack down

@@ -1,6 +1,9 @@
-"""HTTP Basic authentication on argon2id hashes, and per-dataset grants.
+"""HTTP Basic authentication on argon2id hashes, API tokens, and per-dataset grants.
 
-Basic auth is kept because the JRC ``cbm`` client only speaks Basic. argon2id is deliberately
+Basic auth is kept because the JRC ``cbm`` client only speaks Basic. API tokens
+(``cbmflow users token NAME``) are accepted as ``Authorization: Bearer <token>`` and also as the
+Basic password of their user, so the unmodified JRC client can use a token instead of a password
+(a token is revocable on its own and never equals a password a human reuses elsewhere). argon2id is deliberately
 slow, so a verified (user, password) pair is remembered for ``auth_cache_s``; the cache key is an
 HMAC-SHA256 of the pair under a per-process random key, so neither the password nor an offline
 guessable digest of it is ever held in memory. The user row and its grants are still read on
@@ -39,6 +42,15 @@ USER_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 # Mirrors the CHECK constraint on aois.name: what a grant, and the ``aoi`` parameter, may name.
 AOI_RE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 _MAX_PASSWORD_CHARS = 1024
+# cbmf_<12 hex id>_<43 url-safe characters = 256 random bits>
+TOKEN_RE = re.compile(r"^cbmf_([a-f0-9]{12})_([A-Za-z0-9_-]{43})$")
+TOKEN_PREFIX = "cbmf_"
+
+_USER_SQL = (
+    "SELECT u.name, u.password_hash, u.is_admin,"
+    " coalesce(array_agg(g.aoi) FILTER (WHERE g.aoi IS NOT NULL), '{}'::text[])"
+    " FROM users u LEFT JOIN user_grants g ON g.user_name = u.name"
+)
 
 
 class AuthenticationError(CbmflowError):
@@ -102,6 +114,21 @@ def parse_basic(header: str | None) -> tuple[str, str]:
     return name, password
 
 
+def new_token() -> tuple[str, str, str]:
+    """(token id, the token to hand out once, SHA-256 hex of its secret to store)."""
+    token_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    return token_id, f"{TOKEN_PREFIX}{token_id}_{secret}", token_digest(secret)
+
+
+def token_digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("ascii")).hexdigest()
+
+
+def _user_from_row(row: Any) -> User:
+    return User(name=str(row[0]), is_admin=bool(row[2]), grants=frozenset(str(g) for g in row[3]))
+
+
 @dataclass
 class _Entry:
     password_hash: str
@@ -152,14 +179,16 @@ class Authenticator:
 
     def authenticate(self, cur: Any, header: str | None) -> User:
         """The caller of this request, or AuthenticationError; ``cur`` is a psycopg2 cursor."""
+        scheme, _, rest = (header or "").strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return self._token_user(cur, rest.strip(), None)
         name, password = parse_basic(header)
+        if password.startswith(TOKEN_PREFIX) and TOKEN_RE.match(password):
+            return self._token_user(cur, password, name)
         row = None
         if USER_NAME_RE.match(name) and len(password) <= _MAX_PASSWORD_CHARS:
             cur.execute(
-                "SELECT u.password_hash, u.is_admin,"
-                " coalesce(array_agg(g.aoi) FILTER (WHERE g.aoi IS NOT NULL), '{}'::text[])"
-                " FROM users u LEFT JOIN user_grants g ON g.user_name = u.name"
-                " WHERE u.name = %s GROUP BY u.name, u.password_hash, u.is_admin",
+                _USER_SQL + " WHERE u.name = %s GROUP BY u.name, u.password_hash, u.is_admin",
                 (name,),
             )
             row = cur.fetchone()
@@ -168,14 +197,35 @@ class Authenticator:
             verify(_dummy_hash(), password[:_MAX_PASSWORD_CHARS])
             log.info("auth.failed", user=name[:64], reason="unknown user")
             raise AuthenticationError("invalid credentials")
-        password_hash, is_admin, grants = str(row[0]), bool(row[1]), row[2]
+        password_hash = str(row[1])
         key = self._key(name, password)
         if not self._cached(key, password_hash):
             if not verify(password_hash, password):
                 log.info("auth.failed", user=name, reason="wrong password")
                 raise AuthenticationError("invalid credentials")
             self._remember(key, password_hash)
-        return User(name=name, is_admin=is_admin, grants=frozenset(str(g) for g in grants))
+        return _user_from_row(row)
+
+    def _token_user(self, cur: Any, token: str, basic_name: str | None) -> User:
+        """The owner of an API token; with Basic, the user name must be the token's owner."""
+        m = TOKEN_RE.match(token)
+        if m is None:
+            raise AuthenticationError("invalid credentials")
+        token_id, secret = m.groups()
+        cur.execute("SELECT user_name, secret_sha256 FROM api_tokens WHERE id = %s", (token_id,))
+        found = cur.fetchone()
+        if found is None or not hmac.compare_digest(str(found[1]).encode(), token_digest(secret).encode()):
+            log.info("auth.failed", reason="unknown token or wrong secret", token_id=token_id)
+            raise AuthenticationError("invalid credentials")
+        owner = str(found[0])
+        if basic_name is not None and basic_name != owner:
+            log.info("auth.failed", user=basic_name[:64], reason="token of another user")
+            raise AuthenticationError("invalid credentials")
+        cur.execute(_USER_SQL + " WHERE u.name = %s GROUP BY u.name, u.password_hash, u.is_admin", (owner,))
+        row = cur.fetchone()
+        if row is None:
+            raise AuthenticationError("invalid credentials")
+        return _user_from_row(row)
 
 
 def authorize(user: User, aoi: str) -> None:

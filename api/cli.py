@@ -6,6 +6,7 @@ Heavy imports (uvicorn, starlette, argon2, psycopg2) happen inside the commands 
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -23,15 +24,33 @@ def serve(host: str, port: int, workers: int = 1) -> None:
 
     DbSettings().resolved_dsn()  # fail here, with a clear message, rather than in every worker
     typer.echo(f"cbmflow API at http://{host}:{port}/query/info ({workers} worker(s))")
-    uvicorn.run(
-        "api.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        proxy_headers=False,
-        server_header=False,
-    )
+    options: dict[str, Any] = {"host": host, "port": port}
+    listener = None
+    if workers > 1:
+        # uvicorn's worker processes rebuild the listening socket without its TCP protocol number,
+        # so asyncio skips TCP_NODELAY on accepted connections and every response stalls ~40 ms
+        # (Nagle + delayed ACK; measured by `make bench-api`). A listener bound here with
+        # TCP_NODELAY, which Linux copies to accepted sockets, avoids that.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        listener.bind((host, port))
+        listener.listen(2048)
+        listener.set_inheritable(True)
+        options = {"fd": listener.fileno()}
+    try:
+        uvicorn.run(
+            "api.app:app_from_env",
+            factory=True,
+            workers=workers,
+            proxy_headers=False,
+            server_header=False,
+            **options,
+        )
+    finally:
+        if listener is not None:
+            listener.close()
 
 
 def api(
@@ -176,6 +195,36 @@ def users_delete(name: str = typer.Argument(...)) -> None:
         typer.echo(f"users delete: no user {name!r}", err=True)
         raise typer.Exit(1)
     typer.echo(f"user {name} deleted")
+
+
+@users_app.command("token")
+def users_token(
+    name: str = typer.Argument(..., help="User name."),
+    revoke: str = typer.Option("", "--revoke", help="Revoke the token with this id instead of creating one."),
+    list_: bool = typer.Option(False, "--list", help="List the user's token ids instead of creating one."),
+) -> None:
+    """Create an API token (printed once; use as `Authorization: Bearer` or as the Basic password)."""
+    from api import users
+
+    if revoke:
+        done: list[bool] = []
+        _run("users token", lambda cur: done.append(users.revoke_token(cur, name, revoke)))
+        if not done[0]:
+            typer.echo(f"users token: {name} has no token {revoke!r}", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"token {revoke} of {name} revoked")
+        return
+    if list_:
+        tokens: list[users.TokenInfo] = []
+        _run("users token", lambda cur: tokens.extend(users.list_tokens(cur, name)))
+        for t in tokens:
+            typer.echo(f"{t.id}  {t.created_at}")
+        return
+    created: list[str] = []
+    _run("users token", lambda cur: created.append(users.create_token(cur, name)))
+    # Only the token on stdout, so `TOKEN=$(cbmflow users token alice)` works; the note goes to stderr.
+    typer.echo(created[0])
+    typer.echo("store it now: only its hash is kept; revoke with --revoke " + created[0][5:17], err=True)
 
 
 def register(app: typer.Typer) -> None:

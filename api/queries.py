@@ -198,44 +198,86 @@ def parcel_peers(
     return fetch_columns(cur)
 
 
-def time_series(cur: Any, ds: Dataset, pk: int, card: str, *, bands: list[str] | None, scl: bool, ref: bool) -> Columns:
+def _series_sql(ds: Dataset, *, bands: list[str] | None, scl: bool, ref: bool) -> sql.Composed:
     """One row per (scene, band) of the parcel, by acquisition time then band.
 
     Unlike JRC, which inner-joined the histogram table and so silently dropped observations
     without an SCL histogram, the histogram is a LEFT JOIN: such rows stay, with ``hist`` ``{}``.
     An empty dict rather than null keeps the column one type, which the JRC client relies on
     (it parses every row's ``hist``); a real histogram is never empty, so ``{}`` is unambiguous.
+    Histograms are aggregated once per scene in a CTE (one index range scan) rather than probed
+    once per (scene, band) row.
     """
     extra: list[sql.Composable] = []
+    ctes: list[sql.Composable] = []
     joins: list[sql.Composable] = []
     if scl:
         extra.append(sql.SQL(", coalesce(hh.hist, '{}'::json) AS hist"))
-        joins.append(
+        ctes.append(
             sql.SQL(
-                " LEFT JOIN LATERAL (SELECT json_object_agg(h.class::text, h.count ORDER BY h.class) AS hist"
-                " FROM {h} h WHERE h.pid = g.pid AND h.scene_id = g.scene_id) hh ON true"
+                "WITH hh AS (SELECT h.scene_id, json_object_agg(h.class::text, h.count ORDER BY h.class) AS hist"
+                " FROM {h} h WHERE h.pid = %(pk)s GROUP BY h.scene_id) "
             ).format(h=ds.hists)
         )
+        joins.append(sql.SQL(" LEFT JOIN hh ON hh.scene_id = g.scene_id"))
     if ref:
         extra.append(sql.SQL(", s.product_name AS reference"))
     where = [sql.SQL("g.pid = %(pk)s"), sql.SQL("s.card = %(card)s")]
     if bands:
         where.append(sql.SQL("g.band = ANY(%(bands)s)"))
+    return sql.SQL(
+        "{ctes}SELECT extract(epoch FROM s.acquired_at)::double precision AS date_part, g.band, g.count,"
+        " g.mean, g.std, g.min, g.p25, g.p50, g.p75, g.max{extra}"
+        " FROM {sigs} g JOIN scenes s ON s.id = g.scene_id{joins}"
+        " WHERE {where} ORDER BY s.acquired_at, g.band, s.id"
+    ).format(
+        ctes=sql.Composed(ctes),
+        extra=sql.Composed(extra),
+        sigs=ds.sigs,
+        joins=sql.Composed(joins),
+        where=sql.SQL(" AND ").join(where),
+    )
+
+
+def time_series(cur: Any, ds: Dataset, pk: int, card: str, *, bands: list[str] | None, scl: bool, ref: bool) -> Columns:
+    """The parcel's series as column → list (for CSV and callers that need Python values)."""
+    cur.execute(_series_sql(ds, bands=bands, scl=scl, ref=ref), {"pk": pk, "card": card, "bands": bands or []})
+    return fetch_columns(cur)
+
+
+SERIES_COLUMNS = ("date_part", "band", "count", "mean", "std", "min", "p25", "p50", "p75", "max")
+
+
+def time_series_json(
+    cur: Any, ds: Dataset, pk: int, card: str, *, bands: list[str] | None, scl: bool, ref: bool
+) -> bytes:
+    """The same series, serialised to JRC's column → list JSON by PostgreSQL itself.
+
+    A parcel-year is hundreds of rows; converting each value to Python and back to JSON cost more
+    than the query (docs/performance.md "API"), so the body is built by ``json_build_object`` and
+    passed through untouched. Statistics that are NaN become null, as in the Python path.
+    """
+    cols = [*SERIES_COLUMNS, *(["hist"] if scl else []), *(["reference"] if ref else [])]
+    parts: list[sql.Composable] = []
+    for name in cols:
+        value = (
+            sql.SQL("nullif(t.{c}, 'NaN')")
+            if name in ("mean", "std", "min", "p25", "p50", "p75", "max")
+            else (sql.SQL("t.{c}"))
+        )
+        parts.append(
+            sql.SQL("{k}, coalesce(json_agg({v} ORDER BY t._n), '[]'::json)").format(
+                k=sql.Literal(name), v=value.format(c=sql.Identifier(name))
+            )
+        )
+    inner = _series_sql(ds, bands=bands, scl=scl, ref=ref)
     cur.execute(
         sql.SQL(
-            "SELECT extract(epoch FROM s.acquired_at)::double precision AS date_part, g.band, g.count,"
-            " g.mean, g.std, g.min, g.p25, g.p50, g.p75, g.max{extra}"
-            " FROM {sigs} g JOIN scenes s ON s.id = g.scene_id{joins}"
-            " WHERE {where} ORDER BY s.acquired_at, g.band, s.id"
-        ).format(
-            extra=sql.Composed(extra),
-            sigs=ds.sigs,
-            joins=sql.Composed(joins),
-            where=sql.SQL(" AND ").join(where),
-        ),
+            "SELECT json_build_object({parts})::text FROM (SELECT q.*, row_number() OVER () AS _n FROM ({inner}) q) t"
+        ).format(parts=sql.SQL(", ").join(parts), inner=inner),
         {"pk": pk, "card": card, "bands": bands or []},
     )
-    return fetch_columns(cur)
+    return str(cur.fetchone()[0]).encode("utf-8")
 
 
 def scl_series(cur: Any, ds: Dataset, pk: int) -> Columns:

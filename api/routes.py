@@ -20,7 +20,7 @@ import shapely
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import queries
+from api import queries, v1
 from api.app import ApiJSONResponse, Call, authenticated, state_of
 from api.auth import authorize
 from api.params import Params
@@ -166,6 +166,9 @@ def parcel_time_series(request: Request) -> Response:
         ds = _dataset(call, aoi, year)
         table = queries.parcel_table(call.cur, ds, ptype)
         pk = queries.parcel_pk(call.cur, table, pid)
+        if tstype != "scl" and tsformat == "json":
+            body = queries.time_series_json(call.cur, ds, pk, queries.CARDS[tstype], bands=bands, scl=scl, ref=ref)
+            return Response(body, media_type="application/json")
         if tstype == "scl":
             cols = queries.scl_series(call.cur, ds, pk)
         else:
@@ -186,6 +189,15 @@ def health(request: Request) -> Response:
 
 ROUTES: list[tuple[str, Callable[[Request], Response]]] = [
     ("/health", health),
+    ("/healthz", v1.healthz),
+    ("/metrics", v1.metrics),
+    ("/api/v1/openapi.json", v1.openapi),
+    ("/api/v1/datasets", v1.datasets),
+    ("/api/v1/datasets/{aoi}/{year}/parcel", v1.parcel),
+    ("/api/v1/datasets/{aoi}/{year}/timeseries", v1.timeseries),
+    ("/api/v1/datasets/{aoi}/{year}/index", v1.index),
+    ("/api/v1/datasets/{aoi}/{year}/plot.png", v1.plot),
+    ("/api/v1/scenes", v1.scenes),
     ("/query/info", info),
     ("/query/parcelByID", parcel_by_id),
     ("/query/parcelByLocation", parcel_by_location),

@@ -1,7 +1,7 @@
 """API users and their dataset grants, in PostgreSQL (JRC kept them in a JSON file).
 
 Functions take an open cursor so that callers (the CLI, the demo, tests) choose the transaction.
-Passwords are stored only as argon2id hashes.
+Passwords are stored only as argon2id hashes, API tokens only as SHA-256 digests of their secret.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from api.auth import AOI_RE, USER_NAME_RE, hash_password
+from api.auth import AOI_RE, USER_NAME_RE, hash_password, new_token
 from cbmflow.errors import InvalidInputError, NotFoundError
 
 MIN_PASSWORD_CHARS = 8
@@ -141,3 +141,34 @@ def known_datasets(cur: Any) -> set[str]:
     """AOIs that have at least one dataset, so the CLI can warn about grants to nothing (yet)."""
     cur.execute("SELECT DISTINCT aoi FROM datasets")
     return {str(r[0]) for r in cur.fetchall()}
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: str
+    user: str
+    created_at: str
+
+
+def create_token(cur: Any, name: str) -> str:
+    """A new API token for ``name``; the token itself is returned once and never stored."""
+    if not _exists(cur, check_name(name)):
+        raise NotFoundError(f"no user {name!r}")
+    token_id, token, digest = new_token()
+    cur.execute("INSERT INTO api_tokens (id, user_name, secret_sha256) VALUES (%s, %s, %s)", (token_id, name, digest))
+    return token
+
+
+def revoke_token(cur: Any, name: str, token_id: str) -> bool:
+    """True when the user had this token (by its id, the 12 hex digits after ``cbmf_``)."""
+    cur.execute("DELETE FROM api_tokens WHERE user_name = %s AND id = %s", (check_name(name), token_id))
+    return bool(cur.rowcount)
+
+
+def list_tokens(cur: Any, name: str) -> list[TokenInfo]:
+    cur.execute(
+        "SELECT id, user_name, to_char(created_at, 'YYYY-MM-DD\"T\"HH24:MI:SSOF') FROM api_tokens"
+        " WHERE user_name = %s ORDER BY created_at, id",
+        (check_name(name),),
+    )
+    return [TokenInfo(str(i), str(u), str(c)) for i, u, c in cur.fetchall()]

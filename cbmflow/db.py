@@ -156,7 +156,13 @@ def ensure_dataset(cur: psycopg2.extensions.cursor, aoi: str, year: int, srid: i
             " count integer NOT NULL, mean double precision, std double precision,"
             " min double precision, max double precision,"
             " p25 double precision, p50 double precision, p75 double precision,"
-            " PRIMARY KEY (pid, scene_id, band))"
+            # Covering key: one parcel's series is read from a few adjacent leaf pages of this
+            # index (index-only scan) although the worker appends rows scene by scene; see
+            # docs/performance.md "API" for the measurement behind it.
+            " PRIMARY KEY (pid, scene_id, band) INCLUDE (count, mean, std, min, max, p25, p50, p75))"
+            # Insert-only tables are vacuumed after 20% growth by default; the visibility map that
+            # index-only scans depend on should follow each day's scenes, not each fifth of a year.
+            " WITH (autovacuum_vacuum_insert_scale_factor = 0.01)"
         ).format(t=ds.sigs)
     )
     cur.execute(
@@ -168,7 +174,8 @@ def ensure_dataset(cur: psycopg2.extensions.cursor, aoi: str, year: int, srid: i
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {t} ("
             " pid integer NOT NULL, scene_id bigint NOT NULL, class smallint NOT NULL, count integer NOT NULL,"
-            " PRIMARY KEY (pid, scene_id, class))"
+            " PRIMARY KEY (pid, scene_id, class) INCLUDE (count))"
+            " WITH (autovacuum_vacuum_insert_scale_factor = 0.01)"
         ).format(t=ds.hists)
     )
     cur.execute(

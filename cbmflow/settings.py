@@ -155,7 +155,14 @@ class ApiSettings(BaseSettings):
 
 
 class ProvisionSettings(BaseSettings):
-    """Provisioner: driver and scaling bounds."""
+    """Provisioner: driver, scaling bounds and timings, OpenStack placement, SSH for operator commands.
+
+    The scale-down window and cooldown default per driver: local workers are processes that start
+    in a second, so holding idle ones back buys nothing (and ``make demo`` drains them at once),
+    while a VM costs minutes to boot and is billed while it does, so it is worth keeping through a
+    dip in the backlog. HPA stabilises over 300 s; the watcher publishes every 300 s, so the window
+    spans three polls (``provision simulate`` shows the difference in reversals).
+    """
 
     model_config = SettingsConfigDict(env_prefix="CBMFLOW_PROVISION_")
 
@@ -163,10 +170,65 @@ class ProvisionSettings(BaseSettings):
     min_workers: int = Field(0, description="fewest workers kept")
     max_workers: int = Field(2, description="most workers started")
     per_worker: int = Field(5, description="backlog (ready + unacked jobs) one worker is expected to absorb")
+    max_surge: int = Field(4, description="most workers started by one control step")
+    scale_down_window_s: float | None = Field(
+        None,
+        description="scale-down follows the highest want seen over this window (HPA stabilisation); "
+        "unset = driver default: local 0, openstack 900 (three watcher polls)",
+    )
+    cooldown_s: float | None = Field(
+        None,
+        description="no scale-down sooner than this after the last scale event; "
+        "unset = driver default: local 0, openstack 300",
+    )
+    boot_timeout_s: float = Field(
+        900.0, description="a server whose worker has not registered by then is deleted (boot or install failed)"
+    )
+    max_lifetime_s: float = Field(86400.0, description="workers older than this are drained and replaced; 0 = no limit")
+    drain_timeout_s: float = Field(
+        900.0,
+        description="a draining server is deleted after this even without a stopped report; "
+        "keep it above CBMFLOW_WORKER_STOP_DEADLINE_S",
+    )
+    stale_heartbeat_s: float = Field(
+        300.0, description="a busy worker silent for this long is dead (its lease expired) and no longer protected"
+    )
+    interval_s: float = Field(60.0, description="seconds between control steps of `provision watch`")
     userdata_template: str = Field(
         "", description="path of an extra cloud-config YAML merged under the worker's pieces"
     )
     wheel_url: str = Field("", description="where VMs install cbmflow from (wheel URL); empty = pre-baked image")
+    install: str = Field(
+        "", description="how VMs get cbmflow: wheel, index or preinstalled; empty = wheel if a wheel URL is set"
+    )
+    index_url: str = Field("", description="package index for install=index; empty = PyPI")
+    pool: str = Field(
+        "default", description="pool name, tagged on every server, so provisioners of two pools never touch each other"
+    )
+    cloud: str = Field("", description="clouds.yaml entry for the openstack driver; empty = OS_CLOUD")
+    image: str = Field("", description="image name or id of worker VMs (openstack)")
+    flavor: str = Field("", description="flavor name or id of worker VMs (openstack)")
+    network: str = Field("", description="network name or id worker VMs attach to (openstack)")
+    key_name: str = Field(
+        "", description="Nova key pair injected into worker VMs, for `provision logs` and `provision exec`"
+    )
+    security_groups: list[str] = Field(
+        default_factory=list, description="security groups of worker VMs (JSON list); empty = the project's default"
+    )
+    api_timeout_s: float = Field(60.0, description="timeout of each OpenStack API request")
+    ssh_user: str = Field("debian", description="SSH user of `provision logs` and `exec` (the image's default user)")
+    ssh_key_file: str = Field("", description="private key for `provision logs` and `exec`; empty = ssh-agent")
+    ssh_gateway: str = Field("", description="bastion host (user@host) for SSH to workers without a public address")
+
+    def effective_scale_down_window_s(self) -> float:
+        if self.scale_down_window_s is not None:
+            return self.scale_down_window_s
+        return 0.0 if self.driver == "local" else 900.0
+
+    def effective_cooldown_s(self) -> float:
+        if self.cooldown_s is not None:
+            return self.cooldown_s
+        return 0.0 if self.driver == "local" else 300.0
 
 
 ALL_SETTINGS: tuple[type[BaseSettings], ...] = (

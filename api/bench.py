@@ -1,0 +1,436 @@
+"""``make bench-api``: parcelTimeSeries latency and throughput on a national-scale signatures table.
+
+A throwaway PostgreSQL cluster (kept under ``$CBMFLOW_STATE_DIR/bench-api`` so a re-run reuses
+the loaded data) receives ``--rows`` synthetic signature rows written *scene by scene*, the order
+in which workers write them, into the tables ``ensure_dataset`` creates. Indexes are dropped for
+the load and rebuilt from their own definitions afterwards, so the layout measured is exactly the
+production one. Then: the time-series query in the database (server execution and client round
+trip, with and without index-only scans), the route over HTTP with keep-alive, and requests/s from
+``wrk`` on 127.0.0.1 with 1 and 2 API workers. The table is printed and written to
+docs/performance.md between markers. This is a benchmark, not a test: nothing asserts the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import requests
+from psycopg2 import sql
+
+from api import queries
+from api.auth import hash_password
+from cbmflow import db
+from cbmflow.settings import StackSettings, state_dir
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "performance.md"
+BEGIN, END = "<!-- bench-api:begin -->", "<!-- bench-api:end -->"
+AOI, YEAR = "bench", 2024
+BANDS = ("B02", "B03", "B04", "B05", "B08", "B11")
+USER, PASSWORD = "bench", "bench-password-1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench-api {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _loaded(cur: Any, rows: int, parcels: int, scenes: int) -> bool:
+    cur.execute("CREATE TABLE IF NOT EXISTS bench_api_meta (rows bigint, parcels int, scenes int)")
+    cur.execute("SELECT rows, parcels, scenes FROM bench_api_meta")
+    return bool(cur.fetchone() == (rows, parcels, scenes))
+
+
+def _rebuild_statements(cur: Any, table: str) -> list[str]:
+    """The DDL that recreates every index and key of ``table`` as it is defined now."""
+    cur.execute(
+        "SELECT c.conname, pg_get_constraintdef(c.oid) FROM pg_constraint c"
+        " WHERE c.conrelid = %s::regclass AND c.contype IN ('p', 'u')",
+        (table,),
+    )
+    constraints = cur.fetchall()
+    out = [f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition}" for name, definition in constraints]
+    cur.execute(
+        "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i"
+        " WHERE i.indrelid = %s::regclass AND NOT EXISTS"
+        " (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)",
+        (table,),
+    )
+    indexes = cur.fetchall()
+    out += [definition for _, definition in indexes]
+    for name, _ in constraints:
+        cur.execute(f"ALTER TABLE {table} DROP CONSTRAINT {name}")
+    for name, _ in indexes:
+        cur.execute(f"DROP INDEX {name}")
+    return out
+
+
+def load(dsn: str, rows: int, parcels: int) -> tuple[int, int]:
+    """Synthetic dataset of about ``rows`` signature rows; returns (parcels, scenes)."""
+    scenes = max(1, round(rows / (parcels * len(BANDS))))
+    conn = db.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            if _loaded(cur, rows, parcels, scenes):
+                _progress(f"reusing loaded data: {rows:,} rows ({parcels:,} parcels x {scenes} scenes)")
+                return parcels, scenes
+            _progress(f"loading {parcels:,} parcels x {scenes} scenes x {len(BANDS)} bands")
+            cur.execute("SET maintenance_work_mem = '1GB'")
+            cur.execute("DROP SCHEMA IF EXISTS bench CASCADE")
+            cur.execute("DELETE FROM datasets WHERE aoi = %s", (AOI,))
+            cur.execute("DELETE FROM scenes")
+            cur.execute("DELETE FROM users WHERE name = %s", (USER,))
+            cur.execute(
+                "INSERT INTO aois (name, geom) VALUES (%s, ST_Multi(ST_MakeEnvelope(5, 45, 15, 55, 4326)))"
+                " ON CONFLICT (name) DO NOTHING",
+                (AOI,),
+            )
+            ds = db.ensure_dataset(cur, AOI, YEAR, 3035)
+            side = int(parcels**0.5) + 1
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {t} (pid, parcel_id, crop_code, crop_name, geom)"
+                    " SELECT i, 'BP-' || i, (i %% 7)::text, 'crop' || (i %% 7),"
+                    " ST_Multi(ST_MakeEnvelope(4300000 + (i %% %(side)s) * 120, 3200000 + (i / %(side)s) * 120,"
+                    " 4300000 + (i %% %(side)s) * 120 + 100, 3200000 + (i / %(side)s) * 120 + 100, 3035))"
+                    " FROM generate_series(1, %(n)s) i"
+                ).format(t=ds.parcels),
+                {"side": side, "n": parcels},
+            )
+            cur.execute(
+                "INSERT INTO scenes (product_id, product_name, mission, sensor, card, acquired_at, footprint,"
+                " location, status)"
+                " SELECT 'bench-' || i, 'S2A_MSIL2A_BENCH_' || i, 'sentinel-2', 'S2A', 's2',"
+                " timestamptz '2024-03-01 10:30:00+00' + i * interval '4 days',"
+                " ST_Multi(ST_MakeEnvelope(5, 45, 15, 55, 4326)), '/nowhere', 'extracted'"
+                " FROM generate_series(1, %s) i",
+                (scenes,),
+            )
+            cur.execute("SELECT id FROM scenes WHERE product_id LIKE 'bench-%%' ORDER BY acquired_at")
+            scene_ids = [int(r[0]) for r in cur.fetchall()]
+            rebuild = _rebuild_statements(cur, ds.sigs.as_string(cur)) + _rebuild_statements(
+                cur, ds.hists.as_string(cur)
+            )
+            t0 = time.monotonic()
+            for k, scene_id in enumerate(scene_ids, start=1):
+                # scene-major, as the worker writes: one scene's rows for every parcel, then the next
+                cur.execute(
+                    sql.SQL(
+                        "INSERT INTO {t} (pid, scene_id, band, count, mean, std, min, max, p25, p50, p75)"
+                        " SELECT p, %(s)s, b, 20 + p %% 50, m, m * 0.1, m * 0.7, m * 1.3, m * 0.9, m, m * 1.1"
+                        " FROM generate_series(1, %(n)s) p CROSS JOIN unnest(%(bands)s::text[]) b,"
+                        " LATERAL (SELECT 500 + ((p * 7919 + %(s)s * 104729 + ascii(right(b, 1))) %% 3000)::float8"
+                        " AS m) v"
+                    ).format(t=ds.sigs),
+                    {"s": scene_id, "n": parcels, "bands": list(BANDS)},
+                )
+                cur.execute(
+                    sql.SQL(
+                        "INSERT INTO {t} (pid, scene_id, class, count)"
+                        " SELECT p, %(s)s, c, CASE c WHEN 4 THEN 40 ELSE 5 END FROM generate_series(1, %(n)s) p"
+                        " CROSS JOIN LATERAL (VALUES (4::smallint), (CASE WHEN (p + %(s)s) %% 5 = 0 THEN 9"
+                        " ELSE 5 END::smallint)) c(c)"
+                    ).format(t=ds.hists),
+                    {"s": scene_id, "n": parcels},
+                )
+                done = k * parcels * len(BANDS)
+                rate = done / max(time.monotonic() - t0, 1e-9)
+                if k % max(1, len(scene_ids) // 20) == 0 or k == len(scene_ids):
+                    _progress(f"scene {k}/{len(scene_ids)}: {done:,} signature rows, {rate:,.0f} rows/s")
+            _progress("building keys and indexes from their definitions")
+            for statement in rebuild:
+                cur.execute(statement)
+            _progress("vacuum analyze (visibility map for index-only scans)")
+            cur.execute(sql.SQL("VACUUM (ANALYZE) {}").format(ds.sigs))
+            cur.execute(sql.SQL("VACUUM (ANALYZE) {}").format(ds.hists))
+            cur.execute("ANALYZE scenes")
+            cur.execute(
+                "INSERT INTO users (name, password_hash) VALUES (%s, %s)",
+                (USER, hash_password(PASSWORD)),
+            )
+            cur.execute("INSERT INTO user_grants (user_name, aoi) VALUES (%s, %s)", (USER, AOI))
+            cur.execute("DELETE FROM bench_api_meta")
+            cur.execute("INSERT INTO bench_api_meta VALUES (%s, %s, %s)", (rows, parcels, scenes))
+            _progress(f"loaded in {time.monotonic() - t0:,.0f} s")
+            return parcels, scenes
+    finally:
+        conn.close()
+
+
+def measure_db(dsn: str, parcels: int, samples: int, seed: int) -> dict[str, Any]:
+    """p50/p99 of the route's time-series query for random parcels, as the route runs it."""
+    conn = db.connect(dsn)
+    conn.set_session(readonly=True, autocommit=False)
+    rng = random.Random(seed)
+    out: dict[str, Any] = {}
+    try:
+        with conn.cursor() as cur:
+            ds = db.get_dataset(cur, AOI, YEAR)
+            assert ds is not None
+            cur.execute(
+                sql.SQL("SELECT pg_size_pretty(pg_total_relation_size(%s::regclass))"), (ds.sigs.as_string(cur),)
+            )
+            out["sigs_size"] = cur.fetchone()[0]
+            cur.execute("SELECT rows FROM bench_api_meta")
+            out["rows"] = int(cur.fetchone()[0])
+            for label, index_only in (("covering", True), ("heap", False)):
+                cur.execute(f"SET enable_indexonlyscan = {'on' if index_only else 'off'}")
+                pids = [rng.randint(1, parcels) for _ in range(samples)]
+                for pk in pids[:100]:  # warm-up, not measured
+                    queries.time_series_json(cur, ds, pk, "s2", bands=None, scl=True, ref=False)
+                client_ms: list[float] = []
+                for pk in pids:
+                    t = time.perf_counter()
+                    body = queries.time_series_json(cur, ds, pk, "s2", bands=None, scl=True, ref=False)
+                    client_ms.append((time.perf_counter() - t) * 1000)
+                out["series_rows"] = len(json.loads(body)["band"])
+                server_ms: list[float] = []
+                for pk in pids[: max(50, samples // 4)]:
+                    cur.execute(
+                        "EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) " + _series_sql(cur, ds),
+                        {"pk": pk, "card": "s2", "bands": []},
+                    )
+                    server_ms.append(float(cur.fetchone()[0][0]["Execution Time"]))
+                out[label] = {
+                    "client_p50": _pct(client_ms, 50),
+                    "client_p99": _pct(client_ms, 99),
+                    "server_p50": _pct(server_ms, 50),
+                    "server_p99": _pct(server_ms, 99),
+                }
+                conn.rollback()
+    finally:
+        conn.close()
+    return out
+
+
+def _series_sql(cur: Any, ds: db.Dataset) -> str:
+    """The exact SQL the route sends (captured from a dry run of ``queries.time_series_json``)."""
+
+    class Capture:
+        text = ""
+
+        def execute(self, query: Any, _args: Any = None) -> None:
+            self.text = query.as_string(cur)
+
+        def fetchone(self) -> tuple[str]:
+            return ("{}",)
+
+    cap = Capture()
+    queries.time_series_json(cap, ds, 0, "s2", bands=None, scl=True, ref=False)
+    return cap.text
+
+
+@contextmanager
+def api_server(dsn: str, workers: int) -> Iterator[str]:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "CBMFLOW_DB_DSN": dsn,
+        "CBMFLOW_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(REPO),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"from api.cli import serve; serve('127.0.0.1', {port}, {workers})"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the API did not start")
+            time.sleep(0.2)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def measure_http(base: str, parcels: int, samples: int, seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    ms: list[float] = []
+    with requests.Session() as s:
+        s.auth = (USER, PASSWORD)
+        for i in range(samples + 50):
+            url = f"{base}/query/parcelTimeSeries?aoi={AOI}&year={YEAR}&pid=BP-{rng.randint(1, parcels)}&tstype=s2"
+            t = time.perf_counter()
+            r = s.get(url, timeout=30)
+            elapsed = (time.perf_counter() - t) * 1000
+            r.raise_for_status()
+            if i >= 50:  # the first requests fill the pool and the auth cache
+                ms.append(elapsed)
+    return {"p50": _pct(ms, 50), "p99": _pct(ms, 99), "mean": statistics.fmean(ms)}
+
+
+WRK_LUA = """
+math.randomseed(%(seed)d)
+wrk.headers["Authorization"] = "Basic %(auth)s"
+request = function()
+  local pid = math.random(1, %(n)d)
+  return wrk.format("GET", "/query/parcelTimeSeries?aoi=%(aoi)s&year=%(year)d&tstype=s2&pid=BP-" .. pid)
+end
+"""
+
+
+def measure_wrk(base: str, parcels: int, duration_s: int, connections: int, seed: int) -> dict[str, float]:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("wrk not found: apt-get install wrk (make bench-api installs it)")
+    auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_LUA % {"seed": seed, "auth": auth, "aoi": AOI, "year": YEAR, "n": parcels})
+        script = f.name
+    try:
+        res = subprocess.run(
+            [wrk, "-t2", f"-c{connections}", f"-d{duration_s}s", "--latency", "-s", script, base],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        os.unlink(script)
+    text = res.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if non2xx:
+        raise RuntimeError(f"wrk saw {non2xx.group(1)} error responses:\n{text}")
+
+    def lat(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)", text, re.M)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    return {"rps": rps, "p50": lat("50"), "p99": lat("99")}
+
+
+def render(res: dict[str, Any], args: argparse.Namespace) -> str:
+    d = res["db"]
+    lines = [
+        f"{res['rows']:,} signature rows ({res['parcels']:,} parcels x {res['scenes']} scenes x {len(BANDS)} bands,"
+        f" sigs table + indexes {d['sigs_size']}); one parcel's s2 series = {d['series_rows']} rows with SCL"
+        f" histograms; {os.cpu_count()} CPU cores, PostgreSQL 15 shared_buffers 128MB; {args.samples} random"
+        " parcels per figure.",
+        "",
+        "| measurement | p50 ms | p99 ms | req/s | target |",
+        "|---|---:|---:|---:|---|",
+        f"| DB, server execution (EXPLAIN ANALYZE), covering key | {d['covering']['server_p50']:.3f} |"
+        f" {d['covering']['server_p99']:.3f} | | ≤ 1 ms p50 |",
+        f"| DB, client round trip (psycopg2, JSON built by PostgreSQL), covering key |"
+        f" {d['covering']['client_p50']:.3f} |"
+        f" {d['covering']['client_p99']:.3f} | | |",
+        f"| DB, server execution, index-only scans off (heap, scene-major) | {d['heap']['server_p50']:.3f} |"
+        f" {d['heap']['server_p99']:.3f} | | (comparison) |",
+        f"| DB, client round trip, index-only scans off | {d['heap']['client_p50']:.3f} |"
+        f" {d['heap']['client_p99']:.3f} | | (comparison) |",
+    ]
+    for workers, h in res["http"].items():
+        lines.append(
+            f"| HTTP, one keep-alive client, {workers} API worker(s) | {h['seq']['p50']:.3f} | {h['seq']['p99']:.3f}"
+            f" | {1000 / h['seq']['mean']:.0f} | ≤ 5 ms p50 |"
+        )
+        w = h["wrk"]
+        lines.append(
+            f"| HTTP, wrk -t2 -c{args.connections} {args.duration}s, {workers} API worker(s) | {w['p50']:.2f} |"
+            f" {w['p99']:.2f} | {w['rps']:.0f} | ≥ 1,000 req/s on 2 cores |"
+        )
+    return "\n".join(lines)
+
+
+def write_doc(table: str) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Performance\n"
+    block = f"{BEGIN}\n{table}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + f"\n\n## API\n\n{block}\n"
+    DOC.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m api.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=50_000_000, help="signature rows to load (default 50M)")
+    ap.add_argument("--parcels", type=int, default=140_000, help="parcels; scenes = rows / (parcels x 6 bands)")
+    ap.add_argument("--samples", type=int, default=2000, help="random parcels per latency figure")
+    ap.add_argument("--duration", type=int, default=15, help="seconds of wrk load per worker count")
+    ap.add_argument("--connections", type=int, default=32, help="wrk connections")
+    ap.add_argument("--workers", default="1,2", help="API worker counts to measure")
+    ap.add_argument("--state", type=Path, default=None, help="cluster directory (default $CBMFLOW_STATE_DIR/bench-api)")
+    ap.add_argument("--load-only", action="store_true", help="load the data and stop")
+    ap.add_argument("--no-doc", action="store_true", help="do not update docs/performance.md")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    from cbmflow.stack import start_postgres, stop_postgres
+
+    base_dir = args.state or (state_dir() / "bench-api")
+    pg = start_postgres(base_dir, _free_port(), StackSettings().run_as, "cbmflow_bench", "cbmflow")
+    try:
+        dsn = pg.dsn
+        db.migrate(dsn)
+        parcels, scenes = load(dsn, args.rows, args.parcels)
+        if args.load_only:
+            return
+        res: dict[str, Any] = {"rows": args.rows, "parcels": parcels, "scenes": scenes}
+        _progress("measuring the time-series query in the database")
+        res["db"] = measure_db(dsn, parcels, args.samples, args.seed)
+        res["rows"] = parcels * scenes * len(BANDS)
+        res["http"] = {}
+        for workers in [int(w) for w in args.workers.split(",") if w.strip()]:
+            _progress(f"HTTP with {workers} API worker(s)")
+            with api_server(dsn, workers) as base:
+                seq = measure_http(base, parcels, min(args.samples, 2000), args.seed)
+                w = measure_wrk(base, parcels, args.duration, args.connections, args.seed)
+            res["http"][workers] = {"seq": seq, "wrk": w}
+        table = render(res, args)
+        print(table)
+        if not args.no_doc:
+            write_doc(table)
+            _progress(f"figures written to {DOC.relative_to(REPO)}")
+    finally:
+        stop_postgres(base_dir)
+
+
+if __name__ == "__main__":
+    main()
