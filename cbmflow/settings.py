@@ -137,6 +137,16 @@ class WorkerSettings(BaseSettings):
     idle_exit_s: float = Field(0.0, description="exit after this many idle seconds; 0 = never")
     drain_file: str = Field("", description="if this file exists the worker drains and exits")
     cache_dir: str = Field("", description="directory for on-disk parcel index cache; empty = memory only")
+    backoff_max_s: float = Field(
+        30.0,
+        description="ceiling of the exponential backoffs: AMQP reconnects, database retries, requeue delays",
+    )
+    metrics_port: int = Field(
+        0, description="Prometheus /metrics port; 0 = ephemeral (recorded in the workers registry), -1 = off"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="bind address of /metrics; 0.0.0.0 lets a scraper on another host reach it"
+    )
 
 
 class ApiSettings(BaseSettings):
@@ -253,5 +263,5 @@ def settings_table() -> list[tuple[str, str, str]]:
         prefix = str(cls.model_config.get("env_prefix", ""))
         for name, info in cls.model_fields.items():
             default = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
-            rows.append((f"{prefix}{name.upper()}", str(default), info.description or ""))
+            rows.append((f"{prefix}{name.upper()}", "" if default is None else str(default), info.description or ""))
     return rows

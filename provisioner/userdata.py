@@ -20,6 +20,8 @@ Layout on the machine:
 
 from __future__ import annotations
 
+import base64
+import gzip
 import os
 import re
 import shlex
@@ -133,14 +135,20 @@ _START_SCRIPT = (
 )
 
 
-def _install_commands(install: Install, wheel_url: str, index_url: str, package: str) -> list[str | list[str]]:
+def _install_commands(
+    install: Install, wheel_url: str, index_url: str, package: str, command: Sequence[str]
+) -> list[str | list[str]]:
     if install == "preinstalled":
+        # Checks the very executable the launcher will exec, so a wrong image fails the boot here,
+        # with a message in cloud-init's log, instead of as a unit that crash-loops.
+        exe = shlex.quote(command[0])
+        probe = f"test -x {exe}" if "/" in command[0] else f"command -v {exe} >/dev/null"
         return [
             [
                 "sh",
                 "-c",
-                f'test -x {VENV_DIR}/bin/cbmflow || {{ echo "cbmflow not found in {VENV_DIR}: '
-                'use an image with cbmflow baked in or render with install=wheel/index" >&2; exit 1; }',
+                f'{probe} || {{ echo "{command[0]} not found: use an image with cbmflow '
+                'baked in or render with install=wheel/index" >&2; exit 1; }',
             ]
         ]
     pip = [f"{VENV_DIR}/bin/pip", "install", "--no-cache-dir", "--disable-pip-version-check"]
@@ -151,6 +159,38 @@ def _install_commands(install: Install, wheel_url: str, index_url: str, package:
     else:
         target = (["--index-url", index_url] if index_url else []) + [package]
     return [["python3", "-m", "venv", VENV_DIR], pip + target]
+
+
+# Nova's schema caps ``user_data`` at 65 535 characters of base64 (about 48 KiB raw).
+NOVA_USER_DATA_LIMIT = 65_535
+
+
+def nova_user_data(text: str) -> str:
+    """Base64 for Nova's ``user_data``, gzip'd first when the plain form is over Nova's limit.
+
+    cloud-init recognises gzip by its magic bytes, so a large operator base config (CA bundles,
+    many users) still boots. ``mtime=0`` keeps the encoding deterministic, so the request body of
+    two renders of the same document is the same.
+    """
+    raw = text.encode()
+    encoded = base64.b64encode(raw).decode("ascii")
+    if len(encoded) <= NOVA_USER_DATA_LIMIT:
+        return encoded
+    encoded = base64.b64encode(gzip.compress(raw, compresslevel=9, mtime=0)).decode("ascii")
+    if len(encoded) > NOVA_USER_DATA_LIMIT:
+        raise ConfigError(
+            f"user-data is {len(raw)} bytes and still {len(encoded)} base64 characters gzip'd; "
+            f"Nova accepts {NOVA_USER_DATA_LIMIT}: move large files into the image or fetch them at boot"
+        )
+    return encoded
+
+
+def resolve_install(install: str, wheel_url: str) -> Install:
+    """The install mode a setting names; empty means wheel when a wheel URL is set, else a baked image."""
+    mode = install or ("wheel" if wheel_url else "preinstalled")
+    if mode not in INSTALL_MODES:
+        raise ConfigError(f"install must be one of {', '.join(INSTALL_MODES)}, got {mode!r}")
+    return mode
 
 
 class _BlockDumper(yaml.SafeDumper):
@@ -211,7 +251,7 @@ def render_userdata(
     # start, so cloud-init reports an error instead of a unit that crash-loops on a missing binary.
     doc["runcmd"] = list((base_config or {}).get("runcmd", []) or []) + [
         "set -e",
-        *_install_commands(install, wheel_url, index_url, package),
+        *_install_commands(install, wheel_url, index_url, package, command),
         _START_SCRIPT,
     ]
     return "#cloud-config\n" + yaml.dump(
@@ -256,6 +296,19 @@ EXAMPLE_ENV = {
 EXAMPLE_WHEEL_URL = "https://repo.example.internal/cbmflow/cbmflow-0.1.0-py3-none-any.whl"
 
 
-def example_userdata() -> str:
-    """What ``cloud-init/worker.example.yaml`` must contain (a test keeps the file in sync)."""
-    return render_userdata(EXAMPLE_ENV, install="wheel", wheel_url=EXAMPLE_WHEEL_URL)
+EXAMPLE_INDEX_URL = "https://pypi.example.internal/simple"
+EXAMPLE_FILES: dict[Install, str] = {
+    "wheel": "worker.example.yaml",
+    "index": "worker.index.example.yaml",
+    "preinstalled": "worker.preinstalled.example.yaml",
+}
+
+
+def example_userdata(install: Install = "wheel") -> str:
+    """What ``cloud-init/<EXAMPLE_FILES[install]>`` must contain (a test keeps the files in sync)."""
+    return render_userdata(
+        {**EXAMPLE_ENV, "CBMFLOW_WORKER_ID": "cbmflow-default-0a1b2c3d"},
+        install=install,
+        wheel_url=EXAMPLE_WHEEL_URL if install == "wheel" else "",
+        index_url=EXAMPLE_INDEX_URL if install == "index" else "",
+    )

@@ -1,5 +1,6 @@
-"""Provisioner: the control law as a table, user-data checked by the real cloud-init validator and
-read back by sh, and the local driver booting, listing and draining real processes."""
+"""Provisioner: user-data checked by the real cloud-init validator and read back by sh, the local
+driver booting, listing, draining and deleting real processes, and the CLI around them.
+(The control law has its own file, test_provisioner_policy.py.)"""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from cbmflow.errors import ConfigError, InvalidInputError
 from cbmflow.settings import ProvisionSettings
 from provisioner.cli import provision_app, scale_once
 from provisioner.drivers.local import LocalDriver, local_worker_command
-from provisioner.policy import Plan, WorkerView, desired_workers, plan
 from provisioner.userdata import (
     ENV_PATH,
+    EXAMPLE_FILES,
     INSTALL_MODES,
     LAUNCHER_PATH,
     UNIT_PATH,
@@ -44,78 +45,6 @@ ENV = {
     "CBMFLOW_STORE_URL": " leading space and ünïcode ",
 }
 SLEEPER = [sys.executable, "-c", "import os,time; print(os.environ['CBMFLOW_WORKER_ID'], flush=True); time.sleep(30)"]
-
-
-# ---- control law -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("backlog", "per_worker", "min_w", "max_w", "want"),
-    [
-        (0, 5, 0, 4, 0),  # nothing to do: scale to zero
-        (0, 5, 2, 4, 2),  # ...but never below min
-        (-3, 5, 1, 4, 1),  # a bogus negative reading is treated as empty
-        (1, 5, 0, 4, 1),  # one job wakes one worker
-        (5, 5, 0, 4, 1),
-        (6, 5, 0, 4, 2),  # rounding is up: 6 jobs at 5 per worker need 2
-        (10, 5, 0, 4, 2),
-        (11, 5, 0, 4, 3),
-        (10**9, 5, 0, 4, 4),  # huge backlog: capped at max
-        (3, 1, 0, 10, 3),
-        (7, 1, 7, 7, 7),
-    ],
-)
-def test_desired_workers_table(backlog: int, per_worker: int, min_w: int, max_w: int, want: int) -> None:
-    assert desired_workers(backlog, per_worker, min_w, max_w) == want
-
-
-@pytest.mark.parametrize(("per_worker", "min_w", "max_w"), [(0, 0, 1), (5, -1, 1), (5, 3, 2)])
-def test_desired_workers_rejects_nonsense_bounds(per_worker: int, min_w: int, max_w: int) -> None:
-    with pytest.raises(ValueError):
-        desired_workers(1, per_worker, min_w, max_w)
-
-
-def _w(worker_id: str, state: str, started: float = 0.0) -> WorkerView:
-    return WorkerView(id=worker_id, state=state, started_at_s=started)
-
-
-BOUNDS = {"per_worker": 5, "min_workers": 0, "max_workers": 4}
-
-
-def test_plan_scales_up_by_the_shortfall() -> None:
-    assert plan(12, [], **BOUNDS) == Plan(backlog=12, fleet=0, want=3, start=3)
-    assert plan(12, [_w("a", "busy")], **BOUNDS).start == 2
-    assert plan(12, [], **BOUNDS, max_surge=1).start == 1
-    # a worker being drained is no longer capacity; its replacement is started
-    assert plan(5, [_w("a", "draining")], **BOUNDS).start == 1
-    # starting, idle, busy and unknown all count, so an unreachable registry never causes a burst
-    fleet = [_w("a", "starting"), _w("b", "unknown"), _w("c", "idle"), _w("d", "busy")]
-    assert plan(20, fleet, **BOUNDS) == Plan(backlog=20, fleet=4, want=4)
-
-
-def test_plan_drains_only_idle_workers_oldest_first() -> None:
-    fleet = [_w("new-idle", "idle", 30.0), _w("busy", "busy", 1.0), _w("old-idle", "idle", 10.0)]
-    step = plan(0, fleet, **BOUNDS)
-    assert step.want == 0 and step.start == 0
-    assert step.drain == ["old-idle", "new-idle"]
-    assert "not idle" in step.reason
-    assert plan(5, fleet, **BOUNDS).drain == ["old-idle", "new-idle"]  # want 1: the busy one is it
-    assert plan(10, fleet, **BOUNDS).drain == ["old-idle"]
-
-
-@pytest.mark.parametrize("state", ["busy", "unknown", "starting"])
-def test_plan_never_drains_a_worker_not_known_to_be_idle(state: str) -> None:
-    step = plan(0, [_w("x", state), _w("y", state)], **BOUNDS)
-    assert step.drain == [] and step.start == 0
-    assert str(step).endswith("no change (2 surplus worker(s) not idle; left running)")
-
-
-def test_plan_scale_down_is_held_by_the_stabilisation_window() -> None:
-    fleet = [_w("a", "idle", 1.0), _w("b", "idle", 2.0), _w("c", "idle", 3.0)]
-    held = plan(0, fleet, **BOUNDS, recent_wants=[3, 1])
-    assert held.drain == [] and "stabilisation" in held.reason
-    assert plan(0, fleet, **BOUNDS, recent_wants=[2, 1]).drain == ["a"]
-    assert plan(0, fleet, **BOUNDS).drain == ["a", "b", "c"]
 
 
 # ---- user-data -----------------------------------------------------------------------------------
@@ -258,13 +187,25 @@ def test_worker_env_resolves_urls_and_forwards_only_worker_settings(monkeypatch:
     }
 
 
-def test_checked_in_example_is_current_and_valid() -> None:
-    path = REPO / "cloud-init" / "worker.example.yaml"
-    assert path.read_text() == example_userdata(), (
-        "regenerate: cbmflow provision render-userdata --example > cloud-init/worker.example.yaml"
+@pytest.mark.parametrize("install", INSTALL_MODES)
+def test_checked_in_examples_are_current_and_valid(install: str) -> None:
+    path = REPO / "cloud-init" / EXAMPLE_FILES[install]  # type: ignore[index]
+    assert path.read_text() == example_userdata(install), (  # type: ignore[arg-type]
+        f"regenerate: cbmflow provision render-userdata --example --install {install} > cloud-init/{path.name}"
     )
     result = _cloud_init_schema(path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_preinstalled_boot_fails_loudly_when_the_image_lacks_the_worker(tmp_path: Path) -> None:
+    """The check runs the very executable the launcher execs; run it as cloud-init's sh would."""
+    for command, ok in (([str(tmp_path / "missing" / "cbmflow"), "worker"], False), ([sys.executable, "-V"], True)):
+        doc = yaml.safe_load(render_userdata(ENV, worker_command=command))
+        [probe] = [item for item in doc["runcmd"] if isinstance(item, list) and item[:2] == ["sh", "-c"]]
+        result = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+        assert (result.returncode == 0) is ok, result.stderr
+        if not ok:
+            assert f"{command[0]} not found" in result.stderr
 
 
 def test_render_userdata_cli_prints_to_stdout_and_warns_on_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -418,3 +359,50 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     unit.write_text(files[UNIT_PATH].replace(LAUNCHER_PATH, str(launcher)))
     result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_local_delete_kills_the_workers_whole_session(tmp_path: Path) -> None:
+    """Deletion is for hung or never-registered workers: nothing they spawned may survive it."""
+    spawner = [
+        sys.executable,
+        "-c",
+        "import os,subprocess,time; p = subprocess.Popen(['sleep', '300']);"
+        " print(os.environ['CBMFLOW_WORKER_ID'], p.pid, flush=True); time.sleep(300)",
+    ]
+    driver = LocalDriver(tmp_path / "workers", userdata=render_userdata(ENV, worker_command=spawner), dsn=None)
+    [worker_id] = driver.start(1)
+    log = driver.log_path(worker_id)
+    assert _wait(lambda: log.exists() and len(log.read_text().split()) == 2), "the worker did not start"
+    child = int(log.read_text().split()[1])
+    [view] = driver.list_workers()
+    assert driver.delete([worker_id]) == [worker_id]
+    assert driver.list_workers() == []
+    assert _wait(lambda: not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text()), (
+        "the worker's child outlived the delete"
+    )
+    assert not Path(f"/proc/{view.pid}").exists()
+    assert driver.delete([worker_id]) == [], "deleting a gone worker is a no-op"
+
+
+def test_local_views_join_the_registry(pg_dsn: str, tmp_path: Path) -> None:
+    # a worker busy with a job outlives the SIGTERM of its drain; this one ignores it to stay listed
+    finishing = [
+        sys.executable,
+        "-c",
+        "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(30)",
+    ]
+    driver = LocalDriver(tmp_path / "workers", userdata=render_userdata(ENV, worker_command=finishing), dsn=pg_dsn)
+    try:
+        a, b, c = driver.start(3)
+        with db.transaction(pg_dsn) as cur:
+            cur.execute("INSERT INTO workers (id, host, pid, state, current_scene) VALUES"
+                        " (%s, 'h', 1, 'busy', 9), (%s, 'h', 1, 'stopped', NULL)", (a, b))  # fmt: skip
+        assert driver.drain([a]) == [a]
+        views = {v.id: v for v in driver.list_workers()}
+        assert (views[a].state, views[a].current_scene, views[a].registered) == ("draining", 9, True)
+        assert views[a].draining_since_s is not None
+        assert (views[b].state, views[b].registered) == ("stopped", True)
+        assert (views[c].state, views[c].registered) == ("starting", False)
+        assert {v.server_status for v in views.values()} == {"running"}
+    finally:
+        driver.delete([w.id for w in driver.list_workers()])

@@ -1,7 +1,8 @@
 """Worker drivers: the narrow port between the control law and whatever runs workers.
 
-It is deliberately this small (list, start, drain, down) so a cloud driver and an in-memory fake
-implement the same four calls, and the policy can be tested without either.
+It is deliberately this small (list, start, drain, delete, headroom) so that the OpenStack driver,
+the local one and the simulator's fake fleet implement the same calls, and the control law is
+exercised identically against all three.
 """
 
 from __future__ import annotations
@@ -13,19 +14,27 @@ from provisioner.policy import WorkerView
 
 class WorkerDriver(Protocol):
     def list_workers(self) -> list[WorkerView]:
-        """Live workers (not yet exited), with their registry state."""
+        """Live workers (servers not deleted, processes not exited), joined with their registry state."""
         ...
 
     def start(self, n: int) -> list[str]:
-        """Boot ``n`` workers; returns their ids."""
+        """Boot ``n`` workers; returns the ids of those the cloud accepted (fewer on a quota error)."""
         ...
 
     def drain(self, ids: list[str]) -> list[str]:
         """Ask these workers to finish their current job and exit; returns the ids signalled."""
         ...
 
+    def delete(self, ids: list[str]) -> list[str]:
+        """Remove these servers/processes at once; the control law only asks this of non-busy ones."""
+        ...
+
     def down(self) -> list[str]:
         """Drain every worker; returns the ids signalled."""
+        ...
+
+    def headroom(self) -> int | None:
+        """How many more workers the quota admits; None when unknown or unlimited."""
         ...
 
 

@@ -20,17 +20,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psycopg2
-
 from cbmflow.logging import get_logger
 from cbmflow.settings import state_dir
+from provisioner import registry
 from provisioner.policy import WorkerView
 from provisioner.userdata import parse_worker_launch
 
 log = get_logger("provisioner")
 
-# The registry lookup must not stall `provision status` when the database is down.
-REGISTRY_CONNECT_TIMEOUT_S = 3
 # Workers started by this process, whichever driver object started them, so they are reaped (no
 # zombies, no ResourceWarning) when the provisioner lives on, as in the demo; any other process
 # finds them through /proc instead.
@@ -100,29 +97,6 @@ class LocalDriver:
         self._marker(worker_id).unlink(missing_ok=True)
         return None
 
-    def _registry(self, ids: list[str]) -> dict[str, tuple[str, int | None, float]] | None:
-        """(state, current_scene, heartbeat age) per worker id from the ``workers`` table; None if unreachable."""
-        if not self.dsn or not ids:
-            return None if not self.dsn else {}
-        try:
-            conn = psycopg2.connect(self.dsn, connect_timeout=REGISTRY_CONNECT_TIMEOUT_S)
-        except psycopg2.Error as exc:
-            log.warning("provision.registry_unreachable", error=str(exc).strip()[:300])
-            return None
-        try:
-            with conn, conn.cursor() as cur:
-                cur.execute(
-                    "SELECT id, state, current_scene, EXTRACT(EPOCH FROM now() - heartbeat_at)"
-                    " FROM workers WHERE id = ANY(%s)",
-                    (ids,),
-                )
-                return {row[0]: (str(row[1]), row[2], float(row[3])) for row in cur.fetchall()}
-        except psycopg2.Error as exc:
-            log.warning("provision.registry_failed", error=str(exc).strip()[:300])
-            return None
-        finally:
-            conn.close()
-
     # ---- the driver port --------------------------------------------------------------------
     def list_workers(self) -> list[WorkerView]:
         if not self.workers_dir.is_dir():
@@ -133,17 +107,20 @@ class LocalDriver:
             pid = self._live_pid(worker_id)
             if pid is not None:
                 live.append((worker_id, pid, path.stat().st_mtime))
-        registry = self._registry([w[0] for w in live])
+        rows = registry.read(self.dsn, [w[0] for w in live])
         views = []
         for worker_id, pid, started_at_s in live:
-            scene: int | None = None
-            age_s: float | None = None
-            if self._marker(worker_id).exists():
+            row = rows.get(worker_id) if rows is not None else None
+            marker = self._marker(worker_id)
+            draining_since = marker.stat().st_mtime if marker.exists() else None
+            if row is not None and row.state == "stopped":
+                state = "stopped"
+            elif draining_since is not None:
                 state = "draining"
-            elif registry is None:
+            elif rows is None:
                 state = "unknown"
-            elif worker_id in registry:
-                state, scene, age_s = registry[worker_id]
+            elif row is not None:
+                state = row.state
             else:
                 state = "starting"
             views.append(
@@ -152,9 +129,12 @@ class LocalDriver:
                     state=state,
                     started_at_s=started_at_s,
                     pid=pid,
-                    current_scene=scene,
-                    heartbeat_age_s=age_s,
+                    current_scene=row.current_scene if row else None,
+                    heartbeat_age_s=row.heartbeat_age_s if row else None,
                     detail=str(self.log_path(worker_id)),
+                    registered=None if rows is None else row is not None,
+                    server_status="running",
+                    draining_since_s=draining_since,
                 )
             )
         return views
@@ -217,8 +197,30 @@ class LocalDriver:
             signalled.append(worker_id)
         return signalled
 
+    def delete(self, ids: list[str]) -> list[str]:
+        """SIGKILL the whole session: only for workers that never registered, exited or hung in a drain."""
+        killed = []
+        for worker_id in ids:
+            pid = self._live_pid(worker_id)
+            if pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)  # the worker leads its own session (start_new_session)
+                killed.append(worker_id)
+                log.info("provision.deleted", worker_id=worker_id, pid=pid)
+            child = _CHILDREN.pop(worker_id, None)
+            if child is not None:
+                child.wait(timeout=10)
+            self._pid_path(worker_id).unlink(missing_ok=True)
+            self._marker(worker_id).unlink(missing_ok=True)
+        return killed
+
     def down(self) -> list[str]:
         return self.drain([w.id for w in self.list_workers()])
+
+    def headroom(self) -> int | None:
+        """No quota for processes; ``max_workers`` is the only bound."""
+        return None
 
     def wait_gone(self, ids: list[str], timeout_s: float) -> list[str]:
         """Wait until these workers have exited; returns those still running at the deadline."""
