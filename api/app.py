@@ -12,6 +12,7 @@ input is always a 4xx, never a 500.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,7 +23,6 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
-import psycopg2.pool
 from prometheus_client import Counter, Histogram
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api.auth import AuthenticationError, Authenticator, User
+from cbmflow.db import Dataset, list_datasets
 from cbmflow.errors import CbmflowError, InvalidInputError, NotFoundError, PermissionDeniedError
 from cbmflow.logging import get_logger
 from cbmflow.settings import ApiSettings, DbSettings
@@ -117,9 +118,17 @@ def response_for(request: Request, exc: BaseException) -> JSONResponse:
 
 
 class Pool:
-    """A psycopg2 ThreadedConnectionPool that blocks when exhausted instead of raising.
+    """A blocking pool of autocommit, read-only connections that are kept, never churned.
 
-    Connections are read-only and carry a statement timeout, so the API can never write and a
+    psycopg2's ThreadedConnectionPool closes every connection returned while ``minconn`` are
+    already idle, so under concurrent load (minconn 1) nearly every request opened a new
+    PostgreSQL session: a backend fork and a SCRAM exchange, more than the query itself. Here a
+    connection is opened on demand up to ``size`` and then reused until it breaks.
+
+    Sessions are autocommit: every route only reads, so a transaction buys nothing, and in a
+    transaction psycopg2 spends two extra round trips per request (BEGIN, then the ROLLBACK that
+    hands the connection back). Statements of one request therefore each see the latest committed
+    data. Connections are read-only and carry a statement timeout, so the API can never write and a
     pathological query cannot hold a connection for ever.
     """
 
@@ -134,42 +143,90 @@ class Pool:
             )
             if o
         )
-        full = psycopg2.extensions.make_dsn(
+        self._dsn = psycopg2.extensions.make_dsn(
             dsn,
             options=options,
             application_name=parsed.get("application_name", "cbmflow-api"),
             connect_timeout=parsed.get("connect_timeout", "10"),
         )
         self._slots = threading.BoundedSemaphore(size)
-        self._pool = psycopg2.pool.ThreadedConnectionPool(1, size, full)
+        self._lock = threading.Lock()
+        self._idle: list[Any] = [self._connect()]  # a wrong DSN fails at startup, not on a request
+        self._closed = False
+
+    def _connect(self) -> Any:
+        conn = psycopg2.connect(self._dsn)
+        conn.autocommit = True
+        return conn
 
     @contextmanager
     def cursor(self, wait_s: float = 30.0) -> Iterator[Any]:
         if not self._slots.acquire(timeout=wait_s):
             raise ServiceUnavailableError("no database connection free")
         try:
-            conn = self._pool.getconn()
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = self._connect()
         except Exception:
             self._slots.release()
             raise
-        broken = False
         try:
             with conn.cursor() as cur:
                 yield cur
         finally:
-            # A dead connection fails its rollback (or is already closed) and is discarded.
-            try:
-                if not conn.closed:
-                    conn.rollback()
-            except psycopg2.Error:
-                broken = True
-            try:
-                self._pool.putconn(conn, close=broken or bool(conn.closed))
-            finally:
-                self._slots.release()
+            # A dead connection (server restarted, idle connection cut) is dropped, not reused.
+            broken = bool(conn.closed) or conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN
+            with self._lock:
+                keep = not broken and not self._closed
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
+            self._slots.release()
 
     def close(self) -> None:
-        self._pool.closeall()
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class DatasetCache:
+    """The ``datasets`` table, re-read at most every ``ttl_s`` seconds instead of on every request.
+
+    Every dataset route resolved (aoi, year) → schema and tables with one query per request, a
+    quarter of parcelTimeSeries' round trips. The table changes only when an operator imports
+    parcels, so a dataset created (or dropped) is seen up to ``ttl_s`` late; 0 turns the cache
+    off. Grants are *not* cached: they are read with the user row on every request.
+    """
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl_s = max(0.0, float(ttl_s))
+        self._lock = threading.Lock()
+        self._table: dict[tuple[str, int], Dataset] = {}
+        self._expires = -math.inf
+
+    def _current(self, cur: Any) -> dict[tuple[str, int], Dataset]:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._expires:
+                return self._table
+        table = {(ds.aoi, ds.year): ds for ds in list_datasets(cur)}
+        with self._lock:
+            self._table, self._expires = table, now + self._ttl_s
+        return table
+
+    def get(self, cur: Any, aoi: str, year: int) -> Dataset | None:
+        return self._current(cur).get((aoi, year))
+
+    def all(self, cur: Any) -> list[Dataset]:
+        return sorted(self._current(cur).values(), key=lambda ds: (ds.aoi, ds.year))
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._expires = -math.inf
 
 
 @dataclass
@@ -180,6 +237,8 @@ class AppState:
     pool: Pool
     auth: Authenticator
     polygon_limit: int
+    chip_secret: bytes
+    datasets: DatasetCache
 
 
 def state_of(request: Request) -> AppState:
@@ -226,6 +285,12 @@ def _route(path: str, handler: Callable[[Request], Response]) -> Route:
                 return handler(request)
             except psycopg2.errors.QueryCanceled as exc:
                 return response_for(request, exc)
+            except psycopg2.errors.UndefinedTable as exc:
+                # A dataset dropped while its row was still cached: re-read the table and retry.
+                state = getattr(request.app.state, "cbmflow", None)
+                if attempt == 2 or state is None:
+                    return response_for(request, exc)
+                state.datasets.invalidate()
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
                 if attempt == 2:
                     return response_for(request, exc)
@@ -249,7 +314,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 def create_app(dsn: str, settings: ApiSettings | None = None) -> Starlette:
     """A new API app on ``dsn``; the pool opens when the app starts and closes when it stops."""
-    from api import routes
+    from api import chips, routes
 
     api_settings = settings or ApiSettings()
 
@@ -262,6 +327,8 @@ def create_app(dsn: str, settings: ApiSettings | None = None) -> Starlette:
             pool=pool,
             auth=Authenticator(api_settings.auth_cache_s),
             polygon_limit=max(1, _setting(api_settings, "polygon_limit", 100)),
+            chip_secret=chips.load_secret(api_settings),
+            datasets=DatasetCache(float(getattr(api_settings, "dataset_cache_s", 5.0))),
         )
         log.info("api.started", pool_size=size)
         try:

@@ -46,10 +46,12 @@ _MAX_PASSWORD_CHARS = 1024
 TOKEN_RE = re.compile(r"^cbmf_([a-f0-9]{12})_([A-Za-z0-9_-]{43})$")
 TOKEN_PREFIX = "cbmf_"
 
-_USER_SQL = (
+# The caller's row and grants; also the first CTE of the one-statement parcelTimeSeries query.
+USER_ROW_SQL = (
     "SELECT u.name, u.password_hash, u.is_admin,"
-    " coalesce(array_agg(g.aoi) FILTER (WHERE g.aoi IS NOT NULL), '{}'::text[])"
+    " coalesce(array_agg(g.aoi) FILTER (WHERE g.aoi IS NOT NULL), '{}'::text[]) AS grants"
     " FROM users u LEFT JOIN user_grants g ON g.user_name = u.name"
+    " WHERE u.name = %(user)s GROUP BY u.name, u.password_hash, u.is_admin"
 )
 
 
@@ -187,11 +189,15 @@ class Authenticator:
             return self._token_user(cur, password, name)
         row = None
         if USER_NAME_RE.match(name) and len(password) <= _MAX_PASSWORD_CHARS:
-            cur.execute(
-                _USER_SQL + " WHERE u.name = %s GROUP BY u.name, u.password_hash, u.is_admin",
-                (name,),
-            )
+            cur.execute(USER_ROW_SQL, {"user": name})
             row = cur.fetchone()
+        return self.check_password(name, password, row)
+
+    def check_password(self, name: str, password: str, row: Any) -> User:
+        """The user of ``row`` (a USER_ROW_SQL row, None when there is no such user) if the password fits.
+
+        Split from :meth:`authenticate` so a route may fetch the row inside a larger statement.
+        """
         if row is None:
             # Same work as a real check, so timing does not tell unknown users apart.
             verify(_dummy_hash(), password[:_MAX_PASSWORD_CHARS])
@@ -221,11 +227,26 @@ class Authenticator:
         if basic_name is not None and basic_name != owner:
             log.info("auth.failed", user=basic_name[:64], reason="token of another user")
             raise AuthenticationError("invalid credentials")
-        cur.execute(_USER_SQL + " WHERE u.name = %s GROUP BY u.name, u.password_hash, u.is_admin", (owner,))
+        cur.execute(USER_ROW_SQL, {"user": owner})
         row = cur.fetchone()
         if row is None:
             raise AuthenticationError("invalid credentials")
         return _user_from_row(row)
+
+
+def password_credentials(header: str | None) -> tuple[str, str] | None:
+    """(name, password) when ``header`` is Basic with a possible user name and a password (not a
+    token); None for anything else, which then takes the general :meth:`Authenticator.authenticate`."""
+    scheme, _, _ = (header or "").strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        name, password = parse_basic(header)
+    except AuthenticationError:
+        return None
+    if password.startswith(TOKEN_PREFIX) or not USER_NAME_RE.match(name) or len(password) > _MAX_PASSWORD_CHARS:
+        return None
+    return name, password
 
 
 def authorize(user: User, aoi: str) -> None:

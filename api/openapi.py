@@ -118,6 +118,17 @@ INDEX_PARAMS = [
 ]
 
 
+CHIP_WHERE = [
+    _p("lon", {"type": "number", "minimum": -180, "maximum": 180}, required=True),
+    _p("lat", {"type": "number", "minimum": -90, "maximum": 90}, required=True),
+    _p("start_date", DATE, required=True, desc="first day (UTC)"),
+    _p("end_date", DATE, required=True, desc="last day included (UTC)"),
+]
+BAND1 = {"type": "string", "pattern": "^[A-Za-z0-9]{2,3}$"}
+CHIPSIZE = _p("chipsize", {"type": "number", "minimum": 10, "maximum": 10240}, desc="side in metres (1280)")
+PLEVEL = _p("plevel", {"type": "string", "enum": ["LEVEL2A"]})
+
+
 def document(server_url: str = "") -> dict[str, Any]:
     geometry = [_p("withGeometry", BOOL), _p("wgs84", BOOL)]
     paths: dict[str, Any] = {
@@ -182,6 +193,41 @@ def document(server_url: str = "") -> dict[str, Any]:
                 _p("tsformat", {"type": "string", "enum": ["json", "csv"]}),
             ],
             {**_json(COLUMNS), "text/csv": {"schema": STR}},
+            tag="jrc",
+        ),
+        "/query/rawChipByLocation": _op(
+            "Sentinel-2 GeoTIFF chips around a point: signed, expiring chip URLs, or product ids (JRC)",
+            [*CHIP_WHERE, _p("band", BAND1), CHIPSIZE, PLEVEL, _p("onlylist", BOOL)],
+            _json(
+                {
+                    "type": "object",
+                    "required": ["chips"],
+                    "properties": {
+                        "dates": {"type": "array", "items": {"type": "string", "pattern": "^\\d{8}T\\d{6}$"}},
+                        "chips": {"type": "array", "items": STR},
+                    },
+                }
+            ),
+            found=False,
+            tag="jrc",
+        ),
+        "/query/chipsByLocation": _op(
+            "HTML page of 128 px RGB PNG chips (1280 m) around a point (JRC)",
+            [
+                *CHIP_WHERE,
+                _p("lut", {"type": "string", "pattern": "^\\d{1,2}_\\d{1,3}$"}, desc="percentile stretch, 5_95"),
+                _p("bands", {"type": "string", "pattern": "^[A-Za-z0-9]{2,3}_[A-Za-z0-9]{2,3}_[A-Za-z0-9]{2,3}$"}),
+                PLEVEL,
+            ],
+            {"text/html": {"schema": STR}},
+            found=False,
+            tag="jrc",
+        ),
+        "/chips/{token}/{name}": _op(
+            "one chip by its signed URL from rawChipByLocation (no credentials: the token is one)",
+            [_p("token", STR, where="path"), _p("name", STR, where="path")],
+            {"image/tiff": {"schema": {"type": "string", "format": "binary"}}},
+            auth=False,
             tag="jrc",
         ),
         "/health": _op("liveness (no credentials)", [], _json({"type": "object"}), auth=False, found=False, tag="ops"),

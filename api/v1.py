@@ -23,7 +23,7 @@ from api import queries
 from api.app import ApiJSONResponse, Call, authenticated, state_of
 from api.auth import AOI_RE, authorize
 from api.params import BAND_ALIASES, BAND_RE, Params
-from cbmflow.db import Dataset, get_dataset
+from cbmflow.db import Dataset
 from cbmflow.errors import InvalidInputError, NotFoundError
 
 # Normalised differences (a - b) / (a + b) over S2 band means.
@@ -53,7 +53,7 @@ def _path_dataset(call: Call) -> Dataset:
     if not 1990 <= year <= 2100:
         raise InvalidInputError("path segment 'year' must be between 1990 and 2100")
     authorize(call.user, aoi)
-    ds = get_dataset(call.cur, aoi, year)
+    ds = call.state.datasets.get(call.cur, aoi, year)
     if ds is None:
         raise NotFoundError(f"no dataset {aoi} {year}")
     return ds

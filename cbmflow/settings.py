@@ -162,6 +162,16 @@ class ApiSettings(BaseSettings):
     pool_size: int = Field(10, description="database connections per API process")
     statement_timeout_s: float = Field(30.0, description="per-query timeout; a slower query answers 503")
     polygon_limit: int = Field(100, description="most parcels parcelsByPolygon returns")
+    dataset_cache_s: float = Field(
+        5.0, description="how long the datasets table is cached per API process; 0 = read on every request"
+    )
+    chip_limit: int = Field(24, description="most scenes rawChipByLocation/chipsByLocation answer; more is a 400")
+    chip_ttl_s: int = Field(3600, description="how long a signed chip URL from rawChipByLocation stays valid")
+    chip_secret: str = Field(
+        "",
+        description="key signing chip URLs; empty = one generated in the state directory "
+        "(set it when several API hosts share a load balancer)",
+    )
 
 
 class ProvisionSettings(BaseSettings):

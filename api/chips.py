@@ -1,0 +1,432 @@
+"""Sentinel-2 image chips around a point: JRC ``rawChipByLocation`` and ``chipsByLocation``.
+
+JRC ssh-ed into worker VMs to cut chips and left them in a public ``/static/tmp``, so anyone who
+could guess a path could fetch another tenant's imagery. Here chips are cut in the request path
+from the products the watcher catalogued (``scenes.location``), with rasterio *windowed* reads
+of the product's JP2 in the raster's own CRS, so no pixel is resampled for a raw chip.
+
+The ``cbm`` client fetches each chip with an unauthenticated ``GET {url}{chip}``, so a chip URL
+must itself be the credential. It is ``/chips/<token>/<ref>.<band>.tif`` where the token is a
+signed, expiring capability (HMAC-SHA256 under a server secret) naming the user, scene, band,
+point and size. Nothing is stored: a GET verifies the signature and expiry, re-checks that the
+user still exists and is still granted an AOI at the point (so a revoke also stops chip URLs
+already handed out), and cuts the chip then. Any worker on any host holding the same secret can
+answer, and there is no chip directory to clean up. The token is signed, not encrypted: whoever
+holds the URL can read the user name, scene id and point in it, which tell them no more than the
+chip does.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import html
+import io
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import numpy.typing as npt
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+
+from api.app import ApiJSONResponse, Call, authenticated, state_of
+from api.params import Params
+from card.s2 import S2Product, normalize_band, open_s2_product
+from cbmflow.errors import InvalidInputError, NotFoundError, PermissionDeniedError
+from cbmflow.logging import get_logger
+from cbmflow.settings import ApiSettings, state_dir
+
+log = get_logger("api.chips")
+
+# Bands an L2A product carries as images (B10 is not in L2A); legacy JRC spellings are mapped.
+S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12", "SCL")
+MIN_CHIPSIZE_M, MAX_CHIPSIZE_M = 10.0, 10_240.0  # at 10 m: 1 to 1024 pixels a side
+RGB_PIXELS, RGB_SIZE_M = 128, 1280.0
+SECRET_FILE = "api-chip-secret"
+_TOKEN_RE = re.compile(r"^([A-Za-z0-9_-]{1,600})\.([A-Za-z0-9_-]{22})$")
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_LUT_RE = re.compile(r"^(\d{1,2}(?:\.\d+)?)_(\d{1,3}(?:\.\d+)?)$")
+
+
+def load_secret(settings: ApiSettings) -> bytes:
+    """The chip-signing key: the configured one, else one generated once in the state directory.
+
+    The file is shared by the uvicorn workers of one host, so a URL minted by one worker is valid
+    on another; several hosts behind a load balancer must set ``CBMFLOW_API_CHIP_SECRET``.
+    """
+    configured = str(getattr(settings, "chip_secret", "") or "")
+    if configured:
+        return hashlib.sha256(configured.encode("utf-8")).digest()
+    path = state_dir() / SECRET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.urlsafe_b64encode(os.urandom(32)).decode("ascii"))
+    for _ in range(50):  # another worker may have created it and not yet written it
+        text = path.read_text().strip()
+        if text:
+            return hashlib.sha256(text.encode("ascii")).digest()
+        time.sleep(0.01)
+    raise RuntimeError(f"{path} is empty; delete it or set CBMFLOW_API_CHIP_SECRET")
+
+
+@dataclass(frozen=True)
+class ChipRef:
+    """What a chip token grants: one band of one scene around one point, for one user, until ``expires``."""
+
+    user: str
+    scene_id: int
+    band: str
+    lon: float
+    lat: float
+    size_m: float
+    expires: int
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign(secret: bytes, ref: ChipRef) -> str:
+    payload = json.dumps(
+        [ref.user, ref.scene_id, ref.band, ref.lon, ref.lat, ref.size_m, ref.expires], separators=(",", ":")
+    )
+    body = _b64(payload.encode("utf-8"))
+    mac = hmac.new(secret, body.encode("ascii"), hashlib.sha256).digest()[:16]
+    return f"{body}.{_b64(mac)}"
+
+
+def verify_token(secret: bytes, token: str, now: float | None = None) -> ChipRef:
+    """The chip a token names; any forged, altered, malformed or expired token is the same 404."""
+    m = _TOKEN_RE.match(token)
+    if m is None:
+        raise NotFoundError("no such chip (unknown or expired link)")
+    body, mac = m.groups()
+    expected = hmac.new(secret, body.encode("ascii"), hashlib.sha256).digest()[:16]
+    if not hmac.compare_digest(_b64(expected), mac):
+        raise NotFoundError("no such chip (unknown or expired link)")
+    user, scene_id, band, lon, lat, size_m, expires = json.loads(_unb64(body))
+    ref = ChipRef(str(user), int(scene_id), str(band), float(lon), float(lat), float(size_m), int(expires))
+    if ref.expires < (time.time() if now is None else now):
+        raise NotFoundError("no such chip (unknown or expired link)")
+    return ref
+
+
+# --- parameters ----------------------------------------------------------------------------------
+
+
+def _day(p: Params, name: str) -> date:
+    value = p.required_text(name, max_len=10)
+    if not _DATE_RE.match(value):
+        raise InvalidInputError(f"parameter {name!r} must be a date YYYY-MM-DD")
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidInputError(f"parameter {name!r} is not a valid date") from exc
+
+
+def _period(p: Params) -> tuple[datetime, datetime]:
+    """[start, end) in UTC; ``end_date`` is included whole, as the JRC client passes days."""
+    start, end = _day(p, "start_date"), _day(p, "end_date")
+    if end < start:
+        raise InvalidInputError("parameter 'end_date' must not be before 'start_date'")
+    lo = datetime.combine(start, datetime.min.time(), tzinfo=UTC)
+    return lo, datetime.combine(end, datetime.min.time(), tzinfo=UTC) + timedelta(days=1)
+
+
+def _band(name: str, parameter: str) -> str:
+    band = normalize_band(name)
+    if band == "SC":  # JRC's two-character SCL
+        band = "SCL"
+    if band not in S2_BANDS:
+        raise InvalidInputError(f"parameter {parameter!r} must name Sentinel-2 L2A bands ({', '.join(S2_BANDS)})")
+    return band
+
+
+def _plevel(p: Params) -> None:
+    level = (p.text("plevel", max_len=10) or "LEVEL2A").upper()
+    if level != "LEVEL2A":
+        raise InvalidInputError("parameter 'plevel': only LEVEL2A products are catalogued")
+
+
+def _point(p: Params) -> tuple[float, float]:
+    return p.number("lon", lo=-180.0, hi=180.0), p.number("lat", lo=-90.0, hi=90.0)
+
+
+# --- database ------------------------------------------------------------------------------------
+
+
+def _authorize_point(call: Call, lon: float, lat: float) -> None:
+    """403 unless an AOI the caller is granted contains the point (admins: anywhere)."""
+    if call.user.is_admin:
+        return
+    call.cur.execute(
+        "SELECT EXISTS (SELECT 1 FROM aois a WHERE a.name = ANY(%(aois)s)"
+        " AND ST_Intersects(a.geom, ST_SetSRID(ST_MakePoint(%(lon)s, %(lat)s), 4326)))",
+        {"aois": sorted(call.user.grants), "lon": lon, "lat": lat},
+    )
+    if not call.cur.fetchone()[0]:
+        log.info("auth.denied", user=call.user.name, lon=lon, lat=lat)
+        raise PermissionDeniedError("the location is outside every area granted to the caller")
+
+
+@dataclass(frozen=True)
+class Scene:
+    id: int
+    product_name: str
+    acquired_at: datetime
+    location: str
+
+
+def _scenes(call: Call, lon: float, lat: float, period: tuple[datetime, datetime], limit: int) -> list[Scene]:
+    """S2 scenes over the point in the period, oldest first; more than ``limit`` is a 400.
+
+    JRC answered ``{}`` above its cap; a client cannot tell that from "no scenes", so the caller
+    is told to narrow the dates instead.
+    """
+    call.cur.execute(
+        "SELECT id, product_name, acquired_at, location FROM scenes"
+        " WHERE card = 's2' AND ST_Intersects(footprint, ST_SetSRID(ST_MakePoint(%(lon)s, %(lat)s), 4326))"
+        " AND acquired_at >= %(lo)s AND acquired_at < %(hi)s ORDER BY acquired_at, id LIMIT %(n)s",
+        {"lon": lon, "lat": lat, "lo": period[0], "hi": period[1], "n": limit + 1},
+    )
+    rows = [Scene(int(r[0]), str(r[1]), r[2], str(r[3])) for r in call.cur.fetchall()]
+    if len(rows) > limit:
+        raise InvalidInputError(f"more than {limit} scenes match; narrow start_date/end_date")
+    return rows
+
+
+def _local_path(location: str) -> Path:
+    parsed = urlparse(location)
+    if parsed.scheme not in ("", "file"):
+        raise FileNotFoundError(f"product location {location!r} is not a local path")
+    return Path(parsed.path if parsed.scheme else location)
+
+
+@lru_cache(maxsize=256)
+def _product(location: str) -> S2Product:
+    # Products are immutable once catalogued; parsing their XML on every request is wasted work.
+    return open_s2_product(_local_path(location))
+
+
+def _readable(scene: Scene, bands: tuple[str, ...]) -> S2Product | None:
+    """The scene's product if it and every band are on disk (any processing status), else None."""
+    try:
+        product = _product(scene.location)
+        for band in bands:
+            product.band_path(band)
+    except (OSError, ValueError) as exc:
+        log.info("chips.unreadable", scene_id=scene.id, error=str(exc)[:200])
+        return None
+    return product
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def _to_raster(epsg: str) -> Any:
+    from pyproj import Transformer
+
+    return Transformer.from_crs(4326, epsg, always_xy=True)
+
+
+def _window(src: Any, lon: float, lat: float, size_m: float) -> Any:
+    """The pixel-aligned square of about ``size_m`` centred on the pixel that holds the point."""
+    from rasterio.windows import Window
+
+    x, y = _to_raster(src.crs.to_string()).transform(lon, lat)
+    col, row = ~src.transform @ (x, y)
+    n = max(1, round(size_m / abs(src.transform.a)))
+    return Window(math.floor(col) - n // 2, math.floor(row) - n // 2, n, n)
+
+
+def _read(src: Any, window: Any, fill: int, out_shape: tuple[int, int] | None = None) -> npt.NDArray[Any]:
+    from rasterio.enums import Resampling
+
+    inside = (
+        window.col_off >= 0
+        and window.row_off >= 0
+        and window.col_off + window.width <= src.width
+        and window.row_off + window.height <= src.height
+    )
+    # A boundless read goes through a VRT; only pay for it at the edge of the raster.
+    return np.asarray(
+        src.read(
+            1,
+            window=window,
+            boundless=not inside,
+            fill_value=fill,
+            out_shape=out_shape,
+            resampling=Resampling.nearest,
+        )
+    )
+
+
+def raw_chip(product: S2Product, band: str, lon: float, lat: float, size_m: float) -> bytes:
+    """A GeoTIFF of the band's own pixels (DN, native grid and CRS) around the point."""
+    import rasterio
+    from rasterio.io import MemoryFile
+
+    with rasterio.open(product.band_path(band)) as src:
+        window = _window(src, lon, lat, size_m)
+        data = _read(src, window, product.nodata_dn)
+        profile = {
+            "driver": "GTiff",
+            "width": int(window.width),
+            "height": int(window.height),
+            "count": 1,
+            "dtype": data.dtype.name,
+            "crs": src.crs,
+            "transform": src.window_transform(window),
+            "nodata": product.nodata_dn,
+            "compress": "deflate",
+        }
+    with MemoryFile() as mem:
+        with mem.open(**profile) as dst:
+            dst.write(data, 1)
+            dst.update_tags(PRODUCT=product.product_name, BAND=band)
+        return bytes(mem.read())
+
+
+def _stretch(data: npt.NDArray[Any], nodata: int, lo_pct: float, hi_pct: float) -> npt.NDArray[np.uint8]:
+    valid = data[data != nodata]
+    if valid.size == 0:
+        return np.zeros(data.shape, np.uint8)
+    lo, hi = (float(v) for v in np.percentile(valid, [lo_pct, hi_pct]))
+    scaled = (data.astype(np.float64) - lo) / max(hi - lo, 1e-9) * 255.0
+    out = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+    out[data == nodata] = 0
+    return out
+
+
+def rgb_png(product: S2Product, bands: tuple[str, str, str], lon: float, lat: float, lut: tuple[float, float]) -> bytes:
+    """A 128 px RGB PNG of 1280 m around the point, each band stretched between two percentiles."""
+    import rasterio
+    from PIL import Image
+
+    planes = []
+    for band in bands:
+        with rasterio.open(product.band_path(band)) as src:
+            window = _window(src, lon, lat, RGB_SIZE_M)
+            data = _read(src, window, product.nodata_dn, out_shape=(RGB_PIXELS, RGB_PIXELS))
+        planes.append(_stretch(data, product.nodata_dn, *lut))
+    buf = io.BytesIO()
+    Image.fromarray(np.dstack(planes), mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- routes --------------------------------------------------------------------------------------
+
+
+def _limit(settings: ApiSettings) -> int:
+    return max(1, int(getattr(settings, "chip_limit", 24)))
+
+
+def raw_chip_by_location(request: Request) -> Response:
+    """JRC ``rawChipByLocation``: one GeoTIFF link per scene, or with ``onlylist`` the product ids."""
+    with authenticated(request) as call:
+        p = Params(request.query_params)
+        lon, lat = _point(p)
+        period = _period(p)
+        band = _band(p.text("band", max_len=10) or "B08", "band")
+        size_m = p.number("chipsize", default=1280.0, lo=MIN_CHIPSIZE_M, hi=MAX_CHIPSIZE_M)
+        _plevel(p)
+        onlylist = p.boolean("onlylist", default=False)
+        _authorize_point(call, lon, lat)
+        scenes = _scenes(call, lon, lat, period, _limit(call.state.settings))
+        readable = [(s, prod) for s in scenes if (prod := _readable(s, (band,))) is not None]
+        if onlylist:
+            return ApiJSONResponse({"chips": [s.product_name for s, _ in readable]})
+        ttl = max(1, int(getattr(call.state.settings, "chip_ttl_s", 3600)))
+        expires = int(time.time()) + ttl
+        dates, chips = [], []
+        for scene, _ in readable:
+            token = sign(call.state.chip_secret, ChipRef(call.user.name, scene.id, band, lon, lat, size_m, expires))
+            dates.append(scene.acquired_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S"))
+            chips.append(f"/chips/{token}/{scene.product_name}.{band}.tif")
+        return ApiJSONResponse({"dates": dates, "chips": chips})
+
+
+def chip(request: Request) -> Response:
+    """``GET /chips/<token>/<name>`` without credentials: the token is the credential."""
+    state = state_of(request)
+    ref = verify_token(state.chip_secret, str(request.path_params.get("token", "")))
+    with state.pool.cursor() as cur:
+        cur.execute(
+            "SELECT s.location, s.product_name, u.is_admin OR EXISTS (SELECT 1 FROM user_grants g"
+            " JOIN aois a ON a.name = g.aoi WHERE g.user_name = u.name"
+            " AND ST_Intersects(a.geom, ST_SetSRID(ST_MakePoint(%(lon)s, %(lat)s), 4326)))"
+            " FROM scenes s, users u WHERE s.id = %(scene)s AND u.name = %(user)s",
+            {"scene": ref.scene_id, "user": ref.user, "lon": ref.lon, "lat": ref.lat},
+        )
+        row = cur.fetchone()
+    # A deleted user, a revoked grant or a removed scene turn the link dead, like a bad signature.
+    if row is None or not row[2] or request.path_params.get("name") != f"{row[1]}.{ref.band}.tif":
+        raise NotFoundError("no such chip (unknown or expired link)")
+    try:
+        body = raw_chip(_product(str(row[0])), ref.band, ref.lon, ref.lat, ref.size_m)
+    except (OSError, ValueError) as exc:
+        log.warning("chips.unreadable", scene_id=ref.scene_id, error=str(exc)[:200])
+        raise NotFoundError("the product of this chip is no longer readable") from exc
+    return Response(body, media_type="image/tiff", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def chips_by_location(request: Request) -> Response:
+    """JRC ``chipsByLocation``: an HTML page of RGB PNG chips (128 px, 1280 m), images inlined.
+
+    The PNGs are ``data:`` URIs, so the page needs no further (authenticated) request to show.
+    """
+    with authenticated(request) as call:
+        p = Params(request.query_params)
+        lon, lat = _point(p)
+        period = _period(p)
+        lut_text = p.text("lut", max_len=20) or "5_95"
+        m = _LUT_RE.match(lut_text)
+        lut = (float(m.group(1)), float(m.group(2))) if m else (-1.0, -1.0)
+        if not 0 <= lut[0] < lut[1] <= 100:
+            raise InvalidInputError("parameter 'lut' must be two percentiles LOW_HIGH with 0 <= LOW < HIGH <= 100")
+        names = (p.text("bands", max_len=40) or "B08_B04_B03").split("_")
+        if len(names) != 3:
+            raise InvalidInputError("parameter 'bands' must be three bands joined by '_', such as B08_B04_B03")
+        bands = (_band(names[0], "bands"), _band(names[1], "bands"), _band(names[2], "bands"))
+        _plevel(p)
+        _authorize_point(call, lon, lat)
+        scenes = _scenes(call, lon, lat, period, _limit(call.state.settings))
+        figures = []
+        for scene in scenes:
+            product = _readable(scene, bands)
+            if product is None:
+                continue
+            png = base64.b64encode(rgb_png(product, bands, lon, lat, lut)).decode("ascii")
+            when = scene.acquired_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+            figures.append(
+                f'<figure><img alt="{html.escape(scene.product_name)}" width="{RGB_PIXELS}" height="{RGB_PIXELS}"'
+                f' src="data:image/png;base64,{png}"><figcaption>{html.escape(when)} UTC</figcaption></figure>'
+            )
+    title = html.escape(f"{'/'.join(bands)} chips at {lon:.5f}, {lat:.5f}")
+    body = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>'
+        "<style>figure{display:inline-block;margin:4px;font:12px sans-serif}</style></head>"
+        f"<body><h1>{title}</h1>{''.join(figures) or '<p>no scenes</p>'}</body></html>"
+    )
+    return HTMLResponse(body)
