@@ -38,7 +38,9 @@ accurate. Parcels without a valid pixel are dropped (rasterstats reports count 0
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,9 @@ from affine import Affine
 
 from worker import kernels
 
+# Strips are read once, in order: a large GDAL block cache (default 5 % of RAM) would only hold
+# decoded blocks nobody reads again, and dominate the worker's RSS. Set before GDAL's first read.
+os.environ.setdefault("GDAL_CACHEMAX", "64")
 # A burn strip is at most this many cells (32 MB as uint32), so memory stays flat on any grid.
 _STRIP_CELLS = 8 * 1024 * 1024
 # Pixel-centre windows are widened by this many pixels against rounding in GDAL's transform.
@@ -466,6 +471,34 @@ def band_stats(
     (None: no nodata value); NaN is never valid. ``offset`` is then added (Sentinel-2's
     ``BOA_ADD_OFFSET`` since processing baseline 04.00), so statistics are in reflectance DN.
     """
+    count, out = _band_stats_raw(index, values, nodata, offset, window_offset)
+    return _kept_stats(index.pids, count, out)
+
+
+def _kept_stats(pids: npt.NDArray[np.int64], count: npt.NDArray[np.int64], out: npt.NDArray[np.float64]) -> BandStats:
+    keep = count > 0
+    kept = out[:, keep]
+    return BandStats(
+        pid=pids[keep],
+        count=count[keep],
+        mean=kept[0],
+        std=kept[1],
+        min=kept[2],
+        max=kept[3],
+        p25=kept[4],
+        p50=kept[5],
+        p75=kept[6],
+    )
+
+
+def _band_stats_raw(
+    index: ParcelIndex,
+    values: npt.NDArray[Any],
+    nodata: float | None,
+    offset: float,
+    window_offset: tuple[int, int],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Valid-pixel count per parcel and the (7, n) statistics, for every parcel of ``index``."""
     r0, c0 = _values_for(index, values, window_offset)
     args = (index.offsets, index.run_row, index.run_col, index.run_len, index.npixels, _chunks(index.npixels))
     if values.dtype.kind in "iu":
@@ -479,19 +512,7 @@ def band_stats(
         count, out = kernels.band_stats_float(*args, values, r0, c0, not math.isnan(nd), nd, float(offset))
     else:
         raise ValueError(f"unsupported band dtype {values.dtype}")
-    keep = count > 0
-    kept = out[:, keep]
-    return BandStats(
-        pid=index.pids[keep],
-        count=count[keep],
-        mean=kept[0],
-        std=kept[1],
-        min=kept[2],
-        max=kept[3],
-        p25=kept[4],
-        p50=kept[5],
-        p75=kept[6],
-    )
+    return count, out
 
 
 def class_histograms(
@@ -501,6 +522,14 @@ def class_histograms(
     window_offset: tuple[int, int] = (0, 0),
 ) -> ClassHist:
     """Pixel count per class per parcel of an 8-bit class band (Sentinel-2 SCL), nodata excluded."""
+    parcel, cls, cnt = _class_rows(index, values, nodata, window_offset)
+    return ClassHist(pid=index.pids[parcel], cls=cls, count=cnt)
+
+
+def _class_rows(
+    index: ParcelIndex, values: npt.NDArray[Any], nodata: int | None, window_offset: tuple[int, int]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16], npt.NDArray[np.int64]]:
+    """(parcel position, class, count) rows of non-zero counts, in parcel then class order."""
     if values.dtype != np.uint8:
         raise ValueError(f"class band must be uint8, got {values.dtype}")
     r0, c0 = _values_for(index, values, window_offset)
@@ -518,7 +547,7 @@ def class_histograms(
     cls = np.empty(total, np.int16)
     cnt = np.empty(total, np.int64)
     kernels.class_counts(*args, starts, True, parcel, cls, cnt)
-    return ClassHist(pid=index.pids[parcel], cls=cls, count=cnt)
+    return parcel, cls, cnt
 
 
 def read_window(path: str | Path, index: ParcelIndex, band: int = 1) -> tuple[npt.NDArray[Any], tuple[int, int]]:
@@ -531,3 +560,211 @@ def read_window(path: str | Path, index: ParcelIndex, band: int = 1) -> tuple[np
             return np.zeros((0, 0), src.dtypes[band - 1]), (0, 0)
         arr = src.read(band, window=rasterio.windows.Window(col_off, row_off, width, height))
     return arr, (row_off, col_off)
+
+
+# --- streaming: bounded memory on any grid -------------------------------------------------------
+
+ReadRows = Callable[[int, int], npt.NDArray[Any]]
+"""``read(r0, r1)``: grid rows ``r0:r1`` of one band, restricted to the index window's columns."""
+
+DEFAULT_STRIP_ROWS = 1024
+"""Rows decoded per read; a multiple of the 1024-row JP2 tiles of Sentinel-2 and of COG blocks."""
+
+
+@dataclass(frozen=True)
+class _Step:
+    read_from: int
+    read_to: int
+    keep_from: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, eq=False)
+class StripPlan:
+    """The order in which one index's parcels are reduced while a band is read strip by strip.
+
+    Parcels are sorted by their last row. A strip ends on a multiple of ``strip_rows`` (so each
+    JP2 tile row or COG block row is decoded once); after reading it, every parcel whose last row
+    lies above the strip's end is complete and is reduced from the buffer, and rows above the first
+    row of every pending parcel are dropped. Rows no pending parcel needs are never read. A parcel
+    that spans strips is therefore reduced once, over all of its pixels, from one buffer: its
+    numbers are those of a whole-raster computation. The buffer holds at most
+    ``buffer_rows`` = strip + tallest parcel rows of the window's width.
+    """
+
+    index: ParcelIndex
+    perm: npt.NDArray[np.int64]
+    ordered: ParcelIndex
+    first_row: npt.NDArray[np.int64]
+    steps: tuple[_Step, ...]
+    strip_rows: int
+
+    @property
+    def buffer_rows(self) -> int:
+        return max((s.read_to - s.keep_from for s in self.steps), default=0)
+
+    @property
+    def rows_read(self) -> int:
+        return sum(s.read_to - s.read_from for s in self.steps)
+
+    def reads(self) -> list[tuple[int, int]]:
+        """The ``(r0, r1)`` grid row ranges read, in order (what a decode-only pass must read too)."""
+        return [(s.read_from, s.read_to) for s in self.steps]
+
+    def _sub(self, step: _Step) -> ParcelIndex:
+        o = self.ordered
+        a, b = int(o.offsets[step.lo]), int(o.offsets[step.hi])
+        top = int(self.first_row[step.lo : step.hi].min())
+        _, col_off, _, width = o.window
+        return ParcelIndex(
+            grid=o.grid,
+            pids=o.pids[step.lo : step.hi],
+            offsets=o.offsets[step.lo : step.hi + 1] - a,
+            run_row=o.run_row[a:b],
+            run_col=o.run_col[a:b],
+            run_len=o.run_len[a:b],
+            npixels=o.npixels[step.lo : step.hi],
+            window=(top, col_off, step.read_to - top, width),
+            buffer_m=o.buffer_m,
+        )
+
+
+def _reorder(index: ParcelIndex, perm: npt.NDArray[np.int64]) -> ParcelIndex:
+    nruns = np.diff(index.offsets)[perm]
+    offsets = np.zeros(len(perm) + 1, np.int64)
+    np.cumsum(nruns, out=offsets[1:])
+    src = np.repeat(index.offsets[:-1][perm] - offsets[:-1], nruns) + np.arange(offsets[-1])
+    return ParcelIndex(
+        grid=index.grid,
+        pids=index.pids[perm],
+        offsets=offsets,
+        run_row=index.run_row[src],
+        run_col=index.run_col[src],
+        run_len=index.run_len[src],
+        npixels=index.npixels[perm],
+        window=index.window,
+        buffer_m=index.buffer_m,
+    )
+
+
+def plan_strips(index: ParcelIndex, strip_rows: int = DEFAULT_STRIP_ROWS) -> StripPlan:
+    """Plan the strip-by-strip reduction of ``index`` (see :class:`StripPlan`)."""
+    if strip_rows < 1:
+        raise ValueError("strip_rows must be positive")
+    n = len(index)
+    if n == 0:
+        empty = np.zeros(0, np.int64)
+        return StripPlan(index, empty, index, empty, (), strip_rows)
+    first = index.run_row[index.offsets[:-1]].astype(np.int64)
+    last = index.run_row[index.offsets[1:] - 1].astype(np.int64)
+    perm = np.argsort(last, kind="stable").astype(np.int64)
+    first_o, last_o = first[perm], last[perm]
+    pending_top = np.minimum.accumulate(first_o[::-1])[::-1]
+    row_off, _, height, _ = index.window
+    row_end = row_off + height
+    ends = [*range((row_off // strip_rows + 1) * strip_rows, row_end, strip_rows), row_end]
+    steps: list[_Step] = []
+    lo, buf_end = 0, row_off
+    for end in ends:
+        if lo >= n:
+            break
+        need = int(pending_top[lo])
+        if need >= end:
+            continue  # nothing pending reaches into this strip: skip its rows entirely
+        hi = int(np.searchsorted(last_o, end, side="left"))
+        steps.append(_Step(max(buf_end, need), end, need, lo, hi))
+        buf_end, lo = end, hi
+    return StripPlan(index, perm, _reorder(index, perm), first_o, tuple(steps), strip_rows)
+
+
+def _run_strips(plan: StripPlan, read: ReadRows, reduce: Callable[[_Step, ParcelIndex, Any, int], None]) -> None:
+    """Read the plan's strips (the next one prefetched in a thread) and reduce each completed group.
+
+    One buffer of ``buffer_rows`` rows is allocated per band and reused: retained rows are moved
+    to its top, new rows appended. The kernels release the GIL, so decoding strip k+1 (GDAL, also
+    GIL-free) overlaps with reducing strip k.
+    """
+    if not plan.steps:
+        return
+    # One core decodes, the others reduce: numba's pool would otherwise fight the decoder thread
+    # for the same cores (and, with several workers per host, oversubscribe them).
+    threads = numba.get_num_threads()
+    numba.set_num_threads(max(1, threads - 1))
+    try:
+        _strips(plan, read, reduce)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def _strips(plan: StripPlan, read: ReadRows, reduce: Callable[[_Step, ParcelIndex, Any, int], None]) -> None:
+    buf: npt.NDArray[Any] | None = None
+    buf_r0 = buf_r1 = 0
+    reads = plan.reads()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbmflow-read") as pool:
+        nxt = pool.submit(read, *reads[0])
+        for k, step in enumerate(plan.steps):
+            new = nxt.result()
+            if k + 1 < len(reads):
+                nxt = pool.submit(read, *reads[k + 1])
+            if new.shape[0] != step.read_to - step.read_from:
+                raise ValueError(f"read returned {new.shape[0]} rows for {step.read_from}:{step.read_to}")
+            if buf is None:
+                buf = np.empty((plan.buffer_rows, new.shape[1]), new.dtype)
+            keep = max(0, buf_r1 - step.keep_from) if step.read_from == buf_r1 else 0
+            if keep:
+                buf[:keep] = buf[buf_r1 - buf_r0 - keep : buf_r1 - buf_r0]
+            buf[keep : keep + new.shape[0]] = new
+            buf_r0, buf_r1 = step.read_to - keep - new.shape[0], step.read_to
+            if step.hi > step.lo:
+                reduce(step, plan._sub(step), buf[: buf_r1 - buf_r0], buf_r0)
+
+
+def band_stats_strips(plan: StripPlan, read: ReadRows, nodata: float | None = 0, offset: float = 0.0) -> BandStats:
+    """:func:`band_stats` over a band read strip by strip; same numbers, memory bounded by the plan."""
+    n = len(plan.index)
+    count = np.zeros(n, np.int64)
+    out = np.full((7, n), np.nan)
+    col_off = plan.index.window[1]
+
+    def reduce(step: _Step, sub: ParcelIndex, values: Any, row0: int) -> None:
+        c, o = _band_stats_raw(sub, values, nodata, offset, (row0, col_off))
+        where = plan.perm[step.lo : step.hi]
+        count[where] = c
+        out[:, where] = o
+
+    _run_strips(plan, read, reduce)
+    return _kept_stats(plan.index.pids, count, out)
+
+
+def class_histograms_strips(plan: StripPlan, read: ReadRows, nodata: int | None = 0) -> ClassHist:
+    """:func:`class_histograms` over a band read strip by strip (rows in index, then class order)."""
+    parts: list[tuple[Any, Any, Any]] = []
+    col_off = plan.index.window[1]
+
+    def reduce(step: _Step, sub: ParcelIndex, values: Any, row0: int) -> None:
+        parcel, cls, cnt = _class_rows(sub, values, nodata, (row0, col_off))
+        parts.append((plan.perm[step.lo : step.hi][parcel], cls, cnt))
+
+    _run_strips(plan, read, reduce)
+    if not parts:
+        return ClassHist(np.zeros(0, np.int64), np.zeros(0, np.int16), np.zeros(0, np.int64))
+    pos = np.concatenate([p[0] for p in parts])
+    order = np.argsort(pos, kind="stable")
+    return ClassHist(
+        pid=plan.index.pids[pos[order]],
+        cls=np.concatenate([p[1] for p in parts])[order],
+        count=np.concatenate([p[2] for p in parts])[order],
+    )
+
+
+def window_reader(src: Any, index: ParcelIndex, band: int = 1) -> ReadRows:
+    """A :data:`ReadRows` over an open rasterio dataset, checked against the index's grid."""
+    if (src.width, src.height) != (index.grid.width, index.grid.height) or src.transform != index.grid.transform:
+        raise ValueError(f"{src.name}: grid differs from the index's grid")
+    _, col_off, _, width = index.window
+
+    def read(r0: int, r1: int) -> npt.NDArray[Any]:
+        return np.asarray(src.read(band, window=rasterio.windows.Window(col_off, r0, width, r1 - r0)))
+
+    return read

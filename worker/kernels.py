@@ -290,7 +290,7 @@ def _radix_order_stats(keys: Any, n: int, base: int, span: int, pos: Any, m: int
         slot[bucket[j]] = -1
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def band_stats_int(
     offsets: Any,
     run_row: Any,
@@ -373,7 +373,7 @@ def band_stats_int(
     return count, out
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def band_stats_float(
     offsets: Any,
     run_row: Any,
@@ -438,7 +438,7 @@ def band_stats_float(
     return count, out
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def class_counts(
     offsets: Any,
     run_row: Any,
