@@ -106,6 +106,9 @@ class StoreSettings(BaseSettings):
     url: str = Field("", description="object store root: a local directory (default) or s3://bucket/prefix")
     s3_endpoint_url: str = Field("", description="custom S3 endpoint (CDSE, CREODIAS, MinIO)")
     s3_region: str = Field("", description="S3 region")
+    s3_path_style: bool = Field(
+        True, description="path-style S3 URLs with a custom endpoint (MinIO, CDSE); false = virtual-hosted buckets"
+    )
 
 
 class WatchSettings(BaseSettings):
