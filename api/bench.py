@@ -19,15 +19,11 @@ import os
 import random
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +32,7 @@ from psycopg2 import sql
 
 from api import queries
 from api.auth import hash_password
+from api.process import api_server, free_port
 from cbmflow import db
 from cbmflow.settings import StackSettings, state_dir
 
@@ -45,12 +42,6 @@ BEGIN, END = "<!-- bench-api:begin -->", "<!-- bench-api:end -->"
 AOI, YEAR = "bench", 2024
 BANDS = ("B02", "B03", "B04", "B05", "B08", "B11")
 USER, PASSWORD = "bench", "bench-password-1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -248,45 +239,6 @@ def _series_sql(cur: Any, ds: db.Dataset) -> str:
     return cap.text
 
 
-@contextmanager
-def api_server(dsn: str, workers: int) -> Iterator[str]:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "CBMFLOW_DB_DSN": dsn,
-        "CBMFLOW_LOG_LEVEL": "WARNING",
-        "PYTHONPATH": str(REPO),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-c", f"from api.cli import serve; serve('127.0.0.1', {port}, {workers})"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the API did not start")
-            time.sleep(0.2)
-        yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def measure_http(base: str, parcels: int, samples: int, seed: int) -> dict[str, float]:
     rng = random.Random(seed)
     ms: list[float] = []
@@ -405,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     from cbmflow.stack import start_postgres, stop_postgres
 
     base_dir = args.state or (state_dir() / "bench-api")
-    pg = start_postgres(base_dir, _free_port(), StackSettings().run_as, "cbmflow_bench", "cbmflow")
+    pg = start_postgres(base_dir, free_port(), StackSettings().run_as, "cbmflow_bench", "cbmflow")
     try:
         dsn = pg.dsn
         db.migrate(dsn)

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import api.auth
 from api.app import create_app
 from api.auth import hash_password, verify
 from api.cli import register
+from api.process import free_port
 from cbmflow import db
 from cbmflow.settings import ApiSettings
 
@@ -702,14 +702,8 @@ def test_users_cli(seed: Seed, monkeypatch: pytest.MonkeyPatch) -> None:
     assert stored.startswith("$argon2id$") and verify(stored, "admin2-secret")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_real_uvicorn_server(seed: Seed) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "CBMFLOW_DB_DSN": seed.dsn, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-c", f"from api.cli import serve; serve('127.0.0.1', {port}, 1)"],

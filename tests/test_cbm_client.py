@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import venv
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +20,9 @@ from typing import Any
 
 import pytest
 import requests
-from test_api import ALICE, REPO, Seed, _free_port, _seed
+from test_api import ALICE, Seed, _seed
 
+from api.process import api_server
 from cbmflow import db
 
 CBM_VERSION = "0.0.18"
@@ -64,35 +63,8 @@ def cbm_python(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture
 def server(seed: Seed) -> Iterator[str]:
-    port = _free_port()
-    env = {**os.environ, "CBMFLOW_DB_DSN": seed.dsn, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", f"from api.cli import serve; serve('127.0.0.1', {port}, 1)"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None, "the API exited"
-            assert time.monotonic() < deadline, "the API did not come up"
-            time.sleep(0.2)
+    with api_server(seed.dsn) as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

@@ -4,21 +4,16 @@ types and shapes, and never a 500 for any input."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
-import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from test_api import ALICE, REPO, ROOT, Seed, _free_port, _seed
+from test_api import ALICE, ROOT, Seed, _seed
 
 from api.openapi import document
+from api.process import api_server
 from api.routes import ROUTES
 
 
@@ -42,29 +37,10 @@ def live(stack: object, pg_template: str) -> Iterator[str]:
         cur.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(pg_template)))
     dsn = stack.pg.dsn_for(name)  # type: ignore[attr-defined]
     seed: Seed = _seed(dsn)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", f"from api.cli import serve; serve('127.0.0.1', {port}, 1)"],
-        cwd=REPO,
-        env={**os.environ, "CBMFLOW_DB_DSN": seed.dsn, "PYTHONPATH": str(REPO), "CBMFLOW_LOG_LEVEL": "WARNING"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "the API did not come up"
-            time.sleep(0.2)
-        yield base
+        with api_server(seed.dsn) as base:
+            yield base
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
         with conn.cursor() as cur:
             cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         conn.close()
