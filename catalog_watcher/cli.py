@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
             report = watch_once(settings=settings)
             Console().print(
                 f"[bold]watch[/bold]: {report.seen} scenes over the AOIs, {report.new} new, "
-                f"{report.changed} changed, {report.published} jobs published"
+                f"{report.changed} changed, {report.published} jobs published, {report.pending} pending"
             )
             return
         watch_forever(interval_s or settings.interval_s, settings=settings)

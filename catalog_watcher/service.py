@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
+import pika.exceptions
 import psycopg2
 import psycopg2.extensions
 import shapely
@@ -33,6 +34,7 @@ class WatchReport:
     new: int = 0
     changed: int = 0
     published: int = 0
+    pending: int = 0
     rejected: list[str] = field(default_factory=list)
 
 
@@ -94,16 +96,28 @@ def flush_outbox(dsn: str, bus: BusSettings, batch: int = 500) -> int:
 
     Rows are locked ``FOR UPDATE SKIP LOCKED`` so two watchers never publish the same row at the
     same time; each row is marked in the same transaction that locked it, after its confirm.
+
+    A broker that is down, refuses or stops confirming halfway is not an error of the cycle: the
+    rows confirmed so far are committed as published, the rest stay pending for the next flush
+    (the next cycle, or ``jobs retry``), and the function returns normally. Raising instead
+    would make ``watch --interval`` log a failed cycle every time and a supervisor restart
+    ``watch --once`` in a loop, for a condition only the broker coming back can fix.
     """
     published = 0
-    conn = busmod.connect(bus)
+    try:
+        conn = busmod.connect(bus)
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        log.warning("watch.outbox_deferred", error=str(exc) or type(exc).__name__, stage="connect")
+        return 0
     try:
         channel = conn.channel()
         channel.confirm_delivery()
         busmod.declare_topology(channel, bus)
         pg = db.connect(dsn)
         try:
-            while True:
+            failure: Exception | None = None
+            while failure is None:
+                confirmed = 0
                 with pg, pg.cursor() as cur:
                     cur.execute(
                         "SELECT id, message_id, kind, body FROM outbox WHERE published_at IS NULL"
@@ -114,7 +128,11 @@ def flush_outbox(dsn: str, bus: BusSettings, batch: int = 500) -> int:
                     if not rows:
                         break
                     for out_id, message_id, kind, body in rows:
-                        busmod.publish(channel, bus, json.dumps(body).encode(), message_id, kind)
+                        try:
+                            busmod.publish(channel, bus, json.dumps(body).encode(), message_id, kind)
+                        except (pika.exceptions.AMQPError, OSError) as exc:
+                            failure = exc  # commit what was confirmed; the rest stays pending
+                            break
                         cur.execute("UPDATE outbox SET published_at = now() WHERE id = %s", (out_id,))
                         if kind == "ExtractParcels":
                             cur.execute(
@@ -122,14 +140,30 @@ def flush_outbox(dsn: str, bus: BusSettings, batch: int = 500) -> int:
                                 " WHERE id = %s AND status = 'discovered'",
                                 (int(body["scene_id"]),),
                             )
-                        published += 1
-                log.info("watch.outbox_flushed", count=len(rows))
+                        confirmed += 1
+                published += confirmed
+                log.info("watch.outbox_flushed", count=confirmed)
+            if failure is not None:
+                log.warning("watch.outbox_deferred", error=str(failure) or type(failure).__name__, stage="publish")
         finally:
             pg.close()
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        log.warning("watch.outbox_deferred", error=str(exc) or type(exc).__name__, stage="channel")
     finally:
         if conn.is_open:
-            conn.close()
+            try:
+                conn.close()
+            except (pika.exceptions.AMQPError, OSError):
+                pass  # the broker went away while we were closing; nothing is left to lose
     return published
+
+
+def pending_outbox(dsn: str) -> int:
+    """Outbox rows not yet confirmed by the broker: jobs that exist but are not in the queue yet."""
+    with db.transaction(dsn) as cur:
+        cur.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        row = cur.fetchone()
+    return int(row[0]) if row else 0
 
 
 def watch_once(
@@ -141,27 +175,39 @@ def watch_once(
     report = WatchReport()
     with db.transaction(dsn) as cur:
         aoi = load_aoi_union(cur)
-    if aoi is None:
-        log.warning("watch.no_aoi")
-    else:
-        conn = db.connect(dsn)
-        try:
-            for rec in iter_scenes(
-                settings.catalog_url, settings.collections, aoi, settings.lookback_days, settings.page_size
-            ):
-                report.seen += 1
-                with conn, conn.cursor() as cur:
-                    scene_id, what = upsert_scene(cur, rec)
-                if what == "new":
-                    report.new += 1
-                    log.info("watch.scene_new", scene_id=scene_id, product_id=rec.product_id)
-                elif what == "changed":
-                    report.changed += 1
-                    log.info("watch.scene_changed", scene_id=scene_id, product_id=rec.product_id)
-        finally:
-            conn.close()
-    report.published = flush_outbox(dsn, bus)
-    log.info("watch.cycle", seen=report.seen, new=report.new, changed=report.changed, published=report.published)
+    try:
+        if aoi is None:
+            log.warning("watch.no_aoi")
+        else:
+            conn = db.connect(dsn)
+            try:
+                for rec in iter_scenes(
+                    settings.catalog_url, settings.collections, aoi, settings.lookback_days, settings.page_size
+                ):
+                    report.seen += 1
+                    with conn, conn.cursor() as cur:
+                        scene_id, what = upsert_scene(cur, rec)
+                    if what == "new":
+                        report.new += 1
+                        log.info("watch.scene_new", scene_id=scene_id, product_id=rec.product_id)
+                    elif what == "changed":
+                        report.changed += 1
+                        log.info("watch.scene_changed", scene_id=scene_id, product_id=rec.product_id)
+            finally:
+                conn.close()
+    finally:
+        # Also when the scan failed (catalogue down): jobs left pending by an earlier broker outage
+        # must not wait for the catalogue to come back.
+        report.published = flush_outbox(dsn, bus)
+    report.pending = pending_outbox(dsn)
+    log.info(
+        "watch.cycle",
+        seen=report.seen,
+        new=report.new,
+        changed=report.changed,
+        published=report.published,
+        pending=report.pending,
+    )
     return report
 
 

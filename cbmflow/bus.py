@@ -124,6 +124,53 @@ def queue_depth(bus: BusSettings | None = None) -> QueueDepth:
     )
 
 
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message taken from the dead-letter queue and not yet acknowledged."""
+
+    tag: int
+    body: bytes
+    properties: pika.BasicProperties
+
+    @property
+    def death_reason(self) -> str:
+        """Why the broker dead-lettered it: ``rejected`` (a permanent failure) or ``delivery_limit``."""
+        headers = self.properties.headers or {}
+        deaths = headers.get("x-death") or []
+        if deaths and isinstance(deaths[0], dict):
+            return str(deaths[0].get("reason", ""))
+        return str(headers.get("x-first-death-reason", ""))
+
+
+def fetch_dead_letters(channel: Channel, bus: BusSettings) -> list[DeadLetter]:
+    """Take every message now in the dead-letter queue, unacknowledged (so a crash puts them back).
+
+    Bounded by the count at the start, so letters arriving meanwhile cannot keep the loop going.
+    """
+    ok = channel.queue_declare(bus.dead_letter_queue, passive=True)
+    letters: list[DeadLetter] = []
+    for _ in range(int(ok.method.message_count)):
+        method, properties, body = channel.basic_get(bus.dead_letter_queue, auto_ack=False)
+        if method is None:
+            break
+        letters.append(DeadLetter(int(method.delivery_tag), bytes(body), properties))
+    return letters
+
+
+def keep_dead_letter(channel: Channel, bus: BusSettings, letter: DeadLetter) -> None:
+    """Put a fetched letter back at the tail of the dead-letter queue, headers and all.
+
+    Re-published and then acked rather than rejected with requeue: on RabbitMQ >= 4.0 every
+    return counts against the quorum queue's default delivery limit (20), and the dead-letter
+    queue has no dead-letter exchange of its own, so a letter returned that often would be dropped.
+    The channel must be in confirm mode; a crash in between leaves a duplicate letter, never none.
+    """
+    channel.basic_publish(
+        exchange="", routing_key=bus.dead_letter_queue, body=letter.body, mandatory=True, properties=letter.properties
+    )
+    channel.basic_ack(letter.tag)
+
+
 def passive_depth(channel: Channel, bus: BusSettings) -> tuple[int, int]:
     """(ready, consumers) by passive declare: instant, unlike the sampled management figures."""
     ok = channel.queue_declare(bus.queue, passive=True)

@@ -22,35 +22,44 @@ def migrate() -> None:
 @jobs_app.command("retry")
 def jobs_retry(
     failed: bool = typer.Option(False, "--failed", help="Re-publish every scene in status failed."),
-    dead_lettered: bool = typer.Option(False, "--dead-lettered", help="Alias of --failed."),
-    scene: list[int] = typer.Option([], "--scene", help="Only these scene ids."),
+    dead_lettered: bool = typer.Option(
+        False, "--dead-lettered", help="Re-publish every scene with a message in the dead-letter queue."
+    ),
+    scene: list[int] = typer.Option([], "--scene", help="Only these scene ids (alone: exactly these, even finished)."),
 ) -> None:
-    """Re-publish jobs for failed scenes (after fixing the cause) through the outbox."""
-    import json
-
-    from catalog_watcher.service import flush_outbox
-    from cbmflow import db
-    from cbmflow.messages import ExtractParcels
+    """Re-publish jobs after fixing the cause, through the outbox; their dead letters are removed
+    once the new job is confirmed. Malformed messages and unknown scenes stay in the dead-letter queue."""
+    from cbmflow.jobs import retry
     from cbmflow.settings import BusSettings, DbSettings
 
     if not (failed or dead_lettered or scene):
-        raise typer.BadParameter("give --failed/--dead-lettered or --scene ID")
-    dsn = DbSettings().resolved_dsn()
-    with db.transaction(dsn) as cur:
-        if scene:
-            cur.execute("SELECT id, product_id, card, location FROM scenes WHERE id = ANY(%s)", (list(scene),))
-        else:
-            cur.execute("SELECT id, product_id, card, location FROM scenes WHERE status = 'failed'")
-        rows = cur.fetchall()
-        for sid, pid, card, loc in rows:
-            msg = ExtractParcels(scene_id=sid, product_id=pid, card=card, location=loc)
-            cur.execute("UPDATE scenes SET status = 'discovered', reason = NULL WHERE id = %s", (sid,))
-            cur.execute(
-                "INSERT INTO outbox (message_id, kind, body) VALUES (%s, %s, %s)",
-                (msg.message_id, msg.kind, json.dumps(msg.model_dump(mode="json"))),
-            )
-    published = flush_outbox(dsn, BusSettings())
-    typer.echo(f"re-queued {len(rows)} scene(s), published {published} job(s)")
+        raise typer.BadParameter("give --failed, --dead-lettered and/or --scene ID")
+    import pika.exceptions
+
+    try:
+        report = retry(
+            DbSettings().resolved_dsn(), BusSettings(), failed=failed, dead_lettered=dead_lettered, scenes=scene
+        )
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        # Safe to repeat: a dead letter goes only after its new job was confirmed, and a job sent
+        # twice is harmless (workers claim scenes in the database).
+        typer.echo(f"broker connection failed: {exc or type(exc).__name__}; run the command again", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(
+        f"re-published {len(report.republished)} scene(s)"
+        + (f": {', '.join(map(str, report.republished))}" if report.republished else "")
+        + f"; dead letters removed {report.letters_removed}, kept {report.letters_kept}"
+        + (f" ({report.letters_malformed} malformed)" if report.letters_malformed else "")
+    )
+    for sid, why in sorted(report.skipped.items()):
+        typer.echo(f"skipped scene {sid}: {why}")
+    if report.pending:
+        typer.echo(
+            f"{len(report.pending)} job(s) not confirmed by the broker, left in the outbox for the next flush: "
+            + ", ".join(map(str, report.pending)),
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 def demo_data(

@@ -22,7 +22,8 @@ def configure(level: str | None = None) -> None:
         return
     lvl = getattr(logging, (level or os.environ.get("CBMFLOW_LOG_LEVEL", "INFO")).upper(), logging.INFO)
     logging.basicConfig(stream=sys.stderr, level=lvl, format="%(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs connection failures as plain-text tracebacks; our own events cover those cases.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -1,4 +1,9 @@
-"""``cbmflow status``: queue depths, scenes by status and workers, read from the real sources."""
+"""``cbmflow status``: queue depths, scenes by status and workers, read from the real sources.
+
+Each source is read on its own, so a broker or database that is down shows as an error line
+while the other half of the screen still answers: status is what an operator runs when
+something is wrong.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from typing import Any
 
 from cbmflow import bus as busmod
 from cbmflow import db
-from cbmflow.settings import BusSettings, DbSettings
+from cbmflow.settings import BusSettings, DbSettings, WorkerSettings
 
 
 def collect() -> dict[str, Any]:
@@ -22,19 +27,42 @@ def collect() -> dict[str, Any]:
         }
     except Exception as exc:  # noqa: BLE001 - status must show what it can
         out["queue"] = {"error": str(exc)}
-    with db.transaction(DbSettings().resolved_dsn()) as cur:
-        cur.execute("SELECT status, count(*) FROM scenes GROUP BY status ORDER BY status")
-        out["scenes"] = {s: int(n) for s, n in cur.fetchall()}
-        cur.execute(
-            "SELECT id, host, pid, state, current_scene, extract(epoch FROM now() - heartbeat_at)::int"
-            " FROM workers WHERE state <> 'stopped' OR heartbeat_at > now() - interval '10 minutes' ORDER BY id"
-        )
-        out["workers"] = [
-            {"id": r[0], "host": r[1], "pid": r[2], "state": r[3], "current_scene": r[4], "heartbeat_age_s": r[5]}
-            for r in cur.fetchall()
-        ]
-        cur.execute("SELECT id, product_id, reason FROM scenes WHERE status = 'failed' ORDER BY id LIMIT 10")
-        out["failed"] = [{"scene_id": r[0], "product_id": r[1], "reason": r[2]} for r in cur.fetchall()]
+    # A worker silent for three heartbeats is probably dead; its lease expires on its own.
+    stale_s = 3 * WorkerSettings().heartbeat_s
+    try:
+        with db.transaction(DbSettings().resolved_dsn()) as cur:
+            cur.execute("SELECT status, count(*) FROM scenes GROUP BY status ORDER BY status")
+            out["scenes"] = {s: int(n) for s, n in cur.fetchall()}
+            cur.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            row = cur.fetchone()
+            out["outbox_pending"] = int(row[0]) if row else 0
+            cur.execute(
+                "SELECT id, host, pid, state, current_scene, extract(epoch FROM now() - heartbeat_at)::int,"
+                " metrics_port FROM workers"
+                " WHERE state <> 'stopped' OR heartbeat_at > now() - interval '10 minutes' ORDER BY id"
+            )
+            out["workers"] = [
+                {
+                    "id": r[0],
+                    "host": r[1],
+                    "pid": r[2],
+                    "state": r[3],
+                    "current_scene": r[4],
+                    "heartbeat_age_s": r[5],
+                    "stale": r[3] != "stopped" and r[5] > stale_s,
+                    "metrics": f"http://{r[1]}:{r[6]}/metrics" if r[6] else None,
+                }
+                for r in cur.fetchall()
+            ]
+            cur.execute(
+                "SELECT id, product_id, reason FROM scenes WHERE status = 'failed' ORDER BY updated_at DESC LIMIT 10"
+            )
+            out["failed"] = [{"scene_id": r[0], "product_id": r[1], "reason": r[2]} for r in cur.fetchall()]
+    except Exception as exc:  # noqa: BLE001 - status must show what it can
+        out["database"] = {"error": str(exc).strip()}
+        out.setdefault("scenes", {})
+        out.setdefault("workers", [])
+        out.setdefault("failed", [])
     return out
 
 
@@ -55,6 +83,11 @@ def print_status(as_json: bool = False) -> None:
             f"[bold]queue[/bold] ready {q['ready']}  unacked {q['unacked']}  consumers {q['consumers']}"
             f"  dead-lettered {q['dead_lettered']}"
         )
+    if data.get("outbox_pending"):
+        # Jobs recorded but not yet confirmed by the broker: the watcher's next cycle sends them.
+        console.print(f"[yellow]outbox pending {data['outbox_pending']}[/yellow]")
+    if "database" in data:
+        console.print(f"[red]database: {data['database']['error']}[/red]")
     scenes = Table(title="scenes")
     scenes.add_column("status")
     scenes.add_column("count", justify="right")
@@ -62,12 +95,15 @@ def print_status(as_json: bool = False) -> None:
         scenes.add_row(s, str(n))
     console.print(scenes)
     workers = Table(title="workers")
-    for col in ("id", "host", "pid", "state", "scene", "heartbeat age s"):
+    for col in ("id", "host", "pid", "state", "scene", "heartbeat age s", "metrics"):
         workers.add_column(col)
     for w in data["workers"]:
+        age = f"[red]{w['heartbeat_age_s']} (stale)[/red]" if w["stale"] else str(w["heartbeat_age_s"])
         workers.add_row(
-            w["id"], w["host"], str(w["pid"]), w["state"], str(w["current_scene"] or ""), str(w["heartbeat_age_s"])
+            w["id"], w["host"], str(w["pid"]), w["state"], str(w["current_scene"] or ""), age, w["metrics"] or ""
         )
     console.print(workers)
     for f in data["failed"]:
         console.print(f"[red]failed[/red] scene {f['scene_id']} {f['product_id']}: {f['reason']}")
+    if q.get("dead_lettered"):
+        console.print("fix the cause, then `cbmflow jobs retry --dead-lettered` re-publishes those jobs")

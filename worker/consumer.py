@@ -1,22 +1,35 @@
 """The job consumer: claim, extract, acknowledge, with heartbeats that never starve.
 
-pika's BlockingConnection is not thread-safe, so the job runs in a thread of its own and hands its
-verdict back to the connection's thread through ``add_callback_threadsafe``; the connection thread
-keeps calling ``process_data_events`` so broker heartbeats are answered during long jobs.
+pika's BlockingConnection is not thread-safe, so the job runs in a thread of its own while the
+connection's thread keeps calling ``process_data_events`` (broker heartbeats are answered during
+long jobs). The job thread never touches the channel: it stores its verdict and wakes the
+connection thread with ``add_callback_threadsafe``; the connection thread settles it. Because
+the verdict is held by the job record rather than by a queued callback, a verdict can never be
+lost in a dead connection's callback queue, and the connection thread always knows whether a
+job is still running.
 
-Verdicts: ``ack`` (done, or a duplicate of a finished scene), ``requeue`` (transient failure,
-after a backoff) and ``dead_letter`` (permanent failure: ``basic_reject(requeue=False)`` goes
-straight to the dead-letter exchange, with the reason recorded on the scene).
+Verdicts: ``ack`` (done, or a duplicate of a finished scene), ``requeue`` (transient failure of
+this job, after a backoff) and ``dead_letter`` (permanent failure: ``basic_reject(requeue=False)``
+goes straight to the dead-letter exchange, with the reason recorded on the scene). A database
+that cannot be reached at all is not the job's fault: the job keeps its message and retries in
+place, so an outage never uses up the message's delivery limit.
+
+At most one job runs per process, also across reconnects: after a lost connection the consumer
+waits for the job thread to finish (its lease keeps other workers off the scene meanwhile, and
+the broker has already requeued the message, whose redelivery is acked as a duplicate) before
+it consumes again.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,6 +38,7 @@ import pika
 import pika.exceptions
 import psycopg2
 import psycopg2.extensions
+import structlog
 
 from cbmflow import bus as busmod
 from cbmflow import db
@@ -32,15 +46,24 @@ from cbmflow.errors import PermanentJobError
 from cbmflow.logging import get_logger
 from cbmflow.messages import ExtractParcels, parse_message
 from cbmflow.settings import BusSettings, DbSettings, WorkerSettings
+from worker.metrics import WorkerMetrics
 from worker.scene import ClaimedScene, IndexCache, extract_s2
 
 log = get_logger("worker")
 
+# SQLSTATEs that mean "the database is not there right now" rather than "this job is bad":
+# connection exceptions (08), operator/crash shutdown and startup (57P01-57P03), insufficient
+# resources (53: disk full, out of memory, too many connections).
+_DB_UNAVAILABLE_PREFIXES = ("08", "53", "57P01", "57P02", "57P03")
+
 
 @dataclass
 class Verdict:
+    """What to tell the broker about one delivery, and why (``label`` is the metrics label)."""
+
     action: str  # "ack" | "requeue" | "dead_letter"
     reason: str = ""
+    label: str = ""
 
 
 class LeaseHeld(Exception):
@@ -51,8 +74,34 @@ class LeaseHeld(Exception):
         self.remaining_s = remaining_s
 
 
+class LeaseLost(LeaseHeld):
+    """Our lease was taken over while we extracted; our rows are rolled back, the other writer wins."""
+
+
+class UnknownScene(PermanentJobError):
+    """The job names a scene the database does not have (a foreign or stale message)."""
+
+
+class UnsupportedCard(PermanentJobError):
+    """The scene is of a product type this worker cannot extract yet."""
+
+
 def worker_id() -> str:
     return os.environ.get("CBMFLOW_WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def backoff_s(attempt: int, ceiling_s: float) -> float:
+    """1, 2, 4 … s up to ``ceiling_s``, minus up to 20 % jitter, so that workers coming back from a
+    shared outage do not all retry in the same instant."""
+    return min(2.0 ** max(attempt - 1, 0), ceiling_s) * random.uniform(0.8, 1.0)  # noqa: S311 - not crypto
+
+
+def db_unavailable(exc: psycopg2.Error, conn: psycopg2.extensions.connection | None) -> bool:
+    """Whether ``exc`` says the database is unreachable, as opposed to this job failing in it."""
+    if conn is None or conn.closed:
+        return True
+    code = exc.pgcode or ""
+    return not code or code.startswith(_DB_UNAVAILABLE_PREFIXES)
 
 
 class SceneJobs:
@@ -68,7 +117,8 @@ class SceneJobs:
         """Claim the scene, or return None when it is already finished (a duplicate job).
 
         A scene in ``processing`` whose lease expired belonged to a crashed worker and is taken
-        over; one with a live lease raises :class:`LeaseHeld`.
+        over; one with a live lease raises :class:`LeaseHeld`. Our own live lease is re-claimed:
+        that is a job retried in place after the database came back.
         """
         with conn, conn.cursor() as cur:
             cur.execute(
@@ -88,7 +138,7 @@ class SceneJobs:
             )
             found = cur.fetchone()
         if found is None:
-            raise PermanentJobError(f"unknown scene {msg.scene_id}")
+            raise UnknownScene(f"unknown scene {msg.scene_id}")
         status, remaining = found
         if status in ("extracted", "no_parcels"):
             return None
@@ -104,30 +154,59 @@ class SceneJobs:
             return bool(cur.rowcount == 1)
 
     def run(self, conn: psycopg2.extensions.connection, scene: ClaimedScene) -> dict[str, Any]:
-        """Extract and mark the scene done in ONE transaction, guarded by our lease."""
+        """Extract and mark the scene done in ONE transaction, committed only if we still hold the lease.
+
+        The scene row is locked (``FOR UPDATE``) only at the end, to check the lease and mark the
+        scene: locking it for the whole extraction would also block the heartbeat's lease renewal
+        (and with it the registry heartbeat and drain requests) for as long as the job runs. A
+        worker that lost its lease meanwhile (its heartbeat could not renew it, another worker took
+        over) rolls back its rows instead of committing them, so exactly one writer commits.
+        """
+        if scene.card != "s2":
+            raise UnsupportedCard(f"card {scene.card!r} is not supported by this worker yet")
         with conn, conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM scenes WHERE id = %s AND lease_owner = %s FOR UPDATE", (scene.id, self.me))
-            if cur.fetchone() is None:
-                raise LeaseHeld(0.0)
-            if scene.card != "s2":
-                raise PermanentJobError(f"card {scene.card!r} is not supported by this worker yet")
             result = extract_s2(cur, scene, self.cache)
+            cur.execute("SELECT lease_owner FROM scenes WHERE id = %s FOR UPDATE", (scene.id,))
+            owner = cur.fetchone()
+            if owner is None or owner[0] != self.me:
+                raise LeaseLost(0.0)  # rolls back this transaction's rows
             status = "extracted" if result.sig_rows or result.hist_rows else "no_parcels"
             cur.execute(
                 "UPDATE scenes SET status = %s, rows_written = %s, lease_owner = NULL, lease_until = NULL,"
                 " updated_at = now() WHERE id = %s",
                 (status, result.sig_rows + result.hist_rows, scene.id),
             )
-        return {"status": status, "datasets": result.datasets, "parcels": result.parcels,
-                "sig_rows": result.sig_rows, "hist_rows": result.hist_rows}  # fmt: skip
+        return {
+            "status": status,
+            "datasets": result.datasets,
+            "parcels": result.parcels,
+            "sig_rows": result.sig_rows,
+            "hist_rows": result.hist_rows,
+        }
 
     def fail(self, conn: psycopg2.extensions.connection, scene_id: int, reason: str, permanent: bool) -> None:
+        """Record the reason; ``failed`` for good, or back to ``queued`` for the next delivery."""
         with conn, conn.cursor() as cur:
             cur.execute(
                 "UPDATE scenes SET status = %s, reason = %s, lease_owner = NULL, lease_until = NULL,"
                 " updated_at = now() WHERE id = %s AND (lease_owner = %s OR lease_owner IS NULL)",
                 ("failed" if permanent else "queued", reason[:2000], scene_id, self.me),
             )
+
+
+@dataclass
+class Delivery:
+    """One message handed to this worker, and (once its job ended) the verdict for it."""
+
+    channel: Any
+    connection: pika.BlockingConnection
+    tag: int
+    body: bytes
+    message_id: str | None
+    delivery_count: int
+    verdict: Verdict | None = None
+    duration_s: float = 0.0
+    finished: threading.Event = field(default_factory=threading.Event)
 
 
 class Worker:
@@ -146,33 +225,73 @@ class Worker:
         self.settings = settings or WorkerSettings()
         self.me = worker_id()
         self.jobs = SceneJobs(self.dsn, self.me, self.settings)
+        self.metrics = WorkerMetrics(self.me)
+        self.metrics_port: int | None = None
         self.max_jobs = max_jobs
         self.done = 0
         self.stopping = threading.Event()
+        self.exited = threading.Event()
         self.busy = threading.Event()
         self.current_scene: int | None = None
+        self._stop_at: float | None = None
         self._conn: pika.BlockingConnection | None = None
-        self._channel: Any = None
-        self._consumer_tag: str | None = None
+        self._job: Delivery | None = None
+        self._pending: deque[Delivery] = deque()
+        self._reconnect_attempt = 0
         self._last_job_end = time.monotonic()
 
     # ---- registry -------------------------------------------------------------------------
     def _registry(self, state: str) -> None:
+        """Upsert this worker's row. A drain request (``draining``, set by the provisioner) sticks
+        until the process stops, even across reconnects and restarts under the same id."""
         try:
             with db.transaction(self.dsn) as cur:
                 cur.execute(
-                    "INSERT INTO workers (id, host, pid, state, current_scene) VALUES (%s, %s, %s, %s, %s)"
-                    " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, current_scene = EXCLUDED.current_scene,"
-                    " heartbeat_at = now(), pid = EXCLUDED.pid, host = EXCLUDED.host",
-                    (self.me, socket.gethostname(), os.getpid(), state, self.current_scene),
+                    "INSERT INTO workers (id, host, pid, state, current_scene, metrics_port)"
+                    " VALUES (%(id)s, %(host)s, %(pid)s, %(state)s, %(scene)s, %(port)s)"
+                    " ON CONFLICT (id) DO UPDATE SET"
+                    "  state = CASE WHEN workers.state = 'draining' AND EXCLUDED.state <> 'stopped'"
+                    "               THEN 'draining' ELSE EXCLUDED.state END,"
+                    "  current_scene = EXCLUDED.current_scene, heartbeat_at = now(), pid = EXCLUDED.pid,"
+                    "  host = EXCLUDED.host, metrics_port = EXCLUDED.metrics_port,"
+                    "  started_at = CASE WHEN workers.pid <> EXCLUDED.pid OR workers.host <> EXCLUDED.host"
+                    "                    THEN now() ELSE workers.started_at END"
+                    " RETURNING state",
+                    {
+                        "id": self.me,
+                        "host": socket.gethostname(),
+                        "pid": os.getpid(),
+                        "state": state,
+                        "scene": self.current_scene,
+                        "port": self.metrics_port,
+                    },
                 )
+                row = cur.fetchone()
         except psycopg2.Error as exc:
-            log.warning("worker.registry_failed", error=str(exc))
+            log.warning("worker.registry_failed", error=str(exc).strip()[:300])
+            return
+        if row is not None and row[0] == "draining" and state != "draining" and not self.stopping.is_set():
+            log.info("worker.drain_requested", source="registry")
+            self.request_stop()
+
+    def _mark(self, conn: psycopg2.extensions.connection, state: str, scene_id: int | None) -> None:
+        """Show busy/idle at once (``cbmflow status``, the provisioner) rather than at the next heartbeat."""
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE workers SET state = CASE WHEN state = 'draining' THEN state ELSE %s END,"
+                " current_scene = %s, heartbeat_at = now() WHERE id = %s",
+                (state, scene_id, self.me),
+            )
 
     def _heartbeat_loop(self) -> None:
-        """Keep the registry row fresh, renew the current lease, and notice a drain request."""
+        """Keep the registry row fresh, renew the current lease, and notice a drain request.
+
+        Runs until the process exits, not until a stop is requested: a draining worker's job may
+        run for the whole stop deadline, and its lease and heartbeat must stay fresh meanwhile.
+        """
+        structlog.contextvars.bind_contextvars(worker_id=self.me)
         conn: psycopg2.extensions.connection | None = None
-        while not self.stopping.wait(self.settings.heartbeat_s):
+        while not self.exited.wait(self.settings.heartbeat_s):
             try:
                 if conn is None or conn.closed:
                     conn = db.connect(self.dsn)
@@ -180,25 +299,33 @@ class Worker:
                     state = "busy" if self.busy.is_set() else "idle"
                     cur.execute(
                         "UPDATE workers SET heartbeat_at = now(),"
-                        " state = CASE WHEN state = 'draining' THEN state ELSE %s END, current_scene = %s"
+                        " state = CASE WHEN state IN ('draining', 'stopped') THEN state ELSE %s END,"
+                        " current_scene = %s"
                         " WHERE id = %s RETURNING state",
                         (state, self.current_scene, self.me),
                     )
                     row = cur.fetchone()
-                if row is not None and row[0] == "draining":
+                if row is None:
+                    self._registry(state)  # the row was deleted under us (or never written): recreate it
+                elif row[0] == "draining" and not self.stopping.is_set():
                     log.info("worker.drain_requested", source="registry")
                     self.request_stop()
-                if self.current_scene is not None:
-                    self.jobs.renew(conn, self.current_scene)
+                scene = self.current_scene
+                if scene is not None and not self.jobs.renew(conn, scene) and self.current_scene == scene:
+                    log.warning("worker.lease_lost", scene_id=scene)  # the job finds out at its commit
             except psycopg2.Error as exc:
-                log.warning("worker.heartbeat_failed", error=str(exc))
+                log.warning("worker.heartbeat_failed", error=str(exc).strip()[:300])
+                if conn is not None:
+                    conn.close()
                 conn = None
         if conn is not None:
             conn.close()
 
     # ---- control --------------------------------------------------------------------------
     def request_stop(self, *_: Any) -> None:
-        self.stopping.set()
+        if not self.stopping.is_set():
+            self._stop_at = time.monotonic()
+            self.stopping.set()
 
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("worker.signal", signal=signal.Signals(signum).name)
@@ -207,159 +334,304 @@ class Worker:
     def _drain_file_present(self) -> bool:
         return bool(self.settings.drain_file) and Path(self.settings.drain_file).exists()
 
-    # ---- the job --------------------------------------------------------------------------
-    def _handle(self, body: bytes) -> Verdict:
+    def _past_stop_deadline(self) -> bool:
+        return self._stop_at is not None and time.monotonic() - self._stop_at > self.settings.stop_deadline_s
+
+    # ---- the job (job thread) -------------------------------------------------------------
+    def _job_main(self, job: Delivery) -> None:
+        structlog.contextvars.bind_contextvars(
+            worker_id=self.me, job_id=job.message_id, delivery_count=job.delivery_count
+        )
+        started = time.monotonic()
+        verdict = Verdict("requeue", "job thread ended without a verdict", "unexpected")
         try:
-            msg = parse_message(body)
+            verdict = self._handle(job)
+        except Exception as exc:  # noqa: BLE001 - the verdict must always reach the connection thread
+            log.exception("job.crashed")
+            verdict = Verdict("requeue", f"{type(exc).__name__}: {exc}", "unexpected")
+        finally:
+            job.duration_s = time.monotonic() - started
+            job.verdict = verdict
+            job.finished.set()
+            try:
+                job.connection.add_callback_threadsafe(self._settle_finished)
+            except pika.exceptions.ConnectionWrongStateError:
+                pass  # the connection died under the job; the connection thread is waiting for it
+
+    def _handle(self, job: Delivery) -> Verdict:
+        try:
+            msg = parse_message(job.body)
         except PermanentJobError as exc:
-            log.error("job.malformed", error=str(exc)[:500])
-            return Verdict("dead_letter", str(exc))
+            log.error("job.malformed", error=str(exc)[:500], body_prefix=repr(job.body[:64]))
+            return Verdict("dead_letter", str(exc), "malformed")
         if not isinstance(msg, ExtractParcels):
-            return Verdict("dead_letter", f"unexpected message kind {msg.kind}")
-        bound = log.bind(scene_id=msg.scene_id, product_id=msg.product_id)
-        attempt = 0
+            log.error("job.malformed", error=f"unexpected message kind {msg.kind}")
+            return Verdict("dead_letter", f"unexpected message kind {msg.kind}", "malformed")
+        structlog.contextvars.bind_contextvars(scene_id=msg.scene_id, product_id=msg.product_id)
+        db_attempt = 0
         while True:
             conn: psycopg2.extensions.connection | None = None
             try:
                 conn = db.connect(self.dsn)
                 scene = self.jobs.claim(conn, msg)
                 if scene is None:
-                    bound.info("job.duplicate")
-                    return Verdict("ack")
+                    log.info("job.duplicate")
+                    return Verdict("ack", "", "duplicate")
                 self.current_scene = scene.id
+                self._mark(conn, "busy", scene.id)
                 started = time.monotonic()
                 outcome = self.jobs.run(conn, scene)
-                bound.info("job.done", duration_s=round(time.monotonic() - started, 3), **outcome)
-                return Verdict("ack")
+                log.info("job.done", duration_s=round(time.monotonic() - started, 3), **outcome)
+                return Verdict("ack", "", str(outcome["status"]))
             except LeaseHeld as exc:
                 wait_s = min(max(exc.remaining_s, 1.0), self.settings.lease_s) + 1.0
-                bound.info("job.lease_held", wait_s=round(wait_s, 1))
+                if isinstance(exc, LeaseLost):
+                    log.warning("job.lease_lost", wait_s=round(wait_s, 1))
+                else:
+                    log.info("job.lease_held", wait_s=round(wait_s, 1))
                 if self.stopping.wait(min(wait_s, 30.0)):
-                    return Verdict("requeue", "stopping while waiting for a lease")
+                    return Verdict("requeue", "stopping while waiting for a lease", "stopping")
             except PermanentJobError as exc:
-                bound.error("job.failed_permanent", reason=str(exc)[:500])
+                label = "unknown_scene" if isinstance(exc, UnknownScene) else "product"
+                label = "unsupported" if isinstance(exc, UnsupportedCard) else label
+                log.error("job.failed_permanent", reason=str(exc)[:500], category=label)
                 self._fail(conn, msg.scene_id, str(exc), permanent=True)
-                return Verdict("dead_letter", str(exc))
-            except (psycopg2.OperationalError, psycopg2.InterfaceError, OSError) as exc:
-                attempt += 1
-                delay_s = min(2.0**attempt, 30.0)
-                bound.warning("job.failed_transient", error=str(exc)[:500], retry_in_s=delay_s)
-                self._fail(conn, msg.scene_id, str(exc), permanent=False)
-                time.sleep(delay_s)
-                return Verdict("requeue", str(exc))
+                return Verdict("dead_letter", str(exc), label)
+            except psycopg2.Error as exc:
+                if not db_unavailable(exc, conn):
+                    return self._transient(job, msg, conn, exc, "database")
+                # Nothing wrong with the job: keep the message (no delivery is used up) and retry.
+                db_attempt += 1
+                delay_s = backoff_s(db_attempt, self.settings.backoff_max_s)
+                log.warning(
+                    "job.database_unavailable",
+                    error=str(exc).strip()[:300],
+                    attempt=db_attempt,
+                    retry_in_s=round(delay_s, 1),
+                )
+                if self.stopping.wait(delay_s):
+                    return Verdict("requeue", "stopping while the database is unavailable", "stopping")
+            except OSError as exc:
+                return self._transient(job, msg, conn, exc, "io")
             except Exception as exc:  # noqa: BLE001 - an unknown error must not kill the consumer
-                bound.exception("job.failed_unexpected")
-                self._fail(conn, msg.scene_id, f"{type(exc).__name__}: {exc}", permanent=False)
-                time.sleep(2.0)
-                return Verdict("requeue", str(exc))
+                log.exception("job.failed_unexpected")
+                return self._transient(job, msg, conn, exc, "unexpected")
             finally:
                 self.current_scene = None
                 if conn is not None:
+                    self._mark_idle(conn)
                     conn.close()
 
+    def _mark_idle(self, conn: psycopg2.extensions.connection) -> None:
+        if conn.closed:
+            return
+        try:
+            self._mark(conn, "idle", None)
+        except psycopg2.Error:
+            pass  # the heartbeat corrects the registry
+
+    def _transient(
+        self,
+        job: Delivery,
+        msg: ExtractParcels,
+        conn: psycopg2.extensions.connection | None,
+        exc: Exception,
+        label: str,
+    ) -> Verdict:
+        """Requeue after a backoff that grows with the delivery count; on the last delivery the
+        broker allows, mark the scene failed first, since the broker is about to dead-letter it."""
+        reason = f"{label}: {type(exc).__name__}: {exc}".strip()
+        if job.delivery_count >= self.bus.delivery_limit:
+            reason = f"gave up after {job.delivery_count + 1} deliveries (delivery limit {self.bus.delivery_limit}): "
+            reason += f"{label}: {type(exc).__name__}: {exc}".strip()
+            log.error("job.failed_delivery_limit", reason=reason[:500])
+            self._fail(conn, msg.scene_id, reason, permanent=True)
+            return Verdict("requeue", reason, "delivery_limit")
+        delay_s = backoff_s(job.delivery_count + 1, self.settings.backoff_max_s)
+        log.warning("job.failed_transient", reason=reason[:500], retry_in_s=round(delay_s, 1))
+        self._fail(conn, msg.scene_id, reason, permanent=False)
+        self.stopping.wait(delay_s)
+        return Verdict("requeue", reason, label)
+
     def _fail(self, conn: psycopg2.extensions.connection | None, scene_id: int, reason: str, permanent: bool) -> None:
+        fresh = conn is None or bool(conn.closed)
         try:
-            if conn is None or conn.closed:
+            if fresh:
                 conn = db.connect(self.dsn)
-            self.jobs.fail(conn, scene_id, reason, permanent)
-        except psycopg2.Error as exc:
-            log.warning("job.fail_record_failed", error=str(exc)[:300])
-
-    # ---- AMQP plumbing --------------------------------------------------------------------
-    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        self.busy.set()
-        conn = self._conn
-        assert conn is not None
-
-        def work() -> None:
-            verdict = self._handle(body)
+            assert conn is not None
             try:
-                conn.add_callback_threadsafe(lambda: self._settle(channel, method.delivery_tag, verdict))
-            except Exception as exc:  # noqa: BLE001 - the connection died under the job
-                # The broker requeues the unacked message; its redelivery is acked as a duplicate.
-                log.warning("job.settle_lost", action=verdict.action, error=str(exc) or type(exc).__name__)
-                self.busy.clear()
+                self.jobs.fail(conn, scene_id, reason, permanent)
+            finally:
+                if fresh:
+                    conn.close()
+        except psycopg2.Error as exc:
+            log.warning("job.fail_record_failed", error=str(exc).strip()[:300])
 
-        threading.Thread(target=work, name="job", daemon=True).start()
+    # ---- AMQP plumbing (connection thread) -------------------------------------------------
+    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        assert self._conn is not None
+        headers = properties.headers or {}
+        self._pending.append(
+            Delivery(
+                channel=channel,
+                connection=self._conn,
+                tag=int(method.delivery_tag),
+                body=body,
+                message_id=properties.message_id,
+                delivery_count=int(headers.get("x-delivery-count", 0) or 0),
+            )
+        )
+        self._start_next()
 
-    def _settle(self, channel: Any, tag: int, verdict: Verdict) -> None:
-        try:
-            if verdict.action == "ack":
-                channel.basic_ack(tag)
-            elif verdict.action == "requeue":
-                channel.basic_reject(tag, requeue=True)
-            else:
-                channel.basic_reject(tag, requeue=False)
-        except (pika.exceptions.ChannelWrongStateError, pika.exceptions.AMQPError) as exc:
-            # The broker closed the channel (e.g. consumer_timeout) and requeued the message itself;
-            # the redelivery finds the scene finished and is acked as a duplicate.
-            log.warning("job.settle_failed", action=verdict.action, error=str(exc))
+    def _start_next(self) -> None:
+        """Start the next delivery's job unless one is running (one job per process, always)."""
+        if self._job is not None or not self._pending or self.stopping.is_set():
+            return
+        job = self._pending.popleft()
+        self._job = job
+        self.busy.set()
+        self.metrics.busy.set(1)
+        threading.Thread(target=self._job_main, args=(job,), name=f"job-{job.tag}", daemon=True).start()
+
+    def _settle_finished(self) -> None:
+        """Hand a finished job's verdict to the broker. Runs on the connection thread only, from the
+        job's wake-up callback or the loop's poll, whichever comes first (the second finds nothing)."""
+        job = self._job
+        if job is None or not job.finished.is_set():
+            return
+        self._job = None
+        verdict = job.verdict or Verdict("requeue", "no verdict", "unexpected")
+        settled = False
+        if job.channel.is_open:
+            try:
+                if verdict.action == "ack":
+                    job.channel.basic_ack(job.tag)
+                elif verdict.action == "requeue":
+                    job.channel.basic_reject(job.tag, requeue=True)
+                else:
+                    job.channel.basic_reject(job.tag, requeue=False)
+                settled = True
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                log.warning("job.settle_failed", action=verdict.action, error=str(exc) or type(exc).__name__)
+        if not settled:
+            # The broker requeued the message when the channel died; its redelivery finds the scene
+            # finished (acked as a duplicate) or claimable again.
+            self.metrics.settles_lost.inc()
+            log.warning("job.settle_lost", action=verdict.action, job_id=job.message_id)
+        if verdict.action == "ack":
+            self.metrics.jobs_done.labels(verdict.label).inc()
+            self.metrics.job_duration.labels(verdict.label).observe(job.duration_s)
+        else:
+            self.metrics.jobs_failed.labels(verdict.label or "unexpected", verdict.action).inc()
+            self.metrics.job_duration.labels("failed").observe(job.duration_s)
         self.done += 1
         self._last_job_end = time.monotonic()
         self.busy.clear()
+        self.metrics.busy.set(0)
         if self.max_jobs and self.done >= self.max_jobs:
             self.request_stop()
 
+    def _requeue_pending(self, channel: Any) -> None:
+        """Deliveries received but never started (prefetch > 1, or one in flight at the cancel)."""
+        while self._pending:
+            job = self._pending.popleft()
+            if channel.is_open:
+                channel.basic_reject(job.tag, requeue=True)
+
     def _consume_once(self) -> None:
-        self._conn = busmod.connect(self.bus)
-        channel = self._conn.channel()
-        self._channel = channel
+        assert self._job is None, "a job thread outlived its connection"
+        conn = busmod.connect(self.bus)
+        self._conn = conn
+        channel = conn.channel()
         channel.basic_qos(prefetch_count=self.settings.prefetch)
         busmod.declare_topology(channel, self.bus)
-        self._consumer_tag = channel.basic_consume(self.bus.queue, self._on_message, auto_ack=False)
+        consumer_tag = channel.basic_consume(self.bus.queue, self._on_message, auto_ack=False)
+        self._reconnect_attempt = 0
         self._registry("idle")
-        log.info("worker.consuming", queue=self.bus.queue, worker_id=self.me)
+        log.info("worker.consuming", queue=self.bus.queue, metrics_port=self.metrics_port)
         cancelled = False
-        deadline: float | None = None
         while True:
-            self._conn.process_data_events(time_limit=0.5)
+            conn.process_data_events(time_limit=0.5)
+            self._settle_finished()
             if channel.is_closed:
-                # pika does not raise when the broker closes the channel (consumer_timeout).
-                raise pika.exceptions.ChannelClosed(0, "channel closed by broker")
-            if self._drain_file_present():
+                # pika does not raise when the broker closes the channel (consumer_timeout, or a
+                # late ack of an expired delivery): check, and reconnect. The broker's reason is
+                # only kept privately by pika; it is what an operator needs to see, though.
+                reason = getattr(channel, "_closing_reason", None)
+                log.warning("worker.channel_closed", reason=str(reason) if reason else "unknown")
+                if isinstance(reason, pika.exceptions.ChannelClosed):
+                    raise reason
+                raise pika.exceptions.ChannelClosed(0, "channel closed by the broker")
+            self._start_next()
+            if self._drain_file_present() and not self.stopping.is_set():
                 log.info("worker.drain_requested", source="file")
                 self.request_stop()
-            if self.settings.idle_exit_s and not self.busy.is_set():
-                if time.monotonic() - self._last_job_end > self.settings.idle_exit_s:
-                    self.request_stop()
+            idle = self._job is None and not self._pending
+            if self.settings.idle_exit_s and idle and time.monotonic() - self._last_job_end > self.settings.idle_exit_s:
+                log.info("worker.idle_exit", idle_s=self.settings.idle_exit_s)
+                self.request_stop()
             if self.stopping.is_set():
                 if not cancelled:
-                    channel.basic_cancel(self._consumer_tag)
+                    channel.basic_cancel(consumer_tag)
                     cancelled = True
-                    deadline = time.monotonic() + self.settings.stop_deadline_s
                     self._registry("draining")
-                if not self.busy.is_set():
+                self._requeue_pending(channel)
+                if self._job is None:
                     break
-                if deadline is not None and time.monotonic() > deadline:
-                    log.warning("worker.stop_deadline_passed")
+                if self._past_stop_deadline():
+                    log.warning("worker.stop_deadline_passed", scene_id=self.current_scene)
                     break  # closing the connection requeues the unacked message
-        self._conn.close()
+        conn.close()
+
+    def _close_quietly(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except Exception as exc:  # noqa: BLE001 - already broken; closing is best effort
+                log.debug("worker.close_failed", error=str(exc))
+
+    def _wait_out_job(self) -> None:
+        """Never consume again while a job from the lost connection still runs: wait for it (its
+        lease is renewed meanwhile), unless a stop request's deadline passes first."""
+        job = self._job
+        if job is None:
+            return
+        log.warning("worker.connection_lost_midjob", scene_id=self.current_scene, job_id=job.message_id)
+        while not job.finished.wait(0.5):
+            if self._past_stop_deadline():
+                log.warning("worker.stop_deadline_passed", scene_id=self.current_scene)
+                return
+        self._settle_finished()  # the channel is gone: counted as a lost settle
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._signal)
-        signal.signal(signal.SIGINT, self._signal)
+        structlog.contextvars.bind_contextvars(worker_id=self.me)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._signal)
+            signal.signal(signal.SIGINT, self._signal)
+        self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         self._registry("starting")
-        hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        hb.start()
-        backoff_s = 1.0
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
+        self._last_job_end = time.monotonic()
         while not self.stopping.is_set():
             try:
                 self._consume_once()
-                backoff_s = 1.0
             except (pika.exceptions.AMQPError, OSError) as exc:
-                if self.busy.is_set():
-                    # the job thread still runs; its ack will fail and the broker redelivers
-                    log.warning("worker.connection_lost_midjob", error=str(exc))
-                log.warning("worker.reconnect", error=str(exc) or type(exc).__name__, in_s=backoff_s)
-                if self._conn is not None and self._conn.is_open:
-                    try:
-                        self._conn.close()
-                    except Exception:  # noqa: BLE001
-                        pass
-                while self.busy.is_set():
-                    time.sleep(0.2)  # never run two jobs at once across a reconnect
-                self.stopping.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, 30.0)
+                self.metrics.reconnects.inc()
+                self._close_quietly()
+                self._pending.clear()  # their messages went back to the queue with the connection
+                self._wait_out_job()
+                if self._job is not None:
+                    break  # stop deadline passed with the job still running
+                self._reconnect_attempt += 1
+                delay_s = backoff_s(self._reconnect_attempt, self.settings.backoff_max_s)
+                log.warning("worker.reconnect", error=str(exc) or type(exc).__name__, in_s=round(delay_s, 1))
+                self.stopping.wait(delay_s)
+        if self._job is not None:
+            log.warning("worker.exit_with_job", scene_id=self.current_scene, job_id=self._job.message_id)
+        self.exited.set()
+        heartbeat.join(timeout=15)  # its last update must not land after "stopped"
         self.current_scene = None
         self._registry("stopped")
         log.info("worker.stopped", jobs=self.done)
