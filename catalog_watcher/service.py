@@ -8,21 +8,19 @@ because the message id is the scene id and workers claim scenes in the database.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
-import pika.exceptions
 import psycopg2
 import psycopg2.extensions
 import shapely
 from shapely.geometry.base import BaseGeometry
 
 from catalog_watcher.stac import SceneRecord, iter_scenes
-from cbmflow import bus as busmod
 from cbmflow import db
 from cbmflow.logging import get_logger
 from cbmflow.messages import ExtractParcels
+from cbmflow.outbox import enqueue, flush_outbox, pending_outbox
 from cbmflow.settings import BusSettings, DbSettings, WatchSettings
 
 log = get_logger("watch")
@@ -83,87 +81,8 @@ def upsert_scene(cur: psycopg2.extensions.cursor, rec: SceneRecord) -> tuple[int
         assert found is not None
         return int(found[0]), "same"
     scene_id, inserted = int(row[0]), bool(row[1])
-    msg = ExtractParcels(scene_id=scene_id, product_id=rec.product_id, card=rec.card, location=rec.location)
-    cur.execute(
-        "INSERT INTO outbox (message_id, kind, body) VALUES (%s, %s, %s)",
-        (msg.message_id, msg.kind, json.dumps(msg.model_dump(mode="json"))),
-    )
+    enqueue(cur, ExtractParcels(scene_id=scene_id, product_id=rec.product_id, card=rec.card, location=rec.location))
     return scene_id, "new" if inserted else "changed"
-
-
-def flush_outbox(dsn: str, bus: BusSettings, batch: int = 500) -> int:
-    """Publish pending outbox rows with confirms; returns how many were confirmed.
-
-    Rows are locked ``FOR UPDATE SKIP LOCKED`` so two watchers never publish the same row at the
-    same time; each row is marked in the same transaction that locked it, after its confirm.
-
-    A broker that is down, refuses or stops confirming halfway is not an error of the cycle: the
-    rows confirmed so far are committed as published, the rest stay pending for the next flush
-    (the next cycle, or ``jobs retry``), and the function returns normally. Raising instead
-    would make ``watch --interval`` log a failed cycle every time and a supervisor restart
-    ``watch --once`` in a loop, for a condition only the broker coming back can fix.
-    """
-    published = 0
-    try:
-        conn = busmod.connect(bus)
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        log.warning("watch.outbox_deferred", error=str(exc) or type(exc).__name__, stage="connect")
-        return 0
-    try:
-        channel = conn.channel()
-        channel.confirm_delivery()
-        busmod.declare_topology(channel, bus)
-        pg = db.connect(dsn)
-        try:
-            failure: Exception | None = None
-            while failure is None:
-                confirmed = 0
-                with pg, pg.cursor() as cur:
-                    cur.execute(
-                        "SELECT id, message_id, kind, body FROM outbox WHERE published_at IS NULL"
-                        " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-                        (batch,),
-                    )
-                    rows = cur.fetchall()
-                    if not rows:
-                        break
-                    for out_id, message_id, kind, body in rows:
-                        try:
-                            busmod.publish(channel, bus, json.dumps(body).encode(), message_id, kind)
-                        except (pika.exceptions.AMQPError, OSError) as exc:
-                            failure = exc  # commit what was confirmed; the rest stays pending
-                            break
-                        cur.execute("UPDATE outbox SET published_at = now() WHERE id = %s", (out_id,))
-                        if kind == "ExtractParcels":
-                            cur.execute(
-                                "UPDATE scenes SET status = 'queued', updated_at = now()"
-                                " WHERE id = %s AND status = 'discovered'",
-                                (int(body["scene_id"]),),
-                            )
-                        confirmed += 1
-                published += confirmed
-                log.info("watch.outbox_flushed", count=confirmed)
-            if failure is not None:
-                log.warning("watch.outbox_deferred", error=str(failure) or type(failure).__name__, stage="publish")
-        finally:
-            pg.close()
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        log.warning("watch.outbox_deferred", error=str(exc) or type(exc).__name__, stage="channel")
-    finally:
-        if conn.is_open:
-            try:
-                conn.close()
-            except (pika.exceptions.AMQPError, OSError):
-                pass  # the broker went away while we were closing; nothing is left to lose
-    return published
-
-
-def pending_outbox(dsn: str) -> int:
-    """Outbox rows not yet confirmed by the broker: jobs that exist but are not in the queue yet."""
-    with db.transaction(dsn) as cur:
-        cur.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-        row = cur.fetchone()
-    return int(row[0]) if row else 0
 
 
 def watch_once(

@@ -13,7 +13,6 @@ worker is processing right now and scenes not asked for are kept.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from cbmflow import bus as busmod
@@ -21,6 +20,7 @@ from cbmflow import db
 from cbmflow.errors import PermanentJobError
 from cbmflow.logging import get_logger
 from cbmflow.messages import ExtractParcels, parse_message
+from cbmflow.outbox import enqueue, flush_outbox
 from cbmflow.settings import BusSettings
 
 log = get_logger("jobs")
@@ -47,7 +47,6 @@ def retry(
     """Re-publish jobs: scenes in status ``failed`` (``failed``), scenes with a dead letter
     (``dead_lettered``), restricted to ``scenes`` when given; with neither flag, exactly ``scenes``
     (forced, even a finished scene: its rows are replaced, e.g. after a parcel fix)."""
-    from catalog_watcher.service import flush_outbox
 
     only = set(scenes or [])
     forced = not (failed or dead_lettered)
@@ -106,13 +105,7 @@ def retry(
                     " updated_at = now() WHERE id = %s",
                     (sid,),
                 )
-                cur.execute(
-                    "INSERT INTO outbox (message_id, kind, body) VALUES (%s, %s, %s) RETURNING id",
-                    (msg.message_id, msg.kind, json.dumps(msg.model_dump(mode="json"))),
-                )
-                out = cur.fetchone()
-                assert out is not None
-                outbox_ids.append(int(out[0]))
+                outbox_ids.append(enqueue(cur, msg))
         if outbox_ids:
             flush_outbox(dsn, bus)
         with db.transaction(dsn) as cur:

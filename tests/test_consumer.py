@@ -19,12 +19,13 @@ import pytest
 import requests
 import shapely.geometry
 
-from catalog_watcher.service import flush_outbox, pending_outbox, upsert_scene, watch_once
+from catalog_watcher.service import upsert_scene, watch_once
 from catalog_watcher.stac import SceneRecord
 from cbmflow import bus as busmod
 from cbmflow import db
 from cbmflow.jobs import retry
 from cbmflow.messages import ExtractParcels
+from cbmflow.outbox import flush_outbox, pending_outbox
 from cbmflow.settings import BusSettings, WatchSettings, WorkerSettings
 from cbmflow.status import collect, print_status
 from worker.consumer import Worker, backoff_s, db_unavailable
