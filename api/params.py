@@ -85,30 +85,26 @@ class Params:
         assert value is not None
         return value
 
-    def integer(self, name: str, *, default: int | None = None, lo: int, hi: int) -> int:
+    def _parsed(self, name: str, default: float | None, cast: type[int] | type[float], what: str) -> float:
+        """The parameter converted by ``cast``, or ``default``; missing without a default is a 400."""
         value = self.raw(name)
         if value is None or value.strip() == "":
             if default is None:
                 raise InvalidInputError(f"parameter {name!r} is required")
             return default
         try:
-            number = int(value.strip())
+            return cast(value.strip())
         except ValueError as exc:
-            raise InvalidInputError(f"parameter {name!r} must be an integer") from exc
+            raise InvalidInputError(f"parameter {name!r} must be {what}") from exc
+
+    def integer(self, name: str, *, default: int | None = None, lo: int, hi: int) -> int:
+        number = int(self._parsed(name, default, int, "an integer"))
         if not lo <= number <= hi:
             raise InvalidInputError(f"parameter {name!r} must be between {lo} and {hi}")
         return number
 
     def number(self, name: str, *, default: float | None = None, lo: float, hi: float) -> float:
-        value = self.raw(name)
-        if value is None or value.strip() == "":
-            if default is None:
-                raise InvalidInputError(f"parameter {name!r} is required")
-            return default
-        try:
-            number = float(value.strip())
-        except ValueError as exc:
-            raise InvalidInputError(f"parameter {name!r} must be a number") from exc
+        number = float(self._parsed(name, default, float, "a number"))
         if not math.isfinite(number) or not lo <= number <= hi:
             raise InvalidInputError(f"parameter {name!r} must be between {lo:g} and {hi:g}")
         return number

@@ -81,6 +81,16 @@ def _period(p: Params) -> tuple[datetime | None, datetime | None]:
     return start, end
 
 
+def _period_filter(start: datetime | None, end: datetime | None) -> list[sql.Composable]:
+    """Conditions on ``s.acquired_at`` for the ``%(start)s``/``%(end)s`` parameters: [from, to)."""
+    where: list[sql.Composable] = []
+    if start:
+        where.append(sql.SQL("s.acquired_at >= %(start)s"))
+    if end:
+        where.append(sql.SQL("s.acquired_at < %(end)s"))
+    return where
+
+
 def _band_list(p: Params, name: str) -> list[str]:
     value = p.text(name, max_len=200)
     out: list[str] = []
@@ -207,10 +217,7 @@ def timeseries(request: Request) -> Response:
         where = [sql.SQL("g.pid = %(pk)s"), sql.SQL("s.card = %(card)s")]
         if bands:
             where.append(sql.SQL("g.band = ANY(%(bands)s)"))
-        if start:
-            where.append(sql.SQL("s.acquired_at >= %(start)s"))
-        if end:
-            where.append(sql.SQL("s.acquired_at < %(end)s"))
+        where += _period_filter(start, end)
         call.cur.execute(
             sql.SQL(
                 "SELECT s.acquired_at, g.scene_id, g.band, g.count, g.mean, g.std, g.min, g.p25, g.p50, g.p75, g.max"
@@ -266,10 +273,7 @@ def index_observations(call: Call, ds: Dataset, pk: int, p: Params) -> dict[str,
     mask = _mask(p)
     start, end = _period(p)
     where = [sql.SQL("s.card = 's2'")]
-    if start:
-        where.append(sql.SQL("s.acquired_at >= %(start)s"))
-    if end:
-        where.append(sql.SQL("s.acquired_at < %(end)s"))
+    where += _period_filter(start, end)
     call.cur.execute(
         sql.SQL(
             "WITH v AS (SELECT g.scene_id, max(g.mean) FILTER (WHERE g.band = %(a)s) AS a,"
@@ -415,10 +419,7 @@ def scenes(request: Request) -> Response:
         for cond, key in (("s.status = %(status)s", "status"), ("s.card = %(card)s", "card")):
             if args[key] is not None:
                 where.append(sql.SQL(cond))
-        if start:
-            where.append(sql.SQL("s.acquired_at >= %(start)s"))
-        if end:
-            where.append(sql.SQL("s.acquired_at < %(end)s"))
+        where += _period_filter(start, end)
         call.cur.execute(
             sql.SQL(
                 "SELECT s.id, s.product_id, s.product_name, s.card, s.sensor, s.acquired_at, s.status, s.reason,"
