@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api.auth import AuthenticationError, Authenticator, User
+from api.prepared import PreparingConnection
 from cbmflow.db import Dataset, list_datasets
 from cbmflow.errors import CbmflowError, InvalidInputError, NotFoundError, PermissionDeniedError
 from cbmflow.logging import get_logger
@@ -155,7 +156,7 @@ class Pool:
         self._closed = False
 
     def _connect(self) -> Any:
-        conn = psycopg2.connect(self._dsn)
+        conn = psycopg2.connect(self._dsn, connection_factory=PreparingConnection)
         conn.autocommit = True
         return conn
 

@@ -20,10 +20,13 @@ import base64
 import binascii
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -146,6 +149,10 @@ class Authenticator:
         self._secret = secrets.token_bytes(32)
         self._entries: dict[bytes, _Entry] = {}
         self._lock = threading.Lock()
+        self._inflight: dict[bytes, tuple[threading.Lock, int]] = {}
+        # Each argon2 verification holds 64 MiB for ~0.1 s of a core: more at once than there are
+        # cores only queues them, and an unbounded number is a memory blow-up on demand.
+        self._verify_slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
     def _key(self, name: str, password: str) -> bytes:
         material = name.encode("utf-8", "surrogatepass") + b"\x00" + password.encode("utf-8", "surrogatepass")
@@ -200,17 +207,41 @@ class Authenticator:
         """
         if row is None:
             # Same work as a real check, so timing does not tell unknown users apart.
-            verify(_dummy_hash(), password[:_MAX_PASSWORD_CHARS])
+            with self._verify_slots:
+                verify(_dummy_hash(), password[:_MAX_PASSWORD_CHARS])
             log.info("auth.failed", user=name[:64], reason="unknown user")
             raise AuthenticationError("invalid credentials")
         password_hash = str(row[1])
         key = self._key(name, password)
         if not self._cached(key, password_hash):
-            if not verify(password_hash, password):
-                log.info("auth.failed", user=name, reason="wrong password")
-                raise AuthenticationError("invalid credentials")
-            self._remember(key, password_hash)
+            with self._single_flight(key):
+                # A client opening many connections at once (a notebook's thread pool, wrk -c32)
+                # sends the same credentials on all of them before the first is verified; they
+                # wait for that one verification instead of each running argon2.
+                if not self._cached(key, password_hash):
+                    with self._verify_slots:
+                        ok = verify(password_hash, password)
+                    if not ok:
+                        log.info("auth.failed", user=name, reason="wrong password")
+                        raise AuthenticationError("invalid credentials")
+                    self._remember(key, password_hash)
         return _user_from_row(row)
+
+    @contextmanager
+    def _single_flight(self, key: bytes) -> Iterator[None]:
+        with self._lock:
+            lock, waiting = self._inflight.get(key, (threading.Lock(), 0))
+            self._inflight[key] = (lock, waiting + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                lock, waiting = self._inflight[key]
+                if waiting == 1:
+                    del self._inflight[key]
+                else:
+                    self._inflight[key] = (lock, waiting - 1)
 
     def _token_user(self, cur: Any, token: str, basic_name: str | None) -> User:
         """The owner of an API token; with Basic, the user name must be the token's owner."""

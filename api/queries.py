@@ -208,6 +208,9 @@ def _series_sql(
     without an SCL histogram, the histogram is a LEFT JOIN: such rows stay, with ``hist`` ``{}``.
     An empty dict rather than null keeps the column one type, which the JRC client relies on
     (it parses every row's ``hist``); a real histogram is never empty, so ``{}`` is unambiguous.
+    ``date_part('epoch', ...)`` is float8 arithmetic; ``extract`` returns numeric from PostgreSQL 14
+    on and cost 5 % of the query in the numeric-to-float cast (the same value: the epoch in
+    microseconds is exact in a double and one division by 1e6 is correctly rounded either way).
     Histograms are aggregated once per scene in a CTE (one index range scan) rather than probed
     once per (scene, band) row.
     """
@@ -229,7 +232,7 @@ def _series_sql(
     if bands:
         where.append(sql.SQL("g.band = ANY(%(bands)s)"))
     return sql.SQL(
-        "{ctes}SELECT extract(epoch FROM s.acquired_at)::double precision AS date_part, g.band, g.count,"
+        "{ctes}SELECT date_part('epoch', s.acquired_at) AS date_part, g.band, g.count,"
         " g.mean, g.std, g.min, g.p25, g.p50, g.p75, g.max{extra}"
         " FROM {sigs} g JOIN scenes s ON s.id = g.scene_id{joins}"
         " WHERE {where} ORDER BY s.acquired_at, g.band, s.id"

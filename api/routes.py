@@ -21,7 +21,7 @@ import shapely
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import chips, queries, v1
+from api import chips, prepared, queries, v1
 from api.app import ApiJSONResponse, Call, authenticated, state_of
 from api.auth import authorize, password_credentials
 from api.params import Params
@@ -193,8 +193,10 @@ def _series_in_one_statement(request: Request, q: _SeriesQuery) -> Response | No
         ds = state.datasets.get(cur, q.aoi, q.year)
         if ds is None:
             return None  # the general path tells 401, 403 and 404 apart
-        cur.execute(
-            queries.series_for_user_sql(ds, bands=q.bands, scl=q.scl, ref=q.ref),
+        prepared.execute(
+            cur,
+            ("series_for_user", ds, bool(q.bands), q.scl, q.ref),
+            lambda: queries.series_for_user_sql(ds, bands=q.bands, scl=q.scl, ref=q.ref),
             {"user": creds[0], "aoi": q.aoi, "pid": q.pid, "card": queries.CARDS[q.tstype], "bands": q.bands or []},
         )
         row = cur.fetchone()

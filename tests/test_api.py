@@ -646,6 +646,52 @@ def test_auth_cache_and_immediate_revocation(client: TestClient, seed: Seed, mon
     _error(client.get(url, auth=ROOT), 401, "unauthorized")
 
 
+def test_concurrent_cold_logins_verify_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many connections arriving at once with the same credentials cost one argon2 verification."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls: list[str] = []
+    real_verify = api.auth.verify
+
+    def counting_verify(password_hash: str, password: str) -> bool:
+        calls.append(password)
+        return real_verify(password_hash, password)
+
+    monkeypatch.setattr(api.auth, "verify", counting_verify)
+    auth = api.auth.Authenticator(cache_s=300)
+    row = ("alice", _hash("alice-pass-1"), False, ["ms"])
+    with ThreadPoolExecutor(16) as pool:
+        users = list(pool.map(lambda _: auth.check_password("alice", "alice-pass-1", row), range(32)))
+    assert {u.name for u in users} == {"alice"}
+    assert len(calls) == 1
+    assert not auth._inflight  # every waiter left
+    calls.clear()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(auth.check_password, "alice", "wrong-pass", row) for _ in range(4)]
+    assert all(isinstance(f.exception(), api.auth.AuthenticationError) for f in futures)
+    assert len(calls) == 4, "a failure is never cached: each wrong attempt is verified"
+
+
+def test_prepared_series_survives_table_changes(seed: Seed) -> None:
+    """The route runs a server-side prepared statement per pooled connection; a table dropped and
+    recreated under the same name (a re-import) must still be read, not fail or serve stale rows."""
+    url = "/query/parcelTimeSeries?aoi=ms&year=2024&pid=P-1&tstype=s2"
+    with TestClient(create_app(seed.dsn)) as client:
+        before = client.get(url, auth=ALICE).json()
+        assert before["band"]
+        with client.app.state.cbmflow.pool.cursor() as cur:  # type: ignore[attr-defined]
+            cur.execute("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'cbm_%%'")
+            assert cur.fetchone()[0] >= 1
+        with db.transaction(seed.dsn) as cur:
+            cur.execute("CREATE TABLE ms.sigs_copy AS SELECT * FROM ms.sigs_2024")
+            cur.execute("UPDATE ms.sigs_copy SET mean = mean + 1000")
+            cur.execute("DROP TABLE ms.sigs_2024")
+            cur.execute("ALTER TABLE ms.sigs_copy RENAME TO sigs_2024")
+        after = client.get(url, auth=ALICE).json()
+        assert after["band"] == before["band"]
+        assert after["mean"] == [m + 1000 for m in before["mean"]]
+
+
 def test_hash_and_verify() -> None:
     h = hash_password("s3cret-pass")
     assert h.startswith("$argon2id$") and "s3cret" not in h
