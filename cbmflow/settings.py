@@ -150,6 +150,13 @@ class WorkerSettings(BaseSettings):
     metrics_host: str = Field(
         "127.0.0.1", description="bind address of /metrics; 0.0.0.0 lets a scraper on another host reach it"
     )
+    threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads per worker: 0 = every core (one decodes the next strip while the others reduce:"
+        " lowest time per scene); 1 = one core, decode and reduce take turns (run one worker per core for the"
+        " most scenes per hour)",
+    )
 
 
 class ApiSettings(BaseSettings):

@@ -399,3 +399,34 @@ def test_empty_and_invalid_inputs(tmp_path: Path) -> None:
     index = engine.build_index([square(5, 5, 2)], np.array([1]), GRID)
     with pytest.raises(ValueError, match="uint8"):
         engine.class_histograms(index, band)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_strips_single_thread_and_prefetch_match_rasterstats(tmp_path: Path, threads: int) -> None:
+    """One thread (decode and reduce alternate, ``CBMFLOW_WORKER_THREADS=1``) and the prefetching
+    path give rasterstats' numbers, with tiny strips so parcels span many strip edges."""
+    import numba
+
+    rng = np.random.default_rng(21)
+    band = uint16_band(rng)
+    path = write_tif(tmp_path / "b.tif", band, nodata=0)
+    geoms = mixed_parcels()
+    pids = np.arange(100, 100 + len(geoms), dtype=np.int64)
+    plan = engine.plan_strips(engine.build_index(geoms, pids, GRID), strip_rows=7)
+    assert len(plan.steps) > 5
+    seen: list[int] = []
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with rasterio.open(path) as src:
+            read = engine.window_reader(src, plan.index)
+
+            def recording_read(r0: int, r1: int) -> Any:
+                seen.append(r0)
+                return read(r0, r1)
+
+            stats = engine.band_stats_strips(plan, recording_read, nodata=0)
+    finally:
+        numba.set_num_threads(before)
+    assert seen == [r0 for r0, _ in plan.reads()], "every strip read once, in order"
+    assert_matches(stats, pids, reference(geoms, path, nodata=0), rtol=1e-12)

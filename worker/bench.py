@@ -228,7 +228,11 @@ def case_image(files: dict[str, str], parcels: str, cache_dir: str, repeat: int 
     return {"warm_s": warm, "floor_s": floor, "rss_mb": _rss_mb(), "start": time.time()}
 
 
-def case_worker(files: dict[str, str], parcels: str, cache_dir: str, barrier: Any) -> dict[str, float]:
+def case_worker(
+    files: dict[str, str], parcels: str, cache_dir: str, barrier: Any, threads: int = 0
+) -> dict[str, float]:
+    if threads:  # as `cbmflow worker` does for CBMFLOW_WORKER_THREADS: before numba loads
+        os.environ["NUMBA_NUM_THREADS"] = os.environ["GDAL_NUM_THREADS"] = str(threads)
     from worker import engine
 
     plans = {}
@@ -350,6 +354,52 @@ def case_jp2_window(root: str) -> dict[str, float]:
     }
 
 
+def case_jp2_tile(root: str, b04_tif: str, parcels: str) -> dict[str, float]:
+    """A full 10980 x 10980 JP2 band (1024 x 1024 tiles, lossless: Sentinel-2's layout) decoded
+    whole vs only the index strips of parcels covering part of the tile, on one core.
+
+    The parts: the north-west quarter of the tile (a tile on an AOI border), and a 10 x 10 km
+    block (a small AOI, like the test world's).
+    """
+    os.environ["GDAL_NUM_THREADS"] = "1"  # per-core figures
+    from worker import engine
+
+    jp2 = Path(root) / "B04_10m.jp2"
+    if not jp2.exists():
+        with rasterio.open(b04_tif) as src:
+            profile = src.profile | {
+                "driver": "JP2OpenJPEG",
+                "QUALITY": "100",
+                "REVERSIBLE": "YES",
+                "BLOCKXSIZE": "1024",
+                "BLOCKYSIZE": "1024",
+                "RESOLUTIONS": "6",
+            }
+            for key in ("tiled", "blockxsize", "blockysize", "compress", "predictor", "interleave"):
+                profile.pop(key, None)
+            tmp = jp2.with_suffix(".tmp.jp2")
+            with rasterio.open(tmp, "w", **profile) as dst:
+                dst.write(src.read(1), 1)
+        tmp.rename(jp2)
+    geoms, pids = _load_parcels(Path(parcels))
+    cx = shapely.get_x(shapely.centroid(geoms))
+    cy = shapely.get_y(shapely.centroid(geoms))
+    x0, y0 = T10.c, T10.f
+    parts = {
+        "quarter": (cx < x0 + SIZE * 5) & (cy > y0 - SIZE * 5),
+        "block10km": (cx > x0 + 30_000) & (cx < x0 + 40_000) & (cy < y0 - 30_000) & (cy > y0 - 40_000),
+    }
+    out: dict[str, float] = {"full_s": _timed(lambda: _read_all(jp2)), "full_px": float(SIZE * SIZE)}
+    grid = _grid(jp2)
+    for name, keep in parts.items():
+        index = engine.build_index(geoms[keep], pids[keep], grid)
+        plan = engine.plan_strips(index)
+        out[f"{name}_parcels"] = float(keep.sum())
+        out[f"{name}_s"] = _decode(plan, jp2)
+        out[f"{name}_px"] = float(plan.rows_read * index.window[3])
+    return out
+
+
 def _read_all(path: Path) -> None:
     with rasterio.open(path) as src:  # a fresh dataset: nothing from GDAL's block cache
         src.read(1)
@@ -425,22 +475,25 @@ def main() -> None:
     table.append(f"| image peak RSS | | {img['rss_mb']:.0f} MB | |")
 
     ctx = mp.get_context("spawn")
-    scene: dict[int, float] = {}
-    for workers in (1, 2):
-        barrier = ctx.Manager().Barrier(workers + 1)
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futs = [
-                pool.submit(case_worker, sfiles, str(files["parcels100000"]), str(cache), barrier)
-                for _ in range(workers)
-            ]
-            barrier.wait()
-            t = time.perf_counter()
-            per = [f.result()["scene_s"] for f in futs]
-            scene[workers] = time.perf_counter() - t
-        print(f"{workers} worker(s): {per}", flush=True)
-    table.append(f"| per-scene time, warm index, 1 worker | | {scene[1]:.2f} s | |")
-    table.append(f"| 2 workers, one scene each (wall) | | {scene[2]:.2f} s | |")
-    table.append(f"| throughput 2 workers / 1 | | {2 * scene[1] / scene[2]:.2f}x | ≥ 1.8x |")
+    for threads, label in ((0, "every core (default)"), (1, "one core (CBMFLOW_WORKER_THREADS=1)")):
+        scene: dict[int, float] = {}
+        for workers in (1, 2):
+            barrier = ctx.Manager().Barrier(workers + 1)
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                futs = [
+                    pool.submit(case_worker, sfiles, str(files["parcels100000"]), str(cache), barrier, threads)
+                    for _ in range(workers)
+                ]
+                barrier.wait()
+                t = time.perf_counter()
+                per = [f.result()["scene_s"] for f in futs]
+                scene[workers] = time.perf_counter() - t
+            print(f"threads {threads}, {workers} worker(s): {per}", flush=True)
+        table.append(f"| workers using {label}: per-scene time, warm index, 1 worker | | {scene[1]:.2f} s | |")
+        table.append(f"| … 2 workers, one scene each (wall) | | {scene[2]:.2f} s | |")
+        table.append(
+            f"| … throughput 2 workers / 1 | | {2 * scene[1] / scene[2]:.2f}x | {'≥ 1.8x' if threads == 1 else ''} |"
+        )
 
     cp = _in_process(case_copy, 700_000)
     rate = cp["rows"] / cp["copy_s"] / 1e6
@@ -451,6 +504,17 @@ def main() -> None:
         f"Test world (300 parcels, B04 JP2 {int(jp['full_px'])} px): index strips {jp['window_s']:.3f} s"
         f" ({jp['window_px'] / jp['full_px']:.0%} of the pixels) vs whole file {jp['full_s']:.3f} s."
     )
+    tile = _in_process(case_jp2_tile, str(args.root), str(files["B04"]), str(files["parcels100000"]))
+    print(f"jp2 tile: {tile}", flush=True)
+    table.append(
+        f"| full-tile JP2 B04 (1024² tiles, lossless), whole band decoded, 1 core | | {tile['full_s']:.1f} s | |"
+    )
+    for name, what in (("quarter", "north-west quarter"), ("block10km", "10 x 10 km block")):
+        table.append(
+            f"| … only the index strips, {int(tile[f'{name}_parcels']):,} parcels in a {what}"
+            f" ({tile[f'{name}_px'] / tile['full_px']:.0%} of the pixels) | | {tile[f'{name}_s']:.1f} s"
+            f" ({tile['full_s'] / tile[f'{name}_s']:.1f}x less) | |"
+        )
     lines.append(f"rasterstats/exactextract timed on a {args.subsample}-parcel subsample, scaled per parcel.")
     lines.append(f"Whole run: {time.time() - t0:.0f} s.")
     text = "\n".join([*lines, "", *table])

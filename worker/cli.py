@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 
@@ -13,9 +15,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Consume ExtractParcels jobs (prefetch 1, manual ack) and write parcel statistics."""
         from cbmflow.settings import WorkerSettings
-        from worker.consumer import Worker
 
         settings = WorkerSettings()
+        if settings.threads:
+            # Before numba and GDAL load: both size their thread pools once, at import.
+            os.environ["NUMBA_NUM_THREADS"] = str(settings.threads)
+            os.environ["GDAL_NUM_THREADS"] = str(settings.threads)
+        from worker.consumer import Worker
+
         if idle_exit_s >= 0:
             settings = settings.model_copy(update={"idle_exit_s": idle_exit_s})
         raise typer.Exit(Worker(settings=settings, max_jobs=max_jobs).run())

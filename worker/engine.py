@@ -41,6 +41,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -687,25 +688,33 @@ def _run_strips(plan: StripPlan, read: ReadRows, reduce: Callable[[_Step, Parcel
     """
     if not plan.steps:
         return
+    threads = numba.get_num_threads()
+    if threads <= 1:
+        # One thread (``CBMFLOW_WORKER_THREADS=1``, one worker per core): a prefetch thread would
+        # only take turns with the kernels on the same core, so decode and reduce alternate.
+        _strips(plan, read, reduce, prefetch=False)
+        return
     # One core decodes, the others reduce: numba's pool would otherwise fight the decoder thread
     # for the same cores (and, with several workers per host, oversubscribe them).
-    threads = numba.get_num_threads()
-    numba.set_num_threads(max(1, threads - 1))
+    numba.set_num_threads(threads - 1)
     try:
-        _strips(plan, read, reduce)
+        _strips(plan, read, reduce, prefetch=True)
     finally:
         numba.set_num_threads(threads)
 
 
-def _strips(plan: StripPlan, read: ReadRows, reduce: Callable[[_Step, ParcelIndex, Any, int], None]) -> None:
+def _strips(
+    plan: StripPlan, read: ReadRows, reduce: Callable[[_Step, ParcelIndex, Any, int], None], prefetch: bool
+) -> None:
     buf: npt.NDArray[Any] | None = None
     buf_r0 = buf_r1 = 0
     reads = plan.reads()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbmflow-read") as pool:
-        nxt = pool.submit(read, *reads[0])
+    with ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="cbmflow-read")) if prefetch else None
+        nxt = pool.submit(read, *reads[0]) if pool is not None else None
         for k, step in enumerate(plan.steps):
-            new = nxt.result()
-            if k + 1 < len(reads):
+            new = nxt.result() if nxt is not None else read(*reads[k])
+            if pool is not None and k + 1 < len(reads):
                 nxt = pool.submit(read, *reads[k + 1])
             if new.shape[0] != step.read_to - step.read_from:
                 raise ValueError(f"read returned {new.shape[0]} rows for {step.read_from}:{step.read_to}")
