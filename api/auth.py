@@ -227,6 +227,14 @@ class Authenticator:
                     self._remember(key, password_hash)
         return _user_from_row(row)
 
+    def cached_user(self, name: str, password: str, row: Any) -> User | None:
+        """The user of ``row`` when this (name, password) was verified recently; None when a
+        verification would be needed (unknown user, cache miss, changed hash), which costs an
+        argon2 run and so belongs off the event loop (:meth:`check_password` in a thread)."""
+        if row is None or not self._cached(self._key(name, password), str(row[1])):
+            return None
+        return _user_from_row(row)
+
     @contextmanager
     def _single_flight(self, key: bytes) -> Iterator[None]:
         with self._lock:

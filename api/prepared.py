@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,17 @@ def _compile(text: str) -> _Statement:
     return _Statement(name, f"PREPARE {name} AS {body}", f"EXECUTE {name} ({args})" if order else f"EXECUTE {name}")
 
 
+def _statement(cur: Any, key: Hashable, build: Callable[[], sql.Composable]) -> _Statement:
+    stmt = _statements.get(key)
+    if stmt is None:
+        stmt = _compile(build().as_string(cur))
+        with _lock:
+            if len(_statements) >= _MAX_STATEMENTS:
+                _statements.clear()
+            _statements[key] = stmt
+    return stmt
+
+
 def execute(cur: Any, key: Hashable, build: Callable[[], sql.Composable], params: Mapping[str, Any]) -> None:
     """Run the statement ``build()`` (cached under ``key``) as a prepared statement when the
     cursor's connection is a :class:`PreparingConnection`, else as plain text.
@@ -73,19 +84,30 @@ def execute(cur: Any, key: Hashable, build: Callable[[], sql.Composable], params
     statement and rendering it are themselves Python work on every request, so both are done once
     per key.
     """
-    conn = getattr(cur, "connection", None)
-    prepared: set[str] | None = getattr(conn, "prepared", None)
+    prepared: set[str] | None = getattr(getattr(cur, "connection", None), "prepared", None)
     if prepared is None:
         cur.execute(build(), params)
         return
-    stmt = _statements.get(key)
-    if stmt is None:
-        stmt = _compile(build().as_string(cur))
-        with _lock:
-            if len(_statements) >= _MAX_STATEMENTS:
-                _statements.clear()
-            _statements[key] = stmt
+    stmt = _statement(cur, key, build)
     if stmt.name not in prepared:
         cur.execute(stmt.prepare)
         prepared.add(stmt.name)
     cur.execute(stmt.execute, params)
+
+
+async def execute_async(
+    cur: Any,
+    key: Hashable,
+    build: Callable[[], sql.Composable],
+    params: Mapping[str, Any],
+    wait: Callable[[Any], Awaitable[None]],
+) -> None:
+    """:func:`execute` on an asynchronous connection, ``wait`` driving it (``api.aiodb.wait``)."""
+    conn = cur.connection
+    stmt = _statement(cur, key, build)
+    if stmt.name not in conn.prepared:
+        cur.execute(stmt.prepare)
+        await wait(conn)
+        conn.prepared.add(stmt.name)
+    cur.execute(stmt.execute, params)
+    await wait(conn)

@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ import shapely
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import chips, prepared, queries, v1
+from api import aiodb, chips, prepared, queries, v1
 from api.app import ApiJSONResponse, Call, authenticated, state_of
 from api.auth import authorize, password_credentials
 from api.params import Params
@@ -176,31 +176,42 @@ def _series_query(p: Params) -> _SeriesQuery:
     return _SeriesQuery(aoi, year, pid, ptype, tstype, bands, scl, ref, tsformat)
 
 
-def _series_in_one_statement(request: Request, q: _SeriesQuery) -> Response | None:
-    """The common request (password login, JSON, no ptype) in one database round trip.
+async def series_fast(request: Request) -> Response | None:
+    """The common ``parcelTimeSeries`` request (password login, JSON, no ptype) in one database
+    round trip, on the event loop (api/aiodb.py).
 
-    User row, grants, parcel key and the series body come back from one statement (the series is
-    only computed when the grant holds), so the route costs one round trip instead of four. The
-    checks then run in Python in the usual order (401, 403, 404), on the same data the separate
-    queries would have read: a revoke or password change still takes effect on the next request.
-    None when the request needs the general path (token, unknown dataset, CSV, ptype, scl).
+    User row, grants, parcel key and the series body come back from one prepared statement (the
+    series is only computed when the grant holds), so the route costs one round trip instead of
+    four. The checks then run in Python in the usual order (401, 403, 404), on the same data the
+    separate queries would have read: a revoke or password change still takes effect on the next
+    request. None sends the request down the general path (in the thread pool): a token, a
+    malformed parameter, an unknown dataset or a stale dataset cache, CSV, ptype, ``scl`` series,
+    and a password not verified recently (argon2 must not run on the event loop).
     """
+    try:
+        q = _series_query(Params(request.query_params))
+    except InvalidInputError:
+        return None  # reported after authentication, by the general path
     creds = password_credentials(request.headers.get("authorization"))
     if creds is None or q.ptype or q.tstype == "scl" or q.tsformat != "json":
         return None
     state = state_of(request)
-    with state.pool.cursor() as cur:
-        ds = state.datasets.get(cur, q.aoi, q.year)
-        if ds is None:
-            return None  # the general path tells 401, 403 and 404 apart
-        prepared.execute(
+    ds = state.datasets.fresh(q.aoi, q.year)
+    if ds is None:
+        return None  # the general path reads the datasets table and tells 401, 403 and 404 apart
+    async with state.aio.connection() as conn:
+        cur = conn.cursor()
+        await prepared.execute_async(
             cur,
             ("series_for_user", ds, bool(q.bands), q.scl, q.ref),
             lambda: queries.series_for_user_sql(ds, bands=q.bands, scl=q.scl, ref=q.ref),
             {"user": creds[0], "aoi": q.aoi, "pid": q.pid, "card": queries.CARDS[q.tstype], "bands": q.bands or []},
+            aiodb.wait,
         )
         row = cur.fetchone()
-    user = state.auth.check_password(creds[0], creds[1], row[:4] if row is not None else None)
+    user = state.auth.cached_user(creds[0], creds[1], row[:4] if row is not None else None)
+    if user is None:
+        return None
     request.state.user = user
     authorize(user, q.aoi)
     if row[4] is None:
@@ -216,14 +227,6 @@ def parcel_time_series(request: Request) -> Response:
     scene's SCL histogram; rows without one are kept with ``hist`` ``{}`` (JRC dropped them).
     """
     p = Params(request.query_params)
-    try:
-        early: _SeriesQuery | None = _series_query(p)
-    except InvalidInputError:
-        early = None  # reported after authentication, by the general path
-    if early is not None:
-        fast = _series_in_one_statement(request, early)
-        if fast is not None:
-            return fast
     with authenticated(request) as call:
         q = _series_query(p)
         ds = _dataset(call, q.aoi, q.year)
@@ -272,3 +275,8 @@ ROUTES: list[tuple[str, Callable[[Request], Response]]] = [
     ("/query/chipsByLocation", chips.chips_by_location),
     ("/chips/{token}/{name}", chips.chip),
 ]
+
+FAST_PATHS: dict[str, Callable[[Request], Awaitable[Response | None]]] = {
+    "/query/parcelTimeSeries": series_fast,
+}
+"""Routes with an event-loop path for their common request (see ``api.app._route``)."""

@@ -679,9 +679,9 @@ def test_prepared_series_survives_table_changes(seed: Seed) -> None:
     with TestClient(create_app(seed.dsn)) as client:
         before = client.get(url, auth=ALICE).json()
         assert before["band"]
-        with client.app.state.cbmflow.pool.cursor() as cur:  # type: ignore[attr-defined]
-            cur.execute("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'cbm_%%'")
-            assert cur.fetchone()[0] >= 1
+        state = client.app.state.cbmflow  # type: ignore[attr-defined]
+        assert client.get(url, auth=ALICE).json() == before  # the first request verified the password
+        assert any(conn.prepared for conn in state.aio._idle), "served by the event-loop path, prepared"
         with db.transaction(seed.dsn) as cur:
             cur.execute("CREATE TABLE ms.sigs_copy AS SELECT * FROM ms.sigs_2024")
             cur.execute("UPDATE ms.sigs_copy SET mean = mean + 1000")
@@ -817,14 +817,21 @@ def test_lost_connections_are_retried_then_503(seed: Seed) -> None:
     admin.autocommit = True
     try:
         with TestClient(create_app(seed.dsn)) as client, admin.cursor() as cur:
+            series = "/query/parcelTimeSeries?aoi=ms&year=2024&pid=P-1&tstype=s2"
             assert client.get(url, auth=ALICE).status_code == 200
+            expected = client.get(series, auth=ALICE).json()
+            assert client.get(series, auth=ALICE).json() == expected  # now on the event-loop path
             kill = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'cbmflow-api'"
             cur.execute(kill)
             assert client.get(url, auth=ALICE).status_code == 200  # stale pooled connection replaced
+            cur.execute(kill)
+            assert client.get(series, auth=ALICE).json() == expected  # both pools' connections replaced
+            assert client.get(series, auth=ALICE).json() == expected
             cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
             cur.execute(kill)
             err = _error(client.get(url, auth=ALICE), 503, "unavailable")
             assert "retry" in err["message"]
+            _error(client.get(series, auth=ALICE), 503, "unavailable")
             _error(client.get("/health"), 503, "unavailable")
             cur.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
             assert client.get(url, auth=ALICE).status_code == 200
