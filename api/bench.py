@@ -18,19 +18,21 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import requests
 from psycopg2 import sql
 
-from api import queries
+from api import prepared, queries
 from api.auth import hash_password
 from api.process import api_server, free_port
 from cbmflow import db
@@ -177,9 +179,14 @@ def load(dsn: str, rows: int, parcels: int) -> tuple[int, int]:
 
 
 def measure_db(dsn: str, parcels: int, samples: int, seed: int) -> dict[str, Any]:
-    """p50/p99 of the route's time-series query for random parcels, as the route runs it."""
+    """p50/p99 of the route's own statement (user row, grants, parcel key and series JSON in one)
+    for random parcels: prepared, as the route runs it, and as plain text, planned every time.
+
+    Server execution is EXPLAIN ANALYZE's (planning excluded); the round trip is what psycopg2
+    sees. Index-only scans off shows what the covering primary key buys.
+    """
     conn = db.connect(dsn)
-    conn.set_session(readonly=True, autocommit=False)
+    conn.autocommit = True
     rng = random.Random(seed)
     out: dict[str, Any] = {}
     try:
@@ -192,23 +199,32 @@ def measure_db(dsn: str, parcels: int, samples: int, seed: int) -> dict[str, Any
             out["sigs_size"] = cur.fetchone()[0]
             cur.execute("SELECT rows FROM bench_api_meta")
             out["rows"] = int(cur.fetchone()[0])
-            for label, index_only in (("covering", True), ("heap", False)):
+            cur.execute("SET default_transaction_read_only = on")
+            text = queries.series_for_user_sql(ds, bands=None, scl=True, ref=False).as_string(cur)
+            stmt = prepared._compile(text)
+            cur.execute(stmt.prepare)
+            params = {"user": USER, "aoi": AOI, "pid": "", "card": "s2", "bands": []}
+            body = ""
+            for label, query, index_only in (
+                ("prepared", stmt.execute, True),
+                ("plain", text, True),
+                ("heap", stmt.execute, False),
+            ):
                 cur.execute(f"SET enable_indexonlyscan = {'on' if index_only else 'off'}")
-                pids = [rng.randint(1, parcels) for _ in range(samples)]
-                for pk in pids[:100]:  # warm-up, not measured
-                    queries.time_series_json(cur, ds, pk, "s2", bands=None, scl=True, ref=False)
+                cur.execute("DEALLOCATE ALL")  # a cached plan would ignore the setting
+                cur.execute(stmt.prepare)
+                pids = [f"BP-{rng.randint(1, parcels)}" for _ in range(samples)]
                 client_ms: list[float] = []
-                for pk in pids:
+                for i, pid in enumerate([*pids[:100], *pids]):  # the first 100: warm-up, generic plan
                     t = time.perf_counter()
-                    body = queries.time_series_json(cur, ds, pk, "s2", bands=None, scl=True, ref=False)
-                    client_ms.append((time.perf_counter() - t) * 1000)
+                    cur.execute(query, {**params, "pid": pid})
+                    body = str(cur.fetchone()[5])
+                    if i >= 100:
+                        client_ms.append((time.perf_counter() - t) * 1000)
                 out["series_rows"] = len(json.loads(body)["band"])
                 server_ms: list[float] = []
-                for pk in pids[: max(50, samples // 4)]:
-                    cur.execute(
-                        "EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) " + _series_sql(cur, ds),
-                        {"pk": pk, "card": "s2", "bands": []},
-                    )
+                for pid in pids[: max(50, samples // 4)]:
+                    cur.execute("EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) " + query, {**params, "pid": pid})
                     server_ms.append(float(cur.fetchone()[0][0]["Execution Time"]))
                 out[label] = {
                     "client_p50": _pct(client_ms, 50),
@@ -216,27 +232,9 @@ def measure_db(dsn: str, parcels: int, samples: int, seed: int) -> dict[str, Any
                     "server_p50": _pct(server_ms, 50),
                     "server_p99": _pct(server_ms, 99),
                 }
-                conn.rollback()
     finally:
         conn.close()
     return out
-
-
-def _series_sql(cur: Any, ds: db.Dataset) -> str:
-    """The exact SQL the route sends (captured from a dry run of ``queries.time_series_json``)."""
-
-    class Capture:
-        text = ""
-
-        def execute(self, query: Any, _args: Any = None) -> None:
-            self.text = query.as_string(cur)
-
-        def fetchone(self) -> tuple[str]:
-            return ("{}",)
-
-    cap = Capture()
-    queries.time_series_json(cap, ds, 0, "s2", bands=None, scl=True, ref=False)
-    return cap.text
 
 
 def measure_http(base: str, parcels: int, samples: int, seed: int) -> dict[str, float]:
@@ -265,7 +263,47 @@ end
 """
 
 
+MARKER = "CBMFLOW_BENCH_API_SERVER"
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(match: Callable[[str, bytes], bool]) -> float:
+    """CPU seconds (user + system) of the live processes that ``match`` (pid, cmdline) selects."""
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not match(pid, f.read()):
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) * _TICK_S
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return total
+
+
+def _is_api(pid: str, _cmdline: bytes) -> bool:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f"{MARKER}=1".encode() in f.read().split(b"\0")
+
+
+def _is_bench_backend(_pid: str, cmdline: bytes) -> bool:
+    return cmdline.startswith(b"postgres: ") and b" cbmflow_bench " in cmdline
+
+
+def _busy_s() -> float:
+    """CPU seconds all processes on the host have used (the non-idle columns of /proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) * _TICK_S
+
+
 def measure_wrk(base: str, parcels: int, duration_s: int, connections: int, seed: int) -> dict[str, float]:
+    """Requests/s and latency under wrk, and where the CPU went: per request, the API processes,
+    the PostgreSQL backends and wrk itself, plus whatever else ran on the host meanwhile."""
     wrk = shutil.which("wrk")
     if wrk is None:
         raise SystemExit("wrk not found: apt-get install wrk (make bench-api installs it)")
@@ -274,15 +312,30 @@ def measure_wrk(base: str, parcels: int, duration_s: int, connections: int, seed
         f.write(WRK_LUA % {"seed": seed, "auth": auth, "aoi": AOI, "year": YEAR, "n": parcels})
         script = f.name
     try:
+        # Unmeasured warm-up: every worker process verifies the password once, opens its pools
+        # and prepares its statements (a keep-alive client before this reached only one worker).
+        subprocess.run([wrk, "-t2", f"-c{connections}", "-d2s", "-s", script, base], capture_output=True, check=True)
+        api0, pg0, busy0 = _cpu_s(_is_api), _cpu_s(_is_bench_backend), _busy_s()
+        child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         res = subprocess.run(
             [wrk, "-t2", f"-c{connections}", f"-d{duration_s}s", "--latency", "-s", script, base],
             capture_output=True,
             text=True,
             check=True,
         )
+        child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        api1, pg1, busy1 = _cpu_s(_is_api), _cpu_s(_is_bench_backend), _busy_s()
     finally:
         os.unlink(script)
     text = res.stdout
+    done = int(re.search(r"(\d+) requests in", text).group(1))  # type: ignore[union-attr]
+    wrk_s = (child1.ru_utime - child0.ru_utime) + (child1.ru_stime - child0.ru_stime)
+    cpu = {
+        "api_ms": 1000 * (api1 - api0) / done,
+        "pg_ms": 1000 * (pg1 - pg0) / done,
+        "wrk_ms": 1000 * wrk_s / done,
+        "other_s": max(0.0, (busy1 - busy0) - (api1 - api0) - (pg1 - pg0) - wrk_s),
+    }
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
     if non2xx:
@@ -294,29 +347,32 @@ def measure_wrk(base: str, parcels: int, duration_s: int, connections: int, seed
             return float("nan")
         return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
-    return {"rps": rps, "p50": lat("50"), "p99": lat("99")}
+    return {"rps": rps, "p50": lat("50"), "p99": lat("99"), **cpu}
 
 
 def render(res: dict[str, Any], args: argparse.Namespace) -> str:
     d = res["db"]
+    cores = os.cpu_count() or 1
+
+    def db_row(name: str, key: str, which: str, target: str = "") -> str:
+        return f"| {name} | {d[key][f'{which}_p50']:.3f} | {d[key][f'{which}_p99']:.3f} | | {target} |"
+
     lines = [
         f"{res['rows']:,} signature rows ({res['parcels']:,} parcels x {res['scenes']} scenes x {len(BANDS)} bands,"
         f" sigs table + indexes {d['sigs_size']}); one parcel's s2 series = {d['series_rows']} rows with SCL"
-        f" histograms; {os.cpu_count()} CPU cores, PostgreSQL 15 shared_buffers 128MB; {args.samples} random"
-        " parcels per figure.",
+        f" histograms; {cores} CPU cores, PostgreSQL 15 shared_buffers 128MB; {args.samples} random"
+        " parcels per figure. DB rows time the route's own statement (user row, grants, parcel key and series"
+        " JSON in one).",
         "",
         "| measurement | p50 ms | p99 ms | req/s | target |",
         "|---|---:|---:|---:|---|",
-        f"| DB, server execution (EXPLAIN ANALYZE), covering key | {d['covering']['server_p50']:.3f} |"
-        f" {d['covering']['server_p99']:.3f} | | ≤ 1 ms p50 |",
-        f"| DB, client round trip (psycopg2, JSON built by PostgreSQL), covering key |"
-        f" {d['covering']['client_p50']:.3f} |"
-        f" {d['covering']['client_p99']:.3f} | | |",
-        f"| DB, server execution, index-only scans off (heap, scene-major) | {d['heap']['server_p50']:.3f} |"
-        f" {d['heap']['server_p99']:.3f} | | (comparison) |",
-        f"| DB, client round trip, index-only scans off | {d['heap']['client_p50']:.3f} |"
-        f" {d['heap']['client_p99']:.3f} | | (comparison) |",
+        db_row("DB, server execution (EXPLAIN ANALYZE), prepared, covering key", "prepared", "server", "≤ 1 ms p50"),
+        db_row("DB, client round trip (psycopg2), prepared, covering key", "prepared", "client"),
+        db_row("DB, client round trip, plain text (parsed and planned every time)", "plain", "client", "(comparison)"),
+        db_row("DB, server execution, index-only scans off (heap, scene-major)", "heap", "server", "(comparison)"),
+        db_row("DB, client round trip, index-only scans off", "heap", "client", "(comparison)"),
     ]
+    cpu_lines = []
     for workers, h in res["http"].items():
         lines.append(
             f"| HTTP, one keep-alive client, {workers} API worker(s) | {h['seq']['p50']:.3f} | {h['seq']['p99']:.3f}"
@@ -327,6 +383,21 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
             f"| HTTP, wrk -t2 -c{args.connections} {args.duration}s, {workers} API worker(s) | {w['p50']:.2f} |"
             f" {w['p99']:.2f} | {w['rps']:.0f} | ≥ 1,000 req/s on 2 cores |"
         )
+        total = w["api_ms"] + w["pg_ms"] + w["wrk_ms"]
+        cpu_lines.append(
+            f"| {workers} | {w['api_ms']:.3f} | {w['pg_ms']:.3f} | {w['wrk_ms']:.3f} | {total:.3f} |"
+            f" {cores * 1000 / total:,.0f} | {w['other_s']:.1f} s of {cores * args.duration} s |"
+        )
+    lines += [
+        "",
+        "CPU per request under wrk (process CPU time / requests served), and the rate those costs allow when"
+        " the API, PostgreSQL and wrk have every core to themselves:",
+        "",
+        "| API workers | API ms | PostgreSQL ms | wrk ms | total ms | cores / total (req/s) |"
+        " other processes' CPU meanwhile |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *cpu_lines,
+    ]
     return "\n".join(lines)
 
 
@@ -371,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
         res["http"] = {}
         for workers in [int(w) for w in args.workers.split(",") if w.strip()]:
             _progress(f"HTTP with {workers} API worker(s)")
-            with api_server(dsn, workers) as base:
+            with api_server(dsn, workers, env={MARKER: "1"}) as base:
                 seq = measure_http(base, parcels, min(args.samples, 2000), args.seed)
                 w = measure_wrk(base, parcels, args.duration, args.connections, args.seed)
             res["http"][workers] = {"seq": seq, "wrk": w}
