@@ -17,7 +17,8 @@ Anchors:
   scale event (OpenStack Senlin's ``cooldown``, KEDA's ``cooldownPeriod``) is the second brake.
 * AWS scale-in protection and lifecycle hooks (gracefully-handle-instance-termination): a job can
   run for many minutes, so capacity is only ever removed through a drain, and only from workers
-  known to be idle; a busy worker is never deleted, not even one in ERROR or past its lifetime.
+  known to be idle; a busy worker is never deleted, not even one in ERROR or past its lifetime
+  (a worker is busy while its heartbeat is fresh).
 
 Booting servers count as capacity (a BUILD server is a worker a few minutes from now); counting
 them as missing would boot a second wave on every step of a slow boot.
@@ -33,7 +34,13 @@ from typing import Any, Literal
 # Worker states that still count as capacity. ``unknown`` (registry unreachable) counts, so a
 # database outage never triggers a burst of new workers.
 CAPACITY_STATES = frozenset({"starting", "idle", "busy", "unknown"})
-ERROR_STATUS = "ERROR"
+# Nova statuses of a server that is not running and will not run again by itself: it holds quota
+# (and, SHUTOFF apart, is often still billed) while doing nothing, so it is replaced like ERROR.
+# A SHUTOFF server is typically a guest that powered itself off (a kernel panic with
+# panic=poweroff, an OOM-killed init) or one stopped by a host maintenance.
+DEAD_STATUSES = frozenset(
+    {"ERROR", "SHUTOFF", "SUSPENDED", "PAUSED", "SHELVED", "SHELVED_OFFLOADED", "SOFT_DELETED", "DELETED"}
+)
 
 
 @dataclass(frozen=True)
@@ -210,8 +217,9 @@ def decide(
     # ---- reconcile: what is broken, finished or too old -----------------------------------------
     for w in workers:
         age_s = now_s - w.started_at_s if w.started_at_s else 0.0
-        if w.server_status.upper() == ERROR_STATUS:
-            delete(w, "server in ERROR")
+        status = w.server_status.upper()
+        if status in DEAD_STATUSES:
+            delete(w, f"server in {status}")
         elif w.state == "stopped":
             delete(w, "worker exited")
         elif w.state == "draining":
@@ -219,6 +227,10 @@ def decide(
             since = w.draining_since_s
             if since is not None and now_s - since > policy.drain_timeout_s:
                 delete(w, f"drain not finished after {policy.drain_timeout_s:.0f} s")
+        elif w.state in ("idle", "busy") and (w.heartbeat_age_s or 0.0) > policy.stale_heartbeat_s:
+            # A hung process or a frozen VM: the registry row says idle or busy but nothing has
+            # renewed it. A busy one's lease has expired by now, so its scene is taken over.
+            delete(w, f"no heartbeat for {w.heartbeat_age_s:.0f} s")
         elif w.registered is False and age_s > policy.boot_timeout_s:
             delete(w, f"no registration within {policy.boot_timeout_s:.0f} s")
         elif policy.max_lifetime_s and age_s > policy.max_lifetime_s:

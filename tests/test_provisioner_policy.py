@@ -175,6 +175,27 @@ def test_servers_in_error_are_deleted_and_replaced() -> None:
     assert step.delete == ["e"] and step.start == 1 and step.actions[0].why == "server in ERROR"
 
 
+@pytest.mark.parametrize("status", ["SHUTOFF", "SUSPENDED", "SHELVED_OFFLOADED", "shutoff"])
+def test_servers_stopped_for_good_are_deleted_and_replaced(status: str) -> None:
+    step = _decide(5, [_w("off", "idle", status=status, heartbeat=400.0)])
+    assert step.delete == ["off"] and step.start == 1 and step.actions[0].why == f"server in {status.upper()}"
+    # BUILD, REBOOT, MIGRATING... are transitions, not deaths
+    assert _decide(5, [_w("b", "starting", status="REBOOT")]).delete == []
+
+
+def test_a_worker_whose_heartbeat_stopped_is_deleted_and_replaced() -> None:
+    policy = Policy(per_worker=5, min_workers=0, max_workers=4, stale_heartbeat_s=300)
+    hung_idle = _w("hung-idle", "idle", heartbeat=301.0)
+    hung_busy = _w("hung-busy", "busy", scene=7, heartbeat=900.0)
+    alive = _w("alive", "idle", heartbeat=299.0)
+    step = _decide(15, [hung_idle, hung_busy, alive], policy)
+    assert step.delete == ["hung-idle", "hung-busy"]
+    assert step.actions[0].why == "no heartbeat for 301 s"
+    assert (step.fleet, step.start) == (1, 2)
+    # an unreadable registry tells nothing about heartbeats: nothing deleted on that account
+    assert _decide(15, [_w("u", "unknown", heartbeat=None, registered=None)], policy).delete == []
+
+
 def test_a_server_whose_worker_never_registered_is_deleted_after_the_boot_timeout() -> None:
     policy = Policy(per_worker=5, min_workers=0, max_workers=4, boot_timeout_s=600)
     young = _w("young", "starting", NOW - 599, registered=False, status="ACTIVE")
