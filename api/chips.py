@@ -31,9 +31,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import numpy.typing as npt
@@ -42,7 +40,8 @@ from starlette.responses import HTMLResponse, Response
 
 from api.app import ApiJSONResponse, Call, authenticated, state_of
 from api.params import Params
-from card.s2 import S2Product, normalize_band, open_s2_product
+from card.s2 import S2Product, normalize_band
+from cbmflow import store
 from cbmflow.errors import InvalidInputError, NotFoundError, PermissionDeniedError
 from cbmflow.logging import get_logger
 from cbmflow.settings import ApiSettings, state_dir
@@ -215,21 +214,21 @@ def _scenes(call: Call, lon: float, lat: float, period: tuple[datetime, datetime
     return rows
 
 
-def _local_path(location: str) -> Path:
-    parsed = urlparse(location)
-    if parsed.scheme not in ("", "file"):
-        raise FileNotFoundError(f"product location {location!r} is not a local path")
-    return Path(parsed.path if parsed.scheme else location)
-
-
 @lru_cache(maxsize=256)
 def _product(location: str) -> S2Product:
-    # Products are immutable once catalogued; parsing their XML on every request is wasted work.
-    return open_s2_product(_local_path(location))
+    """The product at a scene location, local or ``s3://`` (read in place, like the worker does).
+
+    Products are immutable once catalogued: parsing their XML (and, on S3, listing their keys) on
+    every request is wasted work. A failure is not cached, so a store that was down is retried.
+    """
+    return store.open_s2(location)
 
 
 def _readable(scene: Scene, bands: tuple[str, ...]) -> S2Product | None:
-    """The scene's product if it and every band are on disk (any processing status), else None."""
+    """The scene's product if it and every band exist (any processing status), else None.
+
+    Errors of an unreachable store count as unreadable too: the scene is left out of the answer.
+    """
     try:
         product = _product(scene.location)
         for band in bands:
@@ -287,7 +286,8 @@ def raw_chip(product: S2Product, band: str, lon: float, lat: float, size_m: floa
     import rasterio
     from rasterio.io import MemoryFile
 
-    with rasterio.open(product.band_path(band)) as src:
+    path = product.band_path(band)
+    with store.gdal_env(path), rasterio.open(path) as src:
         window = _window(src, lon, lat, size_m)
         data = _read(src, window, product.nodata_dn)
         profile = {
@@ -326,7 +326,8 @@ def rgb_png(product: S2Product, bands: tuple[str, str, str], lon: float, lat: fl
 
     planes = []
     for band in bands:
-        with rasterio.open(product.band_path(band)) as src:
+        path = product.band_path(band)
+        with store.gdal_env(path), rasterio.open(path) as src:
             window = _window(src, lon, lat, RGB_SIZE_M)
             data = _read(src, window, product.nodata_dn, out_shape=(RGB_PIXELS, RGB_PIXELS))
         planes.append(_stretch(data, product.nodata_dn, *lut))

@@ -14,11 +14,17 @@ a worker can read exactly the windows it needs. Two rules shape the design:
 
 XML is parsed with the standard library, matching on local names so that the PSD namespace
 version (psd-14, psd-15, ...) does not matter.
+
+Files are reached through :class:`ProductFiles` (paths relative to the product root), so that the
+same parser serves a local ``.SAFE`` directory (:class:`LocalProductFiles`) and one in an object
+store (``cbmflow.store.S3ProductFiles``: the listing and the XML through the S3 API, pixels through
+GDAL's ``/vsis3/``). This module itself stays free of any storage client.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
+from typing import Protocol
 
 import shapely
 
@@ -82,6 +89,50 @@ class MissingBandError(FileNotFoundError):
         return f"band {self.band} {self.reason}: expected {self.expected_path}"
 
 
+class ProductFiles(Protocol):
+    """Read access to the files of one product, addressed by POSIX paths relative to its root.
+
+    ``root`` is the product root as GDAL names it: a local directory, or ``/vsis3/bucket/key`` for
+    a product in S3 (a :class:`~pathlib.Path` that only GDAL can open), so that ``root / rel``
+    equals :meth:`gdal_path` and can be handed to ``rasterio.open``.
+    """
+
+    @property
+    def root(self) -> Path: ...
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The file's content; :class:`FileNotFoundError` when it does not exist."""
+        ...
+
+    def exists(self, rel: str) -> bool:
+        """Whether the file exists (a cheap check: no pixel is read)."""
+        ...
+
+    def gdal_path(self, rel: str) -> str:
+        """A path GDAL opens (for an object store: a ``/vsi`` path read with range requests)."""
+        ...
+
+
+class LocalProductFiles:
+    """A product in a local directory."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self._root = Path(root)
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def read_bytes(self, rel: str) -> bytes:
+        return (self._root / rel).read_bytes()
+
+    def exists(self, rel: str) -> bool:
+        return (self._root / rel).is_file()
+
+    def gdal_path(self, rel: str) -> str:
+        return str(self._root / rel)
+
+
 @dataclass(frozen=True)
 class TileGrid:
     """One resolution's pixel grid from MTD_TL.xml ``Tile_Geocoding`` (Size + Geoposition)."""
@@ -118,21 +169,27 @@ class S2Product:
     granule_path: Path
     grids: dict[int, TileGrid] = field(hash=False, repr=False)
     image_files: dict[tuple[str, int], PurePosixPath] = field(hash=False, repr=False)
+    files: ProductFiles = field(hash=False, repr=False, compare=False)
 
     @property
     def baseline_tuple(self) -> tuple[int, int]:
         return _baseline_tuple(self.processing_baseline)
 
     def band_path(self, band: str, resolution_m: int | None = None) -> Path:
-        """The JP2 of ``band`` at its native resolution (or ``resolution_m``), checked to exist."""
+        """The JP2 of ``band`` at its native resolution (or ``resolution_m``), checked to exist.
+
+        A path GDAL (``rasterio.open``) opens: the file of a local product, ``/vsis3/bucket/key``
+        for a product in S3 (open it inside ``cbmflow.store.gdal_env``; it is no local file).
+        """
         name = normalize_band(band)
         res = resolution_m if resolution_m is not None else native_resolution_m(name)
         rel = self.image_files.get((name, res))
         if rel is None:
             expected = self._conventional_path(name, res)
             raise MissingBandError(name, expected, f"at {res} m is not listed in MTD_MSIL2A.xml")
-        path = self.path / _with_suffix(rel)
-        if not path.is_file():
+        rel = _with_suffix(rel)
+        path = self.path / rel
+        if not self.files.exists(str(rel)):
             raise MissingBandError(name, path, f"at {res} m is listed in MTD_MSIL2A.xml but its file is missing")
         return path
 
@@ -176,18 +233,29 @@ def normalize_band(band: str) -> str:
     return name
 
 
-def open_s2_product(path: str | Path) -> S2Product:
-    """Parse a ``.SAFE`` directory (or its ``MTD_MSIL2A.xml``) into :class:`S2Product`.
+def open_s2_product(path: str | os.PathLike[str] | ProductFiles) -> S2Product:
+    """Parse a ``.SAFE`` directory (or its ``MTD_MSIL2A.xml``), or the product behind a
+    :class:`ProductFiles`, into :class:`S2Product`.
 
     Raises ``FileNotFoundError`` for a missing metadata file and ``ValueError`` for metadata that is
     malformed or inconsistent, so that callers can treat both as a permanent, per-product failure.
+    Errors of the file access itself (an object store that cannot be reached) pass through.
     """
-    given = Path(path)
-    mtd_path = given if given.is_file() else given / "MTD_MSIL2A.xml"
-    root_dir = mtd_path.parent
-    if not mtd_path.is_file():
+    files: ProductFiles
+    mtd_rel = "MTD_MSIL2A.xml"
+    if isinstance(path, str | os.PathLike):
+        given = Path(path)
+        if given.is_file():
+            files, mtd_rel = LocalProductFiles(given.parent), given.name
+        else:
+            files = LocalProductFiles(given)
+    else:
+        files = path
+    root_dir = files.root
+    mtd_path = root_dir / mtd_rel
+    if not files.exists(mtd_rel):
         raise FileNotFoundError(errno.ENOENT, "no MTD_MSIL2A.xml in product", str(mtd_path))
-    mtd = _parse_xml(mtd_path)
+    mtd = _parse_xml(files.read_bytes(mtd_rel), mtd_path)
 
     product_info = _first(mtd, ("Product_Info", "L2A_Product_Info"), mtd_path)
     uri = _text_of(product_info, ("PRODUCT_URI", "PRODUCT_URI_2A"), required=False)
@@ -217,7 +285,7 @@ def open_s2_product(path: str | Path) -> S2Product:
         )
 
     footprint = _footprint(mtd, mtd_path)
-    epsg, grids = _tile_geocoding(granule_path / "MTD_TL.xml")
+    epsg, grids = _tile_geocoding(files, f"{granule_rel}/MTD_TL.xml")
     return S2Product(
         path=root_dir,
         product_name=product_name,
@@ -233,6 +301,7 @@ def open_s2_product(path: str | Path) -> S2Product:
         granule_path=granule_path,
         grids=grids,
         image_files=image_files,
+        files=files,
     )
 
 
@@ -243,11 +312,11 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def _parse_xml(path: Path) -> ET.Element:
+def _parse_xml(data: bytes, where: Path) -> ET.Element:
     try:
-        return ET.parse(path).getroot()
+        return ET.fromstring(data)
     except ET.ParseError as exc:
-        raise ValueError(f"{path}: not well-formed XML ({exc})") from exc
+        raise ValueError(f"{where}: not well-formed XML ({exc})") from exc
 
 
 def _iter_named(elem: ET.Element, names: tuple[str, ...]) -> Iterator[ET.Element]:
@@ -373,10 +442,11 @@ def _footprint(mtd: ET.Element, where: Path) -> shapely.Polygon:
     return shapely.Polygon(ring)
 
 
-def _tile_geocoding(mtd_tl: Path) -> tuple[int, dict[int, TileGrid]]:
-    if not mtd_tl.is_file():
+def _tile_geocoding(files: ProductFiles, rel: str) -> tuple[int, dict[int, TileGrid]]:
+    mtd_tl = files.root / rel
+    if not files.exists(rel):
         raise FileNotFoundError(errno.ENOENT, "no granule MTD_TL.xml", str(mtd_tl))
-    root = _parse_xml(mtd_tl)
+    root = _parse_xml(files.read_bytes(rel), mtd_tl)
     geo = _first(root, ("Tile_Geocoding",), mtd_tl)
     code = _text_of(geo, ("HORIZONTAL_CS_CODE",), mtd_tl)
     m = re.fullmatch(r"EPSG:(\d+)", code)

@@ -7,9 +7,16 @@ not come from the extractor itself. This module writes, for one seed:
   MultiPolygons, holes and a few deliberately invalid bow-ties (``invalid_parcels.txt``);
 * ``products/<name>.SAFE``: Sentinel-2 L2A products in the real SAFE layout (baseline 05.10, so
   DN = reflectance·10000 + 1000), lossless JPEG2000 on the real 32UPU tile grid, cropped to the AOI;
-* ``stac/``: a self-contained static STAC catalogue pointing at those products;
+* optionally (``s1_scenes``, ``c6_scenes``) ``products/<name>.tif``: Sentinel-1 CARD products in
+  cbmflow's CARD format (one COG per scene, float32, NaN nodata, bands described ``VV``/``VH``):
+  linear backscatter (``bs``, 10 m, with speckle) and 6-day coherence (``c6``, 20 m, in [0, 1],
+  written VH first, since readers must go by the descriptions), on grids that cut through the
+  AOI (a swath edge), with no-data blocks and scattered NaN (shadow/layover masks);
+* ``stac/``: a self-contained static STAC catalogue pointing at those products (collections
+  ``sentinel-2-l2a``, ``sentinel-1-card-bs``, ``sentinel-1-card-c6``);
 * ``truth.csv`` / ``truth_scl.csv``: per (parcel, product, band) pixel counts and means, computed
-  from the generator's own pixel-centre point-in-polygon labels and the DN it wrote.
+  from the generator's own pixel-centre point-in-polygon labels and the values it wrote (S1
+  bands as the database names them: ``VVb``, ``VHb``, ``VVc``, ``VHc``).
 
 The truth deliberately avoids ``rasterio.features.rasterize`` and rasterstats, so that the tests
 comparing the two are evidence rather than a tautology. Pixel membership follows the usual rule
@@ -88,6 +95,26 @@ SEASON_START = (4, 1)
 SEASON_DAYS = 183
 
 CLOUD_THIN, CLOUD_MEDIUM, CLOUD_HIGH, SHADOW_MIN = 0.25, 0.4, 0.65, 0.4
+
+S1_MISSION = "S1A"
+S1_RELATIVE_ORBIT = 117
+"""A descending track over the tile (morning pass, about 05:25 UTC)."""
+S1_REPEAT_DAYS = 12
+S1_MAX_SCENES = SEASON_DAYS // S1_REPEAT_DAYS
+S1_COLLECTIONS = {"bs": "sentinel-1-card-bs", "c6": "sentinel-1-card-c6"}
+S1_BANDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "bs": (("VV", "VVb"), ("VH", "VHb")),
+    "c6": (("VH", "VHc"), ("VV", "VVc")),  # written VH first on purpose: order is never assumed
+}
+"""Per card: (band description in the COG, band name in the truth and the database), in file order."""
+S1_RESOLUTION_M = {"bs": 10, "c6": 20}
+S1_ENL = 4.9
+"""Equivalent number of looks of the backscatter speckle (gamma-distributed, mean 1)."""
+S1_COHERENCE_SD = 0.06
+S1_MASKED_FRACTION = 0.002
+"""Share of pixels set to NaN at random (radar shadow / layover masks)."""
+S1_EDGE_FRACTION = 0.2
+"""Share of the AOI grid each S1 product misses: the west columns (bs), the south rows (c6)."""
 SCL_VEGETATION_COVER = 0.35
 
 # Reflectance of the scene's end-members and per-pixel noise (sd), per band:
@@ -174,6 +201,9 @@ class WorldSummary:
     aoi_bbox: tuple[float, float, float, float]
     """AOI (west, south, east, north) in degrees."""
     truth_rows: int
+    s1_products: tuple[str, ...] = ()
+    """Sentinel-1 CARD products (``bs`` then ``c6``), by name; empty unless asked for."""
+    s1_product_paths: tuple[Path, ...] = ()
 
 
 # --- internal model -----------------------------------------------------------------------------
@@ -267,13 +297,57 @@ class _Truth:
     scl_histogram: IntArray = field(default_factory=lambda: np.zeros(16, dtype=np.int64))
 
 
+@dataclass(frozen=True)
+class _S1Plan:
+    """One Sentinel-1 CARD product: backscatter of one date, or coherence of a 6-day pair."""
+
+    card: str
+    index: int
+    start: datetime
+    """Acquisition start (coherence: of the secondary, later date)."""
+    reference: datetime | None
+    """Coherence only: the first date of the pair (6 days earlier, the other satellite)."""
+    abs_orbit: int
+    datatake: int
+    unique: int
+    moisture_db: float
+    """Backscatter: the date's soil-moisture offset, added to every VV/VH level (dB)."""
+    grid: _Grid
+    nodata_patch: tuple[float, float, float, float] | None
+
+    @property
+    def name(self) -> str:
+        kind = "GRDH" if self.card == "bs" else "SLC_"
+        suffix = "CARD_BS" if self.card == "bs" else "CARD_COH6"
+        stop = self.start + timedelta(seconds=25)
+        return (
+            f"{S1_MISSION}_IW_{kind}_1SDV_{self.start:%Y%m%dT%H%M%S}_{stop:%Y%m%dT%H%M%S}"
+            f"_{self.abs_orbit:06d}_{self.datatake:06X}_{self.unique:04X}_{suffix}"
+        )
+
+    @property
+    def doy(self) -> float:
+        return float(self.start.timetuple().tm_yday)
+
+
 # --- entry point --------------------------------------------------------------------------------
 
 
 def generate(
-    out: Path, parcels: int = 300, scenes: int = 10, seed: int = 0, aoi_name: str = "ms", year: int = 2024
+    out: Path,
+    parcels: int = 300,
+    scenes: int = 10,
+    seed: int = 0,
+    aoi_name: str = "ms",
+    year: int = 2024,
+    s1_scenes: int = 0,
+    c6_scenes: int = 0,
 ) -> WorldSummary:
     """Write a complete test world under ``out`` (see the module docstring); same seed, same bytes.
+
+    ``s1_scenes`` Sentinel-1 CARD backscatter and ``c6_scenes`` coherence products are added on
+    the same parcels (none by default). The S2 products, parcels and truth rows of a seed do not
+    depend on them.
 
     ``out/products`` and ``out/stac`` are replaced, so that products of an earlier, larger world
     cannot linger in the catalogue.
@@ -284,6 +358,9 @@ def generate(
         raise ValueError("seed must be non-negative")
     if not 1 <= scenes <= SEASON_DAYS:
         raise ValueError(f"scenes must be between 1 and {SEASON_DAYS} (one per day of the season at most)")
+    for label, n in (("s1_scenes", s1_scenes), ("c6_scenes", c6_scenes)):
+        if not 0 <= n <= S1_MAX_SCENES:
+            raise ValueError(f"{label} must be between 0 and {S1_MAX_SCENES} (one per {S1_REPEAT_DAYS}-day cycle)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for owned in (out / "products", out / "stac"):
@@ -328,8 +405,19 @@ def generate(
         truths.append(truth)
         safe_dirs.append(safe)
 
-    catalog_path = _write_stac(out / "stac", plans, safe_dirs, truths, footprint, aoi_name)
+    s1_plans = _plan_s1(s1_scenes, c6_scenes, year, world, np.random.default_rng(np.random.SeedSequence([seed, 1])))
+    s1_files: list[Path] = []
+    s1_truths: list[_Truth] = []
+    for s1_plan in s1_plans:
+        tif = products_dir / f"{s1_plan.name}.tif"
+        s1_truths.append(_render_s1(s1_plan, world, tif))
+        s1_files.append(tif)
+
+    catalog_path = _write_stac(
+        out / "stac", plans, safe_dirs, truths, footprint, aoi_name, list(zip(s1_plans, s1_files, strict=True))
+    )
     truth_rows = _write_truth(out / "truth.csv", out / "truth_scl.csv", world, plans, truths)
+    truth_rows += _append_s1_truth(out / "truth.csv", world, s1_plans, s1_truths)
     west, south, east, north = (float(v) for v in aoi_wgs84.bounds)
     return WorldSummary(
         out=out,
@@ -348,6 +436,8 @@ def generate(
         tile_id=TILE_ID,
         aoi_bbox=(west, south, east, north),
         truth_rows=truth_rows,
+        s1_products=tuple(p.name for p in s1_plans),
+        s1_product_paths=tuple(s1_files),
     )
 
 
@@ -750,16 +840,21 @@ def _render_product(plan: _ProductPlan, world: _World, img_dir: Path) -> _Truth:
 
 def _parcel_state(plan: _ProductPlan, world: _World) -> tuple[Float32Array, Float32Array]:
     """Green cover and soil brightness per label value (index 0 = background, unused)."""
+    brightness = np.ones(len(world.valid_index) + 1, dtype=np.float64)
+    brightness[1:] = world.parcels.soil_brightness[world.valid_index]
+    return _parcel_cover(plan.doy, world), brightness.astype(np.float32)
+
+
+def _parcel_cover(day_of_year: float, world: _World) -> Float32Array:
+    """Green cover per label value on a day of the year (index 0 = background, unused)."""
     p = world.parcels
     idx = world.valid_index
     cover = np.zeros(len(idx) + 1, dtype=np.float64)
     for c, crop in enumerate(CROPS):
         mine = p.crop_index[idx] == c
-        doy = plan.doy - p.shift_d[idx][mine]
+        doy = day_of_year - p.shift_d[idx][mine]
         cover[1:][mine] = crop.cover(doy) * p.vigour[idx][mine]
-    brightness = np.ones(len(idx) + 1, dtype=np.float64)
-    brightness[1:] = p.soil_brightness[idx]
-    return np.clip(cover, 0.02, 0.97).astype(np.float32), brightness.astype(np.float32)
+    return np.clip(cover, 0.02, 0.97).astype(np.float32)
 
 
 def _fields(
@@ -1172,6 +1267,176 @@ dmdID="acquisitionPeriod platform">
 """
 
 
+# --- Sentinel-1 CARD products ------------------------------------------------------------------
+
+
+def _s1_grid(card: str, world: _World) -> _Grid:
+    """The product's grid: the AOI grid at the card's resolution, less a swath edge (whole pixels,
+    so every pixel centre is one the parcels were settled against)."""
+    base = world.grids[S1_RESOLUTION_M[card]]
+    if card == "bs":
+        cut = round(S1_EDGE_FRACTION * base.width)
+        return _Grid(base.x0_m + cut * base.pixel_size_m, base.y0_m, base.pixel_size_m, base.width - cut, base.height)
+    cut = round(S1_EDGE_FRACTION * base.height)
+    return _Grid(base.x0_m, base.y0_m, base.pixel_size_m, base.width, base.height - cut)
+
+
+def _plan_s1(bs: int, c6: int, year: int, world: _World, rng: np.random.Generator) -> list[_S1Plan]:
+    """Backscatter dates every few 12-day cycles over the season; coherence pairs in between, the
+    first date of each pair 6 days earlier (the other satellite). Every other product has a block
+    of no-data."""
+    first = datetime(year, *SEASON_START, 5, 25, 41, tzinfo=UTC) + timedelta(days=2)
+    orbit_epoch = datetime(2024, 1, 1, tzinfo=UTC)
+    plans: list[_S1Plan] = []
+    for card, n, shift in (("bs", bs, 0), ("c6", c6, 1)):
+        grid = _s1_grid(card, world)
+        xmin, ymin, xmax, ymax = _extent_m(grid)
+        for i in range(n):
+            cycle = min(S1_MAX_SCENES - 1, (i * S1_MAX_SCENES) // n + shift * (S1_MAX_SCENES // (2 * n)))
+            start = first + timedelta(days=cycle * S1_REPEAT_DAYS, seconds=int(rng.integers(0, 4)))
+            patch = None
+            if i % 2 == 1:
+                px, py = rng.uniform(xmin, xmax - 0.15 * (xmax - xmin)), rng.uniform(ymin, ymax - 0.2 * (ymax - ymin))
+                patch = (px, py, px + 0.15 * (xmax - xmin), py + 0.2 * (ymax - ymin))
+            plans.append(
+                _S1Plan(
+                    card=card,
+                    index=i,
+                    start=start,
+                    reference=start - timedelta(days=6) if card == "c6" else None,
+                    abs_orbit=52000 + round((start - orbit_epoch).days * 175 / S1_REPEAT_DAYS),
+                    datatake=int(rng.integers(0x10000, 0xFFFFFF)),
+                    unique=int(rng.integers(0, 0xFFFF)),
+                    moisture_db=float(rng.uniform(-1.5, 1.5)),
+                    grid=grid,
+                    nodata_patch=patch,
+                )
+            )
+    return plans
+
+
+def _s1_levels(plan: _S1Plan, world: _World) -> dict[str, Float32Array]:
+    """The noise-free value of every label (index 0: the background) per database band name.
+
+    Backscatter in linear units from a dB model (denser canopy, more volume scattering, VH most),
+    coherence falling with canopy (vegetation decorrelates within 6 days)."""
+    cover = _parcel_cover(plan.doy, world).astype(np.float64)
+    cover[0] = 0.5
+    if plan.card == "bs":
+        rough = np.ones_like(cover)
+        rough[1:] = world.parcels.soil_brightness[world.valid_index]
+        vv_db = -16.0 + 7.0 * cover + 4.0 * (rough - 1.0) + plan.moisture_db
+        vh_db = -24.0 + 9.0 * cover + 0.5 * plan.moisture_db
+        return {
+            "VVb": (10.0 ** (vv_db / 10.0)).astype(np.float32),
+            "VHb": (10.0 ** (vh_db / 10.0)).astype(np.float32),
+        }
+    coherence = np.clip(0.75 - 0.55 * cover, 0.05, 0.95)
+    return {"VVc": coherence.astype(np.float32), "VHc": (0.85 * coherence).astype(np.float32)}
+
+
+_S1_WATER = {"VVb": 10 ** (-2.2), "VHb": 10 ** (-2.8), "VVc": 0.05, "VHc": 0.04}
+
+
+def _render_s1(plan: _S1Plan, world: _World, path: Path) -> _Truth:
+    """Write the product's COG and return the truth accumulated from the very values written."""
+    grid = plan.grid
+    base = world.grids[grid.pixel_size_m]
+    col0 = round((grid.x0_m - base.x0_m) / grid.pixel_size_m)
+    row0 = round((base.y0_m - grid.y0_m) / grid.pixel_size_m)
+    labels = world.labels[grid.pixel_size_m][row0 : row0 + grid.height, col0 : col0 + grid.width]
+    n_labels = len(world.valid_index) + 1
+    levels = _s1_levels(plan, world)
+    bands = S1_BANDS[plan.card]
+    array = np.empty((len(bands), grid.height, grid.width), dtype=np.float32)
+    truth = _Truth()
+    xs = grid.col_centres_m()
+    card_no = 1 if plan.card == "bs" else 6
+    for r0 in range(0, grid.height, BLOCK_ROWS):
+        r1 = min(grid.height, r0 + BLOCK_ROWS)
+        ys = grid.row_centres_m(r0, r1)
+        label = labels[r0:r1]
+        parcel = label > 0
+        water = ~parcel & _ellipses(world.lakes, xs, ys)
+        masked = np.random.default_rng([world.seed, 51, card_no, plan.index, r0, 99]).random(label.shape)
+        nodata = masked < S1_MASKED_FRACTION
+        if plan.nodata_patch is not None:
+            px0, py0, px1, py1 = plan.nodata_patch
+            nodata |= ((xs >= px0) & (xs < px1))[None, :] & ((ys >= py0) & (ys < py1))[:, None]
+        for band_no, (_, band) in enumerate(bands):
+            rng = np.random.default_rng([world.seed, 51, card_no, plan.index, r0, band_no])
+            value = levels[band][label]
+            value[water] = np.float32(_S1_WATER[band])
+            if plan.card == "bs":
+                value *= rng.gamma(S1_ENL, 1.0 / S1_ENL, label.shape).astype(np.float32)
+            else:
+                value += rng.standard_normal(label.shape, dtype=np.float32) * np.float32(S1_COHERENCE_SD)
+                np.clip(value, np.float32(0.01), np.float32(0.99), out=value)
+            value[nodata] = np.nan
+            array[band_no, r0:r1] = value
+            keep = parcel & ~nodata
+            lab = label[keep]
+            truth.counts.setdefault(band, np.zeros(n_labels, dtype=np.int64))
+            truth.sums.setdefault(band, np.zeros(n_labels, dtype=np.float64))
+            truth.counts[band] += np.bincount(lab, minlength=n_labels)
+            truth.sums[band] += np.bincount(lab, weights=value[keep].astype(np.float64), minlength=n_labels)
+    _write_card_cog(path, array, plan)
+    return truth
+
+
+def _write_card_cog(path: Path, array: Float32Array, plan: _S1Plan) -> None:
+    """cbmflow's CARD format: one COG, float32, linear, NaN nodata, bands described VV / VH."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = plan.grid
+    with rasterio.open(
+        path,
+        "w",
+        driver="COG",
+        width=grid.width,
+        height=grid.height,
+        count=array.shape[0],
+        dtype="float32",
+        crs=CRS.from_epsg(TILE_EPSG),
+        transform=grid.transform,
+        nodata=float("nan"),
+        BLOCKSIZE=256,
+        COMPRESS="DEFLATE",
+        PREDICTOR="YES",
+    ) as dst:
+        dst.write(array)
+        for k, (pol, _) in enumerate(S1_BANDS[plan.card], start=1):
+            dst.set_band_description(k, pol)
+            dst.update_tags(k, POLARISATION=pol)
+        dst.update_tags(
+            PRODUCT=plan.name,
+            CARD="CARD-BS" if plan.card == "bs" else "CARD-COH6",
+            UNITS="linear gamma0" if plan.card == "bs" else "coherence",
+            ACQUISITION_START=_iso(plan.start),
+            **({"REFERENCE_START": _iso(plan.reference)} if plan.reference is not None else {}),
+        )
+
+
+def _append_s1_truth(truth_path: Path, world: _World, plans: list[_S1Plan], truths: list[_Truth]) -> int:
+    """S1 rows appended to ``truth.csv``, in the same form as the S2 rows (database band names)."""
+    if not plans:
+        return 0
+    ids = [world.parcels.ids[i] for i in world.valid_index]
+    rows = 0
+    with truth_path.open("a", newline="") as fh:
+        writer = csv.writer(fh)
+        for plan, truth in zip(plans, truths, strict=True):
+            names = sorted(band for _, band in S1_BANDS[plan.card])
+            counts = {b: truth.counts[b].tolist() for b in names}
+            sums = {b: truth.sums[b].tolist() for b in names}
+            for k, pid in enumerate(ids, start=1):
+                for band in names:
+                    n = counts[band][k]
+                    if n:
+                        writer.writerow([pid, plan.name, band, n, repr(sums[band][k] / n)])
+                        rows += 1
+    return rows
+
+
 # --- vector outputs, STAC, truth ----------------------------------------------------------------
 
 
@@ -1206,7 +1471,13 @@ def _write_parcels(path: Path, parcels: _Parcels) -> Path:
 
 
 def _write_stac(
-    root: Path, plans: list[_ProductPlan], safes: list[Path], truths: list[_Truth], footprint: Any, aoi_name: str
+    root: Path,
+    plans: list[_ProductPlan],
+    safes: list[Path],
+    truths: list[_Truth],
+    footprint: Any,
+    aoi_name: str,
+    s1: list[tuple[_S1Plan, Path]] | None = None,
 ) -> Path:
     """A self-contained static catalogue (relative hrefs), so the world can be moved or copied."""
     catalog = pystac.Catalog(
@@ -1275,10 +1546,81 @@ def _write_stac(
                     ),
                 )
         collection.add_item(item)
+    for card in ("bs", "c6"):
+        mine = [(p, f) for p, f in s1 or [] if p.card == card]
+        if mine:
+            catalog.add_child(_s1_collection(card, mine))
     catalog.normalize_hrefs(str(root.resolve()))
     catalog.make_all_asset_hrefs_relative()
     catalog.save(pystac.CatalogType.SELF_CONTAINED)
     return root / "catalog.json"
+
+
+def _s1_collection(card: str, products: list[tuple[_S1Plan, Path]]) -> pystac.Collection:
+    """Items as the watcher reads them: the collection names the card, the ``product`` asset the COG."""
+    footprints = [_footprint_wgs84(p.grid) for p, _ in products]
+    bounds = shapely.union_all(footprints).bounds
+    kind = "CARD-BS" if card == "bs" else "CARD-COH6"
+    collection = pystac.Collection(
+        id=S1_COLLECTIONS[card],
+        description=f"Synthetic Sentinel-1 {kind} products (cbmflow CARD COG: float32, linear, NaN nodata)",
+        extent=pystac.Extent(
+            pystac.SpatialExtent([list(bounds)]),
+            pystac.TemporalExtent([[products[0][0].start, products[-1][0].start]]),
+        ),
+        license="other",
+    )
+    for (plan, tif), footprint in zip(products, footprints, strict=True):
+        properties: dict[str, Any] = {
+            "platform": f"sentinel-1{S1_MISSION[-1].lower()}",
+            "constellation": "sentinel-1",
+            "instruments": ["c-sar"],
+            "sar:instrument_mode": "IW",
+            "sar:frequency_band": "C",
+            "sar:polarizations": ["VV", "VH"],
+            "sar:product_type": kind,
+            "sat:orbit_state": "descending",
+            "sat:relative_orbit": S1_RELATIVE_ORBIT,
+            "sat:absolute_orbit": plan.abs_orbit,
+            "proj:code": f"EPSG:{TILE_EPSG}",
+            "created": _iso(plan.start + timedelta(hours=5)),
+            "updated": _iso(plan.start + timedelta(hours=5)),
+        }
+        if plan.reference is not None:
+            properties["start_datetime"] = _iso(plan.reference)
+            properties["end_datetime"] = _iso(plan.start)
+        item = pystac.Item(
+            id=plan.name,
+            geometry=shapely.geometry.mapping(footprint),
+            bbox=list(footprint.bounds),
+            datetime=plan.start,
+            properties=properties,
+            stac_extensions=[
+                "https://stac-extensions.github.io/sar/v1.0.0/schema.json",
+                "https://stac-extensions.github.io/sat/v1.0.0/schema.json",
+                "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+                "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
+            ],
+        )
+        unit = "linear" if card == "bs" else "coherence"
+        item.add_asset(
+            "product",
+            pystac.Asset(
+                str(tif.resolve()),
+                title=f"{kind} (VV, VH)",
+                media_type=pystac.MediaType.COG,
+                roles=["data"],
+                extra_fields={
+                    "gsd": plan.grid.pixel_size_m,
+                    "raster:bands": [
+                        {"name": pol, "data_type": "float32", "nodata": "nan", "unit": unit}
+                        for pol, _ in S1_BANDS[card]
+                    ],
+                },
+            ),
+        )
+        collection.add_item(item)
+    return collection
 
 
 def _write_truth(

@@ -7,6 +7,7 @@ rendered cloud-init user-data, the workers, and the API.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 
@@ -20,6 +21,11 @@ from cbmflow.settings import DbSettings, ProvisionSettings, StackSettings, Watch
 AOI = "ms"
 YEAR = 2024
 SEED = 42
+S1_SCENES = 4
+"""Sentinel-1 CARD backscatter products in the demo world (cheap: a fraction of a second to write
+and to extract), and coherence products below; both verified with the S2 rows."""
+C6_SCENES = 2
+COLLECTIONS = ["sentinel-2-l2a", "sentinel-1-card-bs", "sentinel-1-card-c6"]
 
 
 def _ndvi_table(dsn: str, console: Console) -> None:
@@ -46,7 +52,7 @@ def _ndvi_table(dsn: str, console: Console) -> None:
                 " (SELECT sum(h.count) FROM {hists} h WHERE h.pid = p.pid AND h.scene_id = s.id"
                 "   AND h.class IN (3, 8, 9, 10))"
                 " FROM {sigs} g JOIN {parcels} p ON p.pid = g.pid JOIN scenes s ON s.id = g.scene_id"
-                " WHERE p.parcel_id = %s GROUP BY s.id, s.acquired_at, p.pid ORDER BY s.acquired_at"
+                " WHERE p.parcel_id = %s AND s.card = 's2' GROUP BY s.id, s.acquired_at, p.pid ORDER BY s.acquired_at"
             ).format(sigs=ds.sigs, parcels=ds.parcels, hists=ds.hists),
             (parcel_id,),
         )
@@ -57,6 +63,28 @@ def _ndvi_table(dsn: str, console: Console) -> None:
             ndvi = (b8 - b4) / (b8 + b4) if b4 is not None and b8 is not None and (b8 + b4) else float("nan")
             table.add_row(str(day), f"{b4:.1f}", f"{b8:.1f}", f"{ndvi:.3f}", str(n), str(cloudy or 0))
         console.print(table)
+        cur.execute(
+            sql.SQL(
+                "SELECT s.acquired_at::date, s.card, max(g.mean) FILTER (WHERE g.band IN ('VVb', 'VVc')),"
+                " max(g.mean) FILTER (WHERE g.band IN ('VHb', 'VHc')),"
+                " max(g.count) FILTER (WHERE g.band IN ('VVb', 'VVc'))"
+                " FROM {sigs} g JOIN {parcels} p ON p.pid = g.pid JOIN scenes s ON s.id = g.scene_id"
+                " WHERE p.parcel_id = %s AND s.card IN ('bs', 'c6') GROUP BY s.id ORDER BY s.acquired_at, s.card"
+            ).format(sigs=ds.sigs, parcels=ds.parcels),
+            (parcel_id,),
+        )
+        s1 = Table(title=f"Sentinel-1 CARD of parcel {parcel_id}: backscatter (bs, dB) and 6-day coherence (c6)")
+        for col in ("date", "card", "VV", "VH", "pixels"):
+            s1.add_column(col, justify="right")
+        for day, card, vv, vh, n in cur.fetchall():
+            if vv is None or vh is None:
+                continue
+            if card == "bs":
+                s1.add_row(str(day), card, f"{10 * math.log10(vv):.2f}", f"{10 * math.log10(vh):.2f}", str(n))
+            else:
+                s1.add_row(str(day), card, f"{vv:.3f}", f"{vh:.3f}", str(n))
+        if s1.row_count:
+            console.print(s1)
 
 
 def run_demo(serve: bool, parcels: int, scenes: int, max_workers: int, port: int) -> int:
@@ -78,10 +106,20 @@ def run_demo(serve: bool, parcels: int, scenes: int, max_workers: int, port: int
 
     world = state_dir() / "demo"
     t0 = time.monotonic()
-    summary = generate(world, parcels=parcels, scenes=scenes, seed=SEED, aoi_name=AOI, year=YEAR)
+    summary = generate(
+        world,
+        parcels=parcels,
+        scenes=scenes,
+        seed=SEED,
+        aoi_name=AOI,
+        year=YEAR,
+        s1_scenes=S1_SCENES,
+        c6_scenes=C6_SCENES,
+    )
     console.print(
         f"test world: {summary.n_parcels} parcels ({summary.n_invalid} invalid on purpose), "
-        f"{len(summary.products)} S2 L2A products in {time.monotonic() - t0:.1f} s → {world}"
+        f"{len(summary.products)} S2 L2A products, {len(summary.s1_products)} S1 CARD products (bs, c6)"
+        f" in {time.monotonic() - t0:.1f} s → {world}"
     )
     with db.transaction(dsn) as cur:
         add_aoi(cur, AOI, world / "aoi.geojson")
@@ -91,7 +129,7 @@ def run_demo(serve: bool, parcels: int, scenes: int, max_workers: int, port: int
         + (f" (e.g. {report.rejected[0][1]}: {report.rejected[0][2]})" if report.rejected else "")
     )
 
-    watch = WatchSettings(catalog_url=str(world / "stac" / "catalog.json"), lookback_days=0)
+    watch = WatchSettings(catalog_url=str(world / "stac" / "catalog.json"), lookback_days=0, collections=COLLECTIONS)
     wr = watch_once(dsn=dsn, settings=watch)
     console.print(f"watch: {wr.seen} scenes over the AOI, {wr.new} new, {wr.published} jobs published")
 

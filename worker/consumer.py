@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -47,7 +48,7 @@ from cbmflow.logging import get_logger
 from cbmflow.messages import ExtractParcels, parse_message
 from cbmflow.settings import BusSettings, DbSettings, WorkerSettings
 from worker.metrics import WorkerMetrics
-from worker.scene import ClaimedScene, IndexCache, extract_s2
+from worker.scene import ClaimedScene, IndexCache, SceneResult, extract_card, extract_s2
 
 log = get_logger("worker")
 
@@ -84,6 +85,14 @@ class UnknownScene(PermanentJobError):
 
 class UnsupportedCard(PermanentJobError):
     """The scene is of a product type this worker cannot extract yet."""
+
+
+# How each card is extracted: Sentinel-2 L2A SAFE, Sentinel-1 CARD backscatter and 6-day coherence.
+EXTRACTORS: dict[str, Callable[[psycopg2.extensions.cursor, ClaimedScene, IndexCache], SceneResult]] = {
+    "s2": extract_s2,
+    "bs": extract_card,
+    "c6": extract_card,
+}
 
 
 def worker_id() -> str:
@@ -162,10 +171,11 @@ class SceneJobs:
         worker that lost its lease meanwhile (its heartbeat could not renew it, another worker took
         over) rolls back its rows instead of committing them, so exactly one writer commits.
         """
-        if scene.card != "s2":
+        extract = EXTRACTORS.get(scene.card)
+        if extract is None:
             raise UnsupportedCard(f"card {scene.card!r} is not supported by this worker yet")
         with conn, conn.cursor() as cur:
-            result = extract_s2(cur, scene, self.cache)
+            result = extract(cur, scene, self.cache)
             cur.execute("SELECT lease_owner FROM scenes WHERE id = %s FOR UPDATE", (scene.id,))
             owner = cur.fetchone()
             if owner is None or owner[0] != self.me:

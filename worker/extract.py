@@ -22,6 +22,10 @@ import numpy as np
 import numpy.typing as npt
 import typer
 
+from cbmflow.store import StoreError, gdal_env, gdal_path, in_read_env, is_s3
+
+__all__ = ["extract", "gdal_path", "read_parcels", "register", "resolve_product"]
+
 STAT_COLUMNS = ("count", "mean", "std", "min", "max", "p25", "p50", "p75")
 ID_CANDIDATES = ("pid", "parcel_id", "id")
 CLASS_BANDS = frozenset({"SCL"})
@@ -73,50 +77,6 @@ class Result:
     classes: dict[str, list[Any]]
 
 
-def gdal_path(location: str) -> str:
-    """``s3://bucket/key`` → ``/vsis3/bucket/key`` (ranged reads: only the blocks needed); else as is."""
-    parsed = urlparse(location)
-    if parsed.scheme == "s3":
-        return f"/vsis3/{parsed.netloc}/{parsed.path.lstrip('/')}"
-    if parsed.scheme == "file":
-        return parsed.path
-    return location
-
-
-def gdal_s3_options() -> dict[str, str]:
-    """GDAL configuration for /vsis3/ from StoreSettings and boto3's own credential chain.
-
-    boto3 resolves credentials (env, profile, instance role) the way the rest of cbmflow does;
-    GDAL gets them explicitly so that both always talk to the same endpoint as the same user.
-    """
-    from cbmflow.settings import StoreSettings
-
-    store = StoreSettings()
-    opts: dict[str, str] = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
-    if store.s3_endpoint_url:
-        endpoint = urlparse(store.s3_endpoint_url)
-        opts["AWS_S3_ENDPOINT"] = endpoint.netloc or endpoint.path
-        opts["AWS_HTTPS"] = "NO" if endpoint.scheme == "http" else "YES"
-        opts["AWS_VIRTUAL_HOSTING"] = "NO" if store.s3_path_style else "YES"
-    if store.s3_region:
-        opts["AWS_REGION"] = store.s3_region
-    try:
-        import boto3
-
-        creds = boto3.Session().get_credentials()
-    except Exception:  # noqa: BLE001 - no credentials is a valid (anonymous) setup
-        creds = None
-    if creds is not None:
-        frozen = creds.get_frozen_credentials()
-        opts["AWS_ACCESS_KEY_ID"] = frozen.access_key
-        opts["AWS_SECRET_ACCESS_KEY"] = frozen.secret_key
-        if frozen.token:
-            opts["AWS_SESSION_TOKEN"] = frozen.token
-    else:
-        opts["AWS_NO_SIGN_REQUEST"] = "YES"
-    return opts
-
-
 def _is_safe(source: str) -> bool:
     stripped = source.rstrip("/")
     if stripped.endswith(".SAFE") or stripped.endswith("MTD_MSIL2A.xml"):
@@ -126,13 +86,12 @@ def _is_safe(source: str) -> bool:
 
 
 def _safe_product(source: str, bands: Sequence[str] | None) -> Product:
-    from card.s2 import NATIVE_RESOLUTION_M, MissingBandError, normalize_band, open_s2_product
+    from card.s2 import NATIVE_RESOLUTION_M, MissingBandError, normalize_band
+    from cbmflow.store import open_s2
 
-    if urlparse(source).scheme == "s3":
-        raise ExtractError(f"{source}: SAFE products on S3 are read by the worker only; download it or use COGs")
     try:
-        product = open_s2_product(source)
-    except (FileNotFoundError, ValueError) as exc:
+        product = open_s2(source)  # local, or s3:// read in place (XML by the S3 API, pixels by /vsis3/)
+    except (FileNotFoundError, ValueError, StoreError) as exc:
         raise ExtractError(f"{source}: {exc}") from exc
     if bands:
         names = [normalize_band(b) for b in bands]
@@ -143,9 +102,7 @@ def _safe_product(source: str, bands: Sequence[str] | None) -> Product:
     for name in names:
         try:
             path = product.band_path(name)
-        except MissingBandError as exc:
-            raise ExtractError(f"{product.product_name}: {exc}") from exc
-        except ValueError as exc:
+        except (MissingBandError, ValueError, StoreError) as exc:
             raise ExtractError(f"{product.product_name}: {exc}") from exc
         classes = name in CLASS_BANDS
         out.append(
@@ -167,7 +124,7 @@ def _raster_product(source: str, bands: Sequence[str] | None, nodata: float | No
 
     path = gdal_path(source)
     try:
-        with rasterio.open(path) as src:
+        with gdal_env(path), rasterio.open(path) as src:
             descs = [d.strip() if d else "" for d in src.descriptions]
             names = descs if all(descs) and len(set(descs)) == len(descs) else [f"b{i + 1}" for i in range(src.count)]
             nodatas = list(src.nodatavals)
@@ -197,7 +154,7 @@ def _raster_product(source: str, bands: Sequence[str] | None, nodata: float | No
 
 
 def resolve_product(source: str, bands: Sequence[str] | None = None, nodata: float | None = None) -> Product:
-    """A SAFE directory (local) or any GDAL raster (GeoTIFF, COG; local or s3://) as bands to reduce."""
+    """A SAFE product or any GDAL raster (GeoTIFF, COG), local or s3://, as bands to reduce."""
     if _is_safe(source):
         return _safe_product(source, bands)
     return _raster_product(source, bands, nodata)
@@ -234,12 +191,11 @@ def read_parcels(path: str | Path, id_column: str | None = None) -> Parcels:
 
 
 @contextmanager
-def _gdal_env(sources: Sequence[str]) -> Iterator[None]:
-    import rasterio
-
+def _gdal_env(paths: Sequence[str]) -> Iterator[None]:
+    """The /vsis3/ environment (endpoint, credentials) when any band is on S3; else nothing."""
     with ExitStack() as stack:
-        if any(urlparse(s).scheme == "s3" for s in sources):
-            stack.enter_context(rasterio.Env(**gdal_s3_options()))
+        if any(is_s3(p) for p in paths):
+            stack.enter_context(gdal_env())
         yield
 
 
@@ -264,7 +220,7 @@ def extract(
     indexes: dict[tuple[Any, ...], engine.StripPlan] = {}
     stats: dict[str, list[Any]] = {k: [] for k in ("pid", "product", "band", *STAT_COLUMNS)}
     classes: dict[str, list[Any]] = {k: [] for k in ("pid", "product", "class", "count")}
-    with _gdal_env([b.path.replace("/vsis3/", "s3://", 1) for p in products for b in p.bands]):
+    with _gdal_env([b.path for p in products for b in p.bands]):
         for product in products:
             for band in product.bands:
                 with rasterio.open(band.path) as src:
@@ -274,7 +230,7 @@ def extract(
                     if plan is None:
                         index = engine.build_index(parcels.in_crs(src.crs), positions, grid, buffer_m=buffer_m)
                         plan = indexes[key] = engine.plan_strips(index, strip)
-                    read = engine.window_reader(src, plan.index, band.bidx)
+                    read = in_read_env(band.path, engine.window_reader(src, plan.index, band.bidx))
                     if band.classes:
                         nd = None if band.nodata is None else int(band.nodata)
                         hist = engine.class_histograms_strips(plan, read, nodata=nd)

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 from urllib.parse import urlparse
 
@@ -24,7 +24,9 @@ import rasterio.errors
 import shapely
 from psycopg2 import sql
 
-from card.s2 import MissingBandError, S2Product, open_s2_product
+from card.s1 import S1CardProduct, open_s1_card
+from card.s2 import MissingBandError, S2Product
+from cbmflow import store
 from cbmflow.db import Dataset
 from cbmflow.errors import PermanentJobError
 from cbmflow.logging import get_logger
@@ -34,6 +36,11 @@ log = get_logger("worker")
 
 S2_BANDS_10M = ("B02", "B03", "B04", "B08")
 S2_BANDS_20M = ("B05", "B11")
+S1_CARD_BANDS: dict[str, dict[str, str]] = {
+    "bs": {"VV": "VVb", "VH": "VHb"},
+    "c6": {"VV": "VVc", "VH": "VHc"},
+}
+"""Sentinel-1 CARD polarisation → band name in ``sigs_<year>``, per card (the names the JRC API serves)."""
 
 
 @dataclass(frozen=True)
@@ -120,19 +127,50 @@ class IndexCache:
 
 
 def local_path(location: str) -> Path:
+    """The filesystem path of a local location (a path or ``file://`` URL); anything else is refused."""
     parsed = urlparse(location)
     if parsed.scheme in ("", "file"):
         return Path(parsed.path if parsed.scheme else location)
-    raise PermanentJobError(f"unsupported product location {location!r} (local paths only for now)")
+    raise PermanentJobError(f"product location {location!r} is not a local path or file:// URL")
+
+
+def open_product(location: str, product_id: str) -> S2Product:
+    """The S2 L2A product at ``location``: a local path, ``file://`` or ``s3://bucket/key`` (read in place).
+
+    A product that can never be read (no metadata, bad metadata, an unknown scheme, no such
+    bucket, access denied) is a :class:`PermanentJobError`; a store that cannot be reached right
+    now (:class:`cbmflow.store.StoreUnavailable`, an ``OSError``) passes through, so the job is
+    requeued and retried.
+    """
+    try:
+        return store.open_s2(location)
+    except store.StoreUnavailable:
+        raise
+    except (FileNotFoundError, ValueError, store.StoreRefused) as exc:
+        raise PermanentJobError(f"unreadable product {product_id} at {location}: {exc}") from exc
+
+
+def _raster_error(path: str | PurePath, exc: Exception, what: str) -> Exception:
+    """The error for a raster GDAL could not open or read: permanent, unless it is on S3 and the
+    store (not the file) failed, which stays a transient ``OSError`` so the job is retried."""
+    if store.is_s3(str(path)):
+        failure = store.read_failure(path, exc)
+        if isinstance(failure, store.StoreUnavailable):
+            return failure
+        if failure is not None:
+            return PermanentJobError(f"{what} {store.display(path)}: {failure}")
+    return PermanentJobError(f"{what} {store.display(path)}: {exc}")
 
 
 @contextmanager
-def _open_raster(path: Path) -> Iterator[Any]:
-    try:
-        with rasterio.open(path) as src:
-            yield src
-    except rasterio.errors.RasterioIOError as exc:
-        raise PermanentJobError(f"cannot read raster {path}: {exc}") from exc
+def _open_raster(path: str | PurePath) -> Iterator[Any]:
+    """``rasterio.open`` a local path or an S3 object (``/vsis3/``, inside the store's GDAL env)."""
+    with store.gdal_env(path):
+        try:
+            with rasterio.open(path) as src:
+                yield src
+        except rasterio.errors.RasterioIOError as exc:
+            raise _raster_error(path, exc, "cannot read raster") from exc
 
 
 def datasets_for_scene(cur: psycopg2.extensions.cursor, scene_id: int) -> list[Dataset]:
@@ -185,10 +223,7 @@ def extract_s2(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: Inde
     Runs inside the caller's transaction: the old rows of this scene are deleted and the new ones
     COPY'd in, so a re-run replaces and a crash leaves the previous state untouched.
     """
-    try:
-        product: S2Product = open_s2_product(local_path(scene.location))
-    except (MissingBandError, FileNotFoundError, ValueError) as exc:
-        raise PermanentJobError(f"unreadable product {scene.product_id}: {exc}") from exc
+    product = open_product(scene.location, scene.product_id)
     result = SceneResult()
     for ds in datasets_for_scene(cur, scene.id):
         result.datasets += 1
@@ -223,7 +258,7 @@ def extract_s2(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: Inde
                 with _open_raster(path) as src:
                     if (src.width, src.height) != (grid.width, grid.height) or src.transform != grid.transform:
                         raise PermanentJobError(f"{path.name}: grid differs from {paths[bands[0]].name}")
-                    read = engine.window_reader(src, index)
+                    read = store.in_read_env(path, engine.window_reader(src, index))  # S3: in the prefetch thread too
                     try:
                         if band == "SCL":
                             hist = engine.class_histograms_strips(plan, read, nodata=0)
@@ -232,7 +267,7 @@ def extract_s2(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: Inde
                                 plan, read, nodata=0, offset=float(product.reflectance_offset(band))
                             )
                     except rasterio.errors.RasterioIOError as exc:
-                        raise PermanentJobError(f"corrupt raster {path}: {exc}") from exc
+                        raise _raster_error(path, exc, "corrupt raster") from exc
                 if band == "SCL":
                     if len(hist.pid):
                         hist_chunks.append(pgcopy.hist_rows(hist.pid, scene.id, hist.cls, hist.count))
@@ -253,6 +288,73 @@ def extract_s2(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: Inde
                 )
                 result.sig_rows += int(keep.sum())
         write_scene_rows(cur, ds, scene.id, sig_chunks, hist_chunks)
+        result.parcels += len(n_parcels)
+    return result
+
+
+def extract_card(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: IndexCache) -> SceneResult:
+    """Compute and write every dataset's statistics for one Sentinel-1 CARD scene (``bs``, ``c6``).
+
+    The same machinery as :func:`extract_s2`: one parcel index per grid from the cache, strips
+    read once, float statistics with NaN (and any finite no-data the product declares) excluded,
+    binary COPY in the caller's transaction. Band names: ``VVb``/``VHb`` (bs), ``VVc``/``VHc``
+    (c6). No SCL, hence no histograms.
+    """
+    names = S1_CARD_BANDS.get(scene.card)
+    if names is None:
+        raise PermanentJobError(f"card {scene.card!r} is not a Sentinel-1 CARD")
+    try:
+        product: S1CardProduct = open_s1_card(local_path(scene.location), tuple(names))
+    except (FileNotFoundError, ValueError) as exc:  # MissingPolarisationError is a FileNotFoundError
+        raise PermanentJobError(f"unreadable product {scene.product_id}: {exc}") from exc
+    if product.epsg is None:
+        raise PermanentJobError(f"unreadable product {scene.product_id}: CRS {product.crs!r} has no EPSG code")
+    result = SceneResult()
+    for ds in datasets_for_scene(cur, scene.id):
+        result.datasets += 1
+        sig_chunks: list[bytes] = []
+        n_parcels: set[int] = set()
+        for pol, band in names.items():
+            source = product.band(pol)
+            with _open_raster(source.path) as src:
+                grid = grid_of(src)
+                key = (
+                    ds.id,
+                    ds.parcels_version,
+                    ds.buffer_m,
+                    product.epsg,
+                    tuple(grid.transform)[:6],
+                    grid.width,
+                    grid.height,
+                )
+                index = cache.get(key)
+                if index is None:
+                    pids, geoms = parcels_on_grid(cur, ds, grid, product.epsg)
+                    index = engine.build_index(geoms, pids, grid, buffer_m=ds.buffer_m)
+                    cache.put(key, index)
+                if len(index.pids) == 0:
+                    continue
+                plan = engine.plan_strips(index)
+                read = engine.window_reader(src, index, band=source.band)
+                try:
+                    stats = engine.band_stats_strips(plan, read, nodata=source.nodata)
+                except rasterio.errors.RasterioIOError as exc:
+                    raise _raster_error(source.path, exc, "corrupt raster") from exc
+            keep = stats.count >= ds.min_pixels
+            if not keep.any():
+                continue
+            n_parcels.update(stats.pid[keep].tolist())
+            sig_chunks.append(
+                pgcopy.sig_rows(
+                    stats.pid[keep],
+                    scene.id,
+                    band,
+                    stats.count[keep],
+                    {name: getattr(stats, name)[keep] for name in pgcopy.STAT_FIELDS},
+                )
+            )
+            result.sig_rows += int(keep.sum())
+        write_scene_rows(cur, ds, scene.id, sig_chunks, [])
         result.parcels += len(n_parcels)
     return result
 

@@ -1,0 +1,487 @@
+"""Sentinel-2 SAFE products read in place from S3: a real S3 HTTP endpoint (moto's server on
+127.0.0.1), boto3 for listings and XML, GDAL's ``/vsis3/`` for pixels.
+
+The references are not the S3 code: the same product read from local disk, and the test world's
+own truth. The worker (a real ``cbmflow worker`` process, RabbitMQ and PostgreSQL), ``cbmflow
+extract`` and the API chips must give for ``s3://bucket/prefix/X.SAFE`` exactly what they give
+for the local copy; a missing band, metadata or bucket is a permanent error naming what is
+missing, an unreachable endpoint a transient one.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+import typer
+from botocore.exceptions import ClientError
+from conftest import free_ports
+from moto.server import ThreadedMotoServer
+from starlette.testclient import TestClient
+from test_api import ROOT, _hash, _json
+from typer.testing import CliRunner
+
+from card.s2 import MissingBandError, open_s2_product
+from card.testworld import WorldSummary, generate
+from catalog_watcher.service import watch_once
+from cbmflow import db, store
+from cbmflow.errors import PermanentJobError
+from cbmflow.parcels import add_aoi, import_parcels
+from cbmflow.settings import ApiSettings, WatchSettings
+from cbmflow.verify import verify_truth
+from worker import extract
+from worker.scene import ClaimedScene, IndexCache, _open_raster, extract_s2, open_product
+
+CBMFLOW = str(Path(sys.executable).parent / "cbmflow")
+SCENES = 2
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    """An S3 HTTP server on a free loopback port for this module (moto's, in a thread)."""
+    (port,) = free_ports(1)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """Settings and credentials pointing boto3 and GDAL at the fake endpoint; a boto3 client.
+
+    Credentials are given the way an operator gives them (environment, read by boto3's chain);
+    any profile or config file of the machine is kept out.
+    """
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_NO_SIGN_REQUEST"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "cbmflow-test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "cbmflow-test-secret")
+    monkeypatch.setenv("CBMFLOW_STORE_S3_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("CBMFLOW_STORE_S3_REGION", "us-east-1")
+    monkeypatch.setenv("CBMFLOW_STORE_S3_PATH_STYLE", "true")
+    return store.s3_client()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> WorldSummary:
+    return generate(tmp_path_factory.mktemp("s3world"), parcels=40, scenes=SCENES, seed=11, aoi_name="ms", year=2024)
+
+
+def upload(client: Any, world: WorldSummary, bucket: str | None = None, prefix: str = "eodata/L2A") -> dict[str, str]:
+    """Every file of every SAFE under ``s3://bucket/prefix/``; product dir name → its s3:// location."""
+    bucket = bucket or f"cbm-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    locations = {}
+    for safe in world.product_paths:
+        for path in sorted(p for p in safe.rglob("*") if p.is_file()):
+            client.upload_file(str(path), bucket, f"{prefix}/{safe.name}/{path.relative_to(safe).as_posix()}")
+        locations[safe.name] = f"s3://{bucket}/{prefix}/{safe.name}"
+    return locations
+
+
+# --- the store ------------------------------------------------------------------------------------
+
+
+def test_product_on_s3_parses_like_the_local_copy_with_one_listing(s3: Any, world: WorldSummary) -> None:
+    locations = upload(s3, world)
+    local = open_s2_product(world.product_paths[0])
+    remote = store.open_s2(locations[world.product_paths[0].name])
+    for name in ("product_name", "mission", "sensing_time", "processing_baseline", "tile_id", "epsg",
+                 "boa_add_offset", "quantification_value", "nodata_dn", "grids", "image_files"):  # fmt: skip
+        assert getattr(remote, name) == getattr(local, name), name
+    assert remote.footprint.equals(local.footprint)
+    bucket, key = store.parse_s3(locations[world.product_paths[0].name])
+    assert str(remote.path) == f"/vsis3/{bucket}/{key}"
+    for band in ("B02", "B03", "B04", "B08", "B05", "B11", "SCL"):
+        rel = local.band_path(band).relative_to(local.path)
+        assert str(remote.band_path(band)) == f"/vsis3/{bucket}/{key}/{rel.as_posix()}"
+    files = remote.files
+    assert isinstance(files, store.S3ProductFiles)
+    assert (files.list_requests, files.head_requests) == (1, 0)  # one listing answers every existence check
+    with pytest.raises(MissingBandError, match="B12"):
+        remote.band_path("B12")  # not listed by the world's products: never zeros
+
+
+def test_gdal_reads_the_pixels_from_the_s3_endpoint(
+    s3: Any, world: WorldSummary, moto_endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    locations = upload(s3, world)
+    remote = store.open_s2(locations[world.product_paths[1].name])
+    local = open_s2_product(world.product_paths[1])
+    path = remote.band_path("B04")
+    with store.gdal_env(path):
+        # the settings reach GDAL: endpoint host:port, plain HTTP, path-style, boto3's credentials
+        option = functools.partial(store.gdal_option, str(path))
+        assert option("AWS_S3_ENDPOINT") == moto_endpoint.removeprefix("http://")
+        assert (option("AWS_HTTPS"), option("AWS_VIRTUAL_HOSTING")) == ("NO", "NO")
+        assert (option("AWS_ACCESS_KEY_ID"), option("AWS_NO_SIGN_REQUEST")) == ("cbmflow-test-key", None)
+        assert store.gdal_option("/vsis3x/other", "AWS_S3_ENDPOINT") is None  # only /vsis3/ paths
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="werkzeug"), rasterio.open(path) as src:
+            window = rasterio.windows.Window(src.width // 2 - 8, src.height // 2 - 5, 17, 11)
+            got = src.read(1, window=window)
+    with rasterio.open(local.band_path("B04")) as src:
+        want = src.read(1, window=window)
+    assert np.array_equal(got, want) and len(np.unique(got)) > 5
+    # The server saw GDAL's requests for this object, all of them HTTP range reads (206).
+    _, key = store.parse_s3(str(path))
+    seen = [r.getMessage() for r in caplog.records if r.name == "werkzeug" and key in r.getMessage()]
+    assert seen and all('" 206' in line for line in seen), seen
+
+
+@pytest.fixture(scope="module")
+def tiled_jp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A 2048² JPEG2000 of 512² tiles (a read of it spans many tiles), and its pixels."""
+    n = 2048
+    yy, xx = np.mgrid[0:n, 0:n]
+    data = ((xx * 3 + yy * 5) % 4000 + 1).astype("uint16")
+    path = tmp_path_factory.mktemp("jp2") / "tiled.jp2"
+    profile = {"driver": "JP2OpenJPEG", "width": n, "height": n, "count": 1, "dtype": "uint16", "crs": "EPSG:32632",
+               "transform": rasterio.transform.from_origin(500000, 5300000, 10, 10), "blockxsize": 512,
+               "blockysize": 512, "QUALITY": 100, "REVERSIBLE": "YES"}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data, 1)
+    return path, data
+
+
+def _in_job_thread(work: Any) -> dict[str, Any]:
+    """Run ``work()`` as the consumer runs a job: in a thread that is not the main thread."""
+    got: dict[str, Any] = {}
+
+    def job() -> None:
+        try:
+            got["result"] = work()
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            got["error"] = exc
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join(120)
+    return got
+
+
+def test_gdal_threads_of_a_worker_job_reach_the_endpoint(s3: Any, tiled_jp2: tuple[Path, Any]) -> None:
+    """A worker reads in its job thread and a prefetch thread, and OpenJPEG may decode several
+    tiles at once in GDAL's own threads, each opening the file anew: options only the opening
+    thread sees (``rasterio.Env`` outside the main thread) send those reads to AWS, and the tiles
+    come back as zeros."""
+    local, data = tiled_jp2
+    bucket = f"cbm-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.upload_file(str(local), bucket, "big/tiled.jp2")
+    path = f"/vsis3/{bucket}/big/tiled.jp2"
+
+    def work() -> tuple[Any, Any]:
+        with _open_raster(path) as src:
+            whole = src.read(1)
+            read = store.in_read_env(path, lambda: src.read(1, window=rasterio.windows.Window(512, 1024, 1536, 1024)))
+            with ThreadPoolExecutor(1) as prefetch:
+                return whole, prefetch.submit(read).result()
+
+    got = _in_job_thread(work)
+    assert "error" not in got, got.get("error")
+    whole, part = got["result"]
+    assert np.array_equal(whole, data)
+    assert np.array_equal(part, data[1024:2048, 512:2048])
+
+
+def test_a_read_that_loses_the_store_fails_instead_of_returning_zeros(
+    s3: Any, tiled_jp2: tuple[Path, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GDAL's multi-threaded JPEG2000 reader turns a tile it could not fetch into zeros without an
+    error; the worker's reads must fail instead (transiently: the job is retried), never write
+    nodata where the product has pixels."""
+    (port,) = free_ports(1)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    monkeypatch.setenv("CBMFLOW_STORE_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    client = store.s3_client()
+    client.create_bucket(Bucket="lost")
+    client.upload_file(str(tiled_jp2[0]), "lost", "big/tiled.jp2")
+    path = "/vsis3/lost/big/tiled.jp2"
+
+    def work() -> Any:
+        with _open_raster(path) as src:
+            server.stop()  # the store goes away between the open and the pixel reads
+            read = store.in_read_env(path, lambda: src.read(1))
+            with ThreadPoolExecutor(1) as prefetch:
+                return prefetch.submit(read).result()
+
+    try:
+        got = _in_job_thread(work)
+    finally:
+        server.stop()
+    assert "result" not in got, f"read returned {int((got['result'] == 0).sum())} zero pixels instead of failing"
+    assert isinstance(got["error"], store.StoreUnavailable), repr(got["error"])
+    assert not isinstance(got["error"], PermanentJobError)
+
+
+def test_worker_errors_are_permanent_or_transient_as_they_should_be(
+    s3: Any, world: WorldSummary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locations = upload(s3, world)
+    location = locations[world.product_paths[0].name]
+    bucket, key = store.parse_s3(location)
+
+    with pytest.raises(PermanentJobError, match="NoSuchBucket"):
+        open_product(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/{key}", "p")
+    with pytest.raises(PermanentJobError, match="no MTD_MSIL2A.xml"):
+        open_product(f"s3://{bucket}/elsewhere/{world.product_paths[0].name}", "p")
+    with pytest.raises(PermanentJobError, match="unsupported product location 'gs://"):
+        open_product(f"gs://{bucket}/{key}", "p")
+
+    # A JP2 that is there but is not a JP2: the data is at fault, not the store.
+    s3.put_object(Bucket=bucket, Key=f"{key}/junk.jp2", Body=b"\x00\x00\x00\x0cjP  \r\n" + b"x" * 5000)
+    with pytest.raises(PermanentJobError, match=f"cannot read raster s3://{bucket}/{key}/junk.jp2"):
+        with _open_raster(f"/vsis3/{bucket}/{key}/junk.jp2"):
+            pass
+
+    # An endpoint that does not answer: transient (an OSError, never a PermanentJobError).
+    (dead,) = free_ports(1)
+    monkeypatch.setenv("CBMFLOW_STORE_S3_ENDPOINT_URL", f"http://127.0.0.1:{dead}")
+    with pytest.raises(store.StoreUnavailable) as opening:
+        open_product(location, "p")
+    assert not isinstance(opening.value, PermanentJobError) and isinstance(opening.value, OSError)
+    band = f"/vsis3/{bucket}/{key}/GRANULE/x/IMG_DATA/R10m/never-cached_B04_10m.jp2"
+    with pytest.raises(store.StoreUnavailable), _open_raster(band):
+        pass
+
+
+def test_listing_denied_falls_back_to_one_head_per_file(s3: Any, world: WorldSummary) -> None:
+    """Some buckets grant GetObject but not ListBucket: existence is then checked per file."""
+    locations = upload(s3, world)
+    bucket, key = store.parse_s3(locations[world.product_paths[0].name])
+
+    class NoListing:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(s3, name)
+
+        def get_paginator(self, name: str) -> Any:
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "ListObjectsV2")
+
+    files = store.S3ProductFiles(bucket, key, client=NoListing())
+    product = open_s2_product(files)
+    product.band_path("B04")
+    product.band_path("B04")
+    with pytest.raises(MissingBandError, match="B12"):
+        product.band_path("B12")
+    assert (files.list_requests, files.head_requests) == (0, 3)  # MTD, MTD_TL, B04 (once)
+
+
+# --- the worker -----------------------------------------------------------------------------------
+
+
+def _rows(dsn: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    with db.transaction(dsn) as cur:
+        cur.execute(
+            "SELECT pid, scene_id, band, count, mean, std, min, max, p25, p50, p75 FROM ms.sigs_2024 ORDER BY 1, 2, 3"
+        )
+        sigs = cur.fetchall()
+        cur.execute("SELECT pid, scene_id, class, count FROM ms.hists_2024 ORDER BY 1, 2, 3")
+        hists = cur.fetchall()
+    return sigs, hists
+
+
+def _catalogue(dsn: str, world: WorldSummary) -> None:
+    with db.transaction(dsn) as cur:
+        add_aoi(cur, "ms", world.aoi_path)
+        import_parcels(cur, world.parcels_path, "ms", 2024)
+    report = watch_once(dsn=dsn, settings=WatchSettings(catalog_url=str(world.stac_catalog_path), lookback_days=0))
+    assert report.new == SCENES
+
+
+def _scenes(dsn: str) -> list[ClaimedScene]:
+    with db.transaction(dsn) as cur:
+        cur.execute("SELECT id, product_id, card, location, 2024 FROM scenes ORDER BY id")
+        return [ClaimedScene(*row) for row in cur.fetchall()]
+
+
+def test_worker_extracts_s3_products_exactly_as_local_ones(
+    s3: Any, world: WorldSummary, cbm_env: Any, pg_dsn: str
+) -> None:
+    locations = upload(s3, world)
+    _catalogue(pg_dsn, world)
+    local = {s.id: s for s in _scenes(pg_dsn)}
+    with db.transaction(pg_dsn) as cur:
+        for scene in local.values():
+            cur.execute(
+                "UPDATE scenes SET location = %s WHERE id = %s", (locations[Path(scene.location).name], scene.id)
+            )
+    assert all(s.location.startswith("s3://") for s in _scenes(pg_dsn))
+
+    # A real worker process: job thread, prefetch thread, GDAL /vsis3/ to the endpoint.
+    proc = subprocess.run(
+        [CBMFLOW, "worker", "--idle-exit", "4"],
+        env={**os.environ, "CBMFLOW_WORKER_ID": "s3-worker"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with db.transaction(pg_dsn) as cur:
+        cur.execute("SELECT status, attempts, count(*) FROM scenes GROUP BY 1, 2")
+        assert cur.fetchall() == [("extracted", 1, SCENES)], proc.stderr[-3000:]  # no retry was needed
+    from_s3 = _rows(pg_dsn)
+    assert len(from_s3[0]) > 40 * SCENES and len(from_s3[1]) > 0
+    tally = verify_truth(pg_dsn, world.truth_path, "ms", 2024)
+    assert tally.ok and tally.expected > 40 * SCENES, tally
+    with (world.truth_scl_path).open() as fh:
+        assert sum(int(r["count"]) for r in csv.DictReader(fh)) == sum(int(r[3]) for r in from_s3[1])
+
+    # The same scenes from the local copies replace the rows: they must come out identical.
+    cache = IndexCache(entries=8, cache_dir="")
+    with db.transaction(pg_dsn) as cur:
+        for scene in local.values():
+            extract_s2(cur, scene, cache)
+    assert _rows(pg_dsn) == from_s3
+
+
+def test_a_band_missing_on_s3_is_a_permanent_error_naming_it(
+    s3: Any, world: WorldSummary, cbm_env: Any, pg_dsn: str
+) -> None:
+    locations = upload(s3, world)
+    _catalogue(pg_dsn, world)
+    scenes = _scenes(pg_dsn)
+    scene = scenes[0]
+    location = locations[Path(scene.location).name]
+    bucket, key = store.parse_s3(location)
+    victim = open_s2_product(Path(scene.location)).band_path("B08")
+    s3.delete_object(Bucket=bucket, Key=f"{key}/{victim.relative_to(Path(scene.location)).as_posix()}")
+    on_s3 = ClaimedScene(scene.id, scene.product_id, scene.card, location, scene.year)
+    missing = rf"band B08 at 10 m is listed in MTD_MSIL2A.xml but its file is missing: expected /vsis3/{bucket}/"
+    with pytest.raises(PermanentJobError, match=missing):
+        with db.transaction(pg_dsn) as cur:
+            extract_s2(cur, on_s3, IndexCache(entries=2, cache_dir=""))
+
+    # The real worker: that scene is dead-lettered at once with the reason, the other extracted.
+    with db.transaction(pg_dsn) as cur:
+        for s in scenes:
+            cur.execute("UPDATE scenes SET location = %s WHERE id = %s", (locations[Path(s.location).name], s.id))
+    proc = subprocess.run(
+        [CBMFLOW, "worker", "--idle-exit", "4"],
+        env={**os.environ, "CBMFLOW_WORKER_ID": "s3-worker"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with db.transaction(pg_dsn) as cur:
+        cur.execute("SELECT id, status, attempts, reason FROM scenes ORDER BY id")
+        rows = {r[0]: r[1:] for r in cur.fetchall()}
+        cur.execute("SELECT DISTINCT scene_id FROM ms.sigs_2024")
+        written = {r[0] for r in cur.fetchall()}
+    status, attempts, reason = rows[scene.id]
+    assert (status, attempts) == ("failed", 1) and re.search(missing, reason), rows
+    assert all(rows[s.id][:2] == ("extracted", 1) for s in scenes[1:]), rows
+    assert written == {s.id for s in scenes[1:]}  # nothing of the broken scene
+
+
+# --- cbmflow extract ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    extract.register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command keeps typer from collapsing the group
+        pass
+
+    return app
+
+
+def test_cli_extract_reads_s3_safe_like_the_local_one(
+    s3: Any, world: WorldSummary, cli: typer.Typer, tmp_path: Path
+) -> None:
+    locations = upload(s3, world)
+    safes = [str(p) for p in world.product_paths]
+    remote = [locations[p.name] for p in world.product_paths]
+    remote[1] += "/MTD_MSIL2A.xml"  # the metadata file names the product too
+    parcels = str(world.parcels_path)
+    for name, sources in (("local", safes), ("s3", remote)):
+        result = CliRunner().invoke(
+            cli,
+            [
+                "extract",
+                *sources,
+                "--parcels",
+                parcels,
+                "--id-column",
+                "parcel_id",
+                "--out",
+                str(tmp_path / name / "stats.csv"),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+    local_stats = (tmp_path / "local" / "stats.csv").read_bytes()
+    assert (tmp_path / "s3" / "stats.csv").read_bytes() == local_stats
+    assert (tmp_path / "s3" / "stats_scl.csv").read_bytes() == (tmp_path / "local" / "stats_scl.csv").read_bytes()
+    rows = list(csv.DictReader(io.StringIO(local_stats.decode())))
+    assert len(rows) > 40 * SCENES and {r["band"] for r in rows} == {"B02", "B03", "B04", "B05", "B08", "B11"}
+
+    bucket, key = store.parse_s3(locations[world.product_paths[0].name])
+    s3.delete_object(Bucket=bucket, Key=f"{key}/MTD_MSIL2A.xml")
+    gone = CliRunner().invoke(cli, ["extract", locations[world.product_paths[0].name], "--parcels", parcels,
+                                    "--out", str(tmp_path / "gone.csv")])  # fmt: skip
+    assert gone.exit_code == 1 and "no MTD_MSIL2A.xml" in gone.output
+
+
+# --- API chips ------------------------------------------------------------------------------------
+
+
+def test_chip_of_an_s3_product_holds_its_pixels(s3: Any, world: WorldSummary, cbm_env: Any, pg_dsn: str) -> None:
+    from api import chips
+    from api.app import create_app
+
+    locations = upload(s3, world)
+    with db.transaction(pg_dsn) as cur:
+        add_aoi(cur, "ms", world.aoi_path)
+        cur.execute(
+            "INSERT INTO users (name, password_hash, is_admin) VALUES (%s, %s, true)", (ROOT[0], _hash(ROOT[1]))
+        )
+    watch_once(dsn=pg_dsn, settings=WatchSettings(catalog_url=str(world.stac_catalog_path), lookback_days=0))
+    with db.transaction(pg_dsn) as cur:
+        cur.execute("SELECT id, location FROM scenes")
+        for sid, loc in cur.fetchall():
+            cur.execute("UPDATE scenes SET location = %s WHERE id = %s", (locations[Path(loc).name], sid))
+    chips._product.cache_clear()
+    w, s, e, n = world.aoi_bbox
+    params = {"lon": (w + e) / 2, "lat": (s + n) / 2, "start_date": "2024-01-01", "end_date": "2024-12-31"}
+    with TestClient(create_app(pg_dsn, ApiSettings(chip_secret="test-secret"))) as client:
+        body = _json(
+            client.get("/query/rawChipByLocation", params={**params, "band": "B08", "chipsize": 200}, auth=ROOT)
+        )
+        assert len(body["chips"]) == SCENES
+        for url in body["chips"]:
+            ref = url.rsplit("/", 1)[1].removesuffix(".B08.tif")
+            resp = client.get(url)
+            assert resp.status_code == 200, resp.text
+            with rasterio.open(io.BytesIO(resp.content)) as chip:
+                got, bounds = chip.read(1), chip.bounds
+            with rasterio.open(open_s2_product(world.out / "products" / f"{ref}.SAFE").band_path("B08")) as jp2:
+                want = jp2.read(1, window=rasterio.windows.from_bounds(*bounds, transform=jp2.transform))
+            assert got.shape == (20, 20) and np.array_equal(got, want)
+        page = client.get("/query/chipsByLocation", params=params, auth=ROOT)
+        assert page.status_code == 200 and page.text.count("data:image/png;base64,") == SCENES
