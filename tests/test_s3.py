@@ -45,7 +45,7 @@ from cbmflow.parcels import add_aoi, import_parcels
 from cbmflow.settings import ApiSettings, WatchSettings
 from cbmflow.verify import verify_truth
 from worker import extract
-from worker.scene import ClaimedScene, IndexCache, _open_raster, extract_s2, open_product
+from worker.scene import ClaimedScene, IndexCache, _open_raster, extract_card, extract_s2, open_product
 
 CBMFLOW = str(Path(sys.executable).parent / "cbmflow")
 SCENES = 2
@@ -485,3 +485,41 @@ def test_chip_of_an_s3_product_holds_its_pixels(s3: Any, world: WorldSummary, cb
             assert got.shape == (20, 20) and np.array_equal(got, want)
         page = client.get("/query/chipsByLocation", params=params, auth=ROOT)
         assert page.status_code == 200 and page.text.count("data:image/png;base64,") == SCENES
+
+
+def test_s1_card_cog_on_s3_gives_the_local_rows(
+    s3: Any, cbm_env: Any, pg_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """An S1 CARD COG at an s3:// location is read through /vsis3/ like an S2 band: the same rows
+    as from the local file; a DIMAP directory on S3 is refused as permanent."""
+    s1world = generate(
+        tmp_path_factory.mktemp("s1s3"), parcels=30, scenes=1, seed=12, aoi_name="ms", year=2024, s1_scenes=1
+    )
+    with db.transaction(pg_dsn) as cur:
+        add_aoi(cur, "ms", s1world.aoi_path)
+        import_parcels(cur, s1world.parcels_path, "ms", 2024)
+    watch_once(
+        dsn=pg_dsn,
+        settings=WatchSettings(
+            catalog_url=str(s1world.stac_catalog_path), lookback_days=0, collections=["sentinel-1-card-bs"]
+        ),
+    )
+    (scene,) = _scenes(pg_dsn)
+    assert scene.card == "bs" and scene.location.endswith(".tif")
+    cache = IndexCache(entries=8, cache_dir="")
+    with db.transaction(pg_dsn) as cur:
+        extract_card(cur, scene, cache)
+    local_rows = _rows(pg_dsn)[0]
+    assert {r[2] for r in local_rows} == {"VVb", "VHb"} and len(local_rows) > 30
+
+    bucket = f"cbm-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.upload_file(scene.location, bucket, f"card/{Path(scene.location).name}")
+    remote = ClaimedScene(scene.id, scene.product_id, "bs", f"s3://{bucket}/card/{Path(scene.location).name}", 2024)
+    with db.transaction(pg_dsn) as cur:
+        extract_card(cur, remote, IndexCache(entries=8, cache_dir=""))
+    assert _rows(pg_dsn)[0] == local_rows
+
+    dimap = ClaimedScene(scene.id, scene.product_id, "bs", f"s3://{bucket}/card/X.data", 2024)
+    with db.transaction(pg_dsn) as cur, pytest.raises(PermanentJobError, match="one GeoTIFF/COG"):
+        extract_card(cur, dimap, cache)

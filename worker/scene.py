@@ -292,6 +292,16 @@ def extract_s2(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: Inde
     return result
 
 
+def card_location(location: str) -> str:
+    """Where GDAL reads a CARD product: a local path, or ``/vsis3/...`` for a COG on S3 (a
+    BEAM-DIMAP product is a directory of files and is read from local disk only)."""
+    if store.is_s3(location):
+        if not location.lower().endswith((".tif", ".tiff")):
+            raise PermanentJobError(f"{location}: on S3 a CARD product must be one GeoTIFF/COG (.tif)")
+        return store.gdal_path(location)
+    return str(local_path(location))
+
+
 def extract_card(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: IndexCache) -> SceneResult:
     """Compute and write every dataset's statistics for one Sentinel-1 CARD scene (``bs``, ``c6``).
 
@@ -303,8 +313,10 @@ def extract_card(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: In
     names = S1_CARD_BANDS.get(scene.card)
     if names is None:
         raise PermanentJobError(f"card {scene.card!r} is not a Sentinel-1 CARD")
+    location = card_location(scene.location)
     try:
-        product: S1CardProduct = open_s1_card(local_path(scene.location), tuple(names))
+        with store.gdal_env(location):
+            product: S1CardProduct = open_s1_card(location, tuple(names))
     except (FileNotFoundError, ValueError) as exc:  # MissingPolarisationError is a FileNotFoundError
         raise PermanentJobError(f"unreadable product {scene.product_id}: {exc}") from exc
     if product.epsg is None:
@@ -335,7 +347,7 @@ def extract_card(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: In
                 if len(index.pids) == 0:
                     continue
                 plan = engine.plan_strips(index)
-                read = engine.window_reader(src, index, band=source.band)
+                read = store.in_read_env(source.path, engine.window_reader(src, index, band=source.band))
                 try:
                     stats = engine.band_stats_strips(plan, read, nodata=source.nodata)
                 except rasterio.errors.RasterioIOError as exc:
