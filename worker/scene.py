@@ -194,8 +194,8 @@ def parcels_on_grid(
     cur: psycopg2.extensions.cursor, ds: Dataset, grid: engine.Grid, epsg: int
 ) -> tuple[np.ndarray[Any, Any], list[Any]]:
     """Parcels intersecting the grid extent, transformed to the raster CRS in PostGIS."""
-    left, top = grid.transform * (0, 0)
-    right, bottom = grid.transform * (grid.width, grid.height)
+    left, top = grid.transform @ (0, 0)
+    right, bottom = grid.transform @ (grid.width, grid.height)
     cur.execute(
         sql.SQL(
             "SELECT pid, ST_AsBinary(ST_Transform(geom, %(epsg)s)) FROM {parcels}"
