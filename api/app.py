@@ -38,6 +38,7 @@ from cbmflow.db import Dataset, list_datasets
 from cbmflow.errors import CbmflowError, InvalidInputError, NotFoundError, PermissionDeniedError
 from cbmflow.logging import get_logger
 from cbmflow.settings import ApiSettings, DbSettings
+from cbmflow.store import StoreUnavailable
 
 log = get_logger("api")
 
@@ -112,6 +113,9 @@ def response_for(request: Request, exc: BaseException) -> JSONResponse:
         # A value PostgreSQL refused (e.g. a coordinate PROJ cannot transform): the input's fault.
         log.info("api.data_error", path=request.url.path, error=str(exc).splitlines()[0] if str(exc) else "")
         return error_response(400, "invalid_input", "a parameter value was rejected by the database")
+    if isinstance(exc, StoreUnavailable):
+        log.error("api.store_unavailable", path=request.url.path, error=str(exc)[:200])
+        return error_response(503, "unavailable", "the object store is unavailable; retry later")
     if isinstance(exc, ServiceUnavailableError | psycopg2.OperationalError | psycopg2.InterfaceError):
         log.error("api.db_unavailable", path=request.url.path, error=type(exc).__name__)
         return error_response(503, "unavailable", "the database is unavailable; retry later")

@@ -227,12 +227,15 @@ def _product(location: str) -> S2Product:
 def _readable(scene: Scene, bands: tuple[str, ...]) -> S2Product | None:
     """The scene's product if it and every band exist (any processing status), else None.
 
-    Errors of an unreachable store count as unreadable too: the scene is left out of the answer.
+    An unreachable store is not "unreadable": it raises :class:`cbmflow.store.StoreUnavailable`
+    (HTTP 503), since leaving every scene out would tell the caller there is no imagery.
     """
     try:
         product = _product(scene.location)
         for band in bands:
             product.band_path(band)
+    except store.StoreUnavailable:
+        raise
     except (OSError, ValueError) as exc:
         log.info("chips.unreadable", scene_id=scene.id, error=str(exc)[:200])
         return None
@@ -385,8 +388,18 @@ def chip(request: Request) -> Response:
     if row is None or not row[2] or request.path_params.get("name") != f"{row[1]}.{ref.band}.tif":
         raise NotFoundError("no such chip (unknown or expired link)")
     try:
-        body = raw_chip(_product(str(row[0])), ref.band, ref.lon, ref.lat, ref.size_m)
+        product = _product(str(row[0]))
+        body = raw_chip(product, ref.band, ref.lon, ref.lat, ref.size_m)
+    except store.StoreUnavailable:
+        raise
     except (OSError, ValueError) as exc:
+        import rasterio.errors
+
+        if isinstance(exc, rasterio.errors.RasterioIOError) and store.is_s3(str(row[0])):
+            # GDAL's error does not say whose fault it was; one HEAD of the object does.
+            failure = store.read_failure(product.band_path(ref.band), exc)
+            if isinstance(failure, store.StoreUnavailable):
+                raise failure from exc
         log.warning("chips.unreadable", scene_id=ref.scene_id, error=str(exc)[:200])
         raise NotFoundError("the product of this chip is no longer readable") from exc
     return Response(body, media_type="image/tiff", headers={"Cache-Control": "private, max-age=3600"})

@@ -451,7 +451,9 @@ def test_cli_extract_reads_s3_safe_like_the_local_one(
 # --- API chips ------------------------------------------------------------------------------------
 
 
-def test_chip_of_an_s3_product_holds_its_pixels(s3: Any, world: WorldSummary, cbm_env: Any, pg_dsn: str) -> None:
+def test_chip_of_an_s3_product_holds_its_pixels(
+    s3: Any, world: WorldSummary, cbm_env: Any, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from api import chips
     from api.app import create_app
 
@@ -485,6 +487,15 @@ def test_chip_of_an_s3_product_holds_its_pixels(s3: Any, world: WorldSummary, cb
             assert got.shape == (20, 20) and np.array_equal(got, want)
         page = client.get("/query/chipsByLocation", params=params, auth=ROOT)
         assert page.status_code == 200 and page.text.count("data:image/png;base64,") == SCENES
+
+        # The store goes away: an outage is a 503 to retry, not "no imagery here" or a dead link.
+        (dead,) = free_ports(1)
+        monkeypatch.setenv("CBMFLOW_STORE_S3_ENDPOINT_URL", f"http://127.0.0.1:{dead}")
+        chips._product.cache_clear()
+        listing = client.get("/query/rawChipByLocation", params={**params, "band": "B08"}, auth=ROOT)
+        assert listing.status_code == 503 and "object store" in listing.json()["error"]["message"]
+        chip = client.get(body["chips"][0])
+        assert chip.status_code == 503 and "object store" in chip.json()["error"]["message"]
 
 
 def test_s1_card_cog_on_s3_gives_the_local_rows(
