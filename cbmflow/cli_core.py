@@ -67,17 +67,21 @@ def demo_data(
     parcels: int = typer.Option(300, "--parcels", min=1),
     scenes: int = typer.Option(10, "--scenes", min=1),
     seed: int = typer.Option(0, "--seed"),
+    s1_scenes: int = typer.Option(0, "--s1-scenes", min=0, help="Sentinel-1 CARD backscatter (bs) COGs."),
+    c6_scenes: int = typer.Option(0, "--c6-scenes", min=0, help="Sentinel-1 CARD 6-day coherence (c6) COGs."),
 ) -> None:
-    """Write a deterministic test world: AOI, parcels, S2 L2A SAFE products, STAC catalogue, truth."""
+    """Write a deterministic test world: AOI, parcels, S2 L2A SAFE products (and, on request,
+    S1 CARD COGs), STAC catalogue, truth."""
     import time
 
     from card.testworld import generate
 
     started = time.monotonic()
-    summary = generate(out, parcels=parcels, scenes=scenes, seed=seed)
+    summary = generate(out, parcels=parcels, scenes=scenes, seed=seed, s1_scenes=s1_scenes, c6_scenes=c6_scenes)
     typer.echo(
         f"test world in {out}: {summary.n_parcels} parcels ({summary.n_invalid} invalid), "
-        f"{len(summary.products)} products, {time.monotonic() - started:.1f} s"
+        f"{len(summary.products)} S2 products, {len(summary.s1_products)} S1 CARD products,"
+        f" {time.monotonic() - started:.1f} s"
     )
 
 

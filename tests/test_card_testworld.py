@@ -292,3 +292,24 @@ def test_small_and_invalid_arguments(tmp_path: Path) -> None:
     for kwargs in ({"parcels": 0}, {"scenes": 0}, {"scenes": 400}, {"seed": -1}):
         with pytest.raises(ValueError):
             generate(tmp_path / "bad", **kwargs)  # type: ignore[arg-type]
+
+
+def test_demo_data_cli_writes_s1_card_on_request(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from cbmflow.cli_core import register
+
+    app = typer.Typer()
+    register(app)
+    out = tmp_path / "world"
+    res = CliRunner().invoke(
+        app,
+        ["demo-data", "--out", str(out), "--parcels", "20", "--scenes", "1", "--s1-scenes", "2", "--c6-scenes", "1"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "1 S2 products, 3 S1 CARD products" in res.output
+    assert len(list((out / "products").glob("*.tif"))) == 3
+    with (out / "truth.csv").open() as fh:
+        bands = {row["band"] for row in csv.DictReader(fh)}
+    assert {"VVb", "VHb", "VVc", "VHc"} <= bands
