@@ -249,6 +249,8 @@ def test_local_driver_boots_a_process_from_userdata_lists_and_drains_it(tmp_path
         )
         assert environ["CBMFLOW_DB_DSN"] == ENV["CBMFLOW_DB_DSN"], "env comes from the user-data's env file"
         assert environ["CBMFLOW_WORKER_ID"] == worker_id
+        # local workers share this machine's cores: one each, unless the operator said otherwise
+        assert environ["CBMFLOW_WORKER_THREADS"] == os.environ.get("CBMFLOW_WORKER_THREADS", "1")
         assert os.getsid(view.pid) == view.pid, "workers run in a session of their own"
 
         assert driver.drain([worker_id]) == [worker_id]

@@ -149,6 +149,10 @@ class LocalDriver:
         for _ in range(n):
             worker_id = f"local-{secrets.token_hex(4)}"
             env = {
+                # Local workers share this machine's cores: one core each (decode and reduce take
+                # turns) scales with their number, where each using every core would oversubscribe
+                # them (docs/worker.md, "Cores"). An explicit CBMFLOW_WORKER_THREADS wins.
+                "CBMFLOW_WORKER_THREADS": "1",
                 **os.environ,
                 **file_env,
                 "CBMFLOW_WORKER_ID": worker_id,
