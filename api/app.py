@@ -155,7 +155,6 @@ class Pool:
             application_name=parsed.get("application_name", "cbmflow-api"),
             connect_timeout=parsed.get("connect_timeout", "10"),
         )
-        self.size = size
         self._slots = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
         self._idle: list[Any] = [self._connect()]  # a wrong DSN fails at startup, not on a request
