@@ -217,6 +217,39 @@ def parcels_on_grid(
     return pids, geoms
 
 
+def parcel_index(
+    cur: psycopg2.extensions.cursor, cache: IndexCache, ds: Dataset, grid: engine.Grid, epsg: int
+) -> engine.ParcelIndex:
+    """The dataset's parcel index on ``grid``, from the cache or built (and cached) from PostGIS."""
+    key = (ds.id, ds.parcels_version, ds.buffer_m, epsg, tuple(grid.transform)[:6], grid.width, grid.height)
+    index = cache.get(key)
+    if index is None:
+        pids, geoms = parcels_on_grid(cur, ds, grid, epsg)
+        index = engine.build_index(geoms, pids, grid, buffer_m=ds.buffer_m)
+        cache.put(key, index)
+    return index
+
+
+def _add_sig_rows(
+    chunks: list[bytes], parcels: set[int], stats: engine.BandStats, ds: Dataset, scene_id: int, band: str
+) -> int:
+    """Append one band's COPY rows of the parcels with at least ``min_pixels`` valid pixels; how many."""
+    keep = stats.count >= ds.min_pixels
+    if not keep.any():
+        return 0
+    parcels.update(stats.pid[keep].tolist())
+    chunks.append(
+        pgcopy.sig_rows(
+            stats.pid[keep],
+            scene_id,
+            band,
+            stats.count[keep],
+            {name: getattr(stats, name)[keep] for name in pgcopy.STAT_FIELDS},
+        )
+    )
+    return int(keep.sum())
+
+
 def extract_s2(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: IndexCache) -> SceneResult:
     """Compute and write every dataset's statistics for one S2 L2A product.
 
@@ -237,20 +270,7 @@ def extract_s2(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: Inde
                 raise PermanentJobError(str(exc)) from exc
             with _open_raster(paths[bands[0]]) as src:
                 grid = grid_of(src)
-            key = (
-                ds.id,
-                ds.parcels_version,
-                ds.buffer_m,
-                product.epsg,
-                tuple(grid.transform)[:6],
-                grid.width,
-                grid.height,
-            )
-            index = cache.get(key)
-            if index is None:
-                pids, geoms = parcels_on_grid(cur, ds, grid, product.epsg)
-                index = engine.build_index(geoms, pids, grid, buffer_m=ds.buffer_m)
-                cache.put(key, index)
+            index = parcel_index(cur, cache, ds, grid, product.epsg)
             if len(index.pids) == 0:
                 continue
             plan = engine.plan_strips(index)
@@ -273,20 +293,7 @@ def extract_s2(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: Inde
                         hist_chunks.append(pgcopy.hist_rows(hist.pid, scene.id, hist.cls, hist.count))
                         result.hist_rows += len(hist.pid)
                     continue
-                keep = stats.count >= ds.min_pixels
-                if not keep.any():
-                    continue
-                n_parcels.update(stats.pid[keep].tolist())
-                sig_chunks.append(
-                    pgcopy.sig_rows(
-                        stats.pid[keep],
-                        scene.id,
-                        band,
-                        stats.count[keep],
-                        {name: getattr(stats, name)[keep] for name in pgcopy.STAT_FIELDS},
-                    )
-                )
-                result.sig_rows += int(keep.sum())
+                result.sig_rows += _add_sig_rows(sig_chunks, n_parcels, stats, ds, scene.id, band)
         write_scene_rows(cur, ds, scene.id, sig_chunks, hist_chunks)
         result.parcels += len(n_parcels)
     return result
@@ -330,20 +337,7 @@ def extract_card(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: In
             source = product.band(pol)
             with _open_raster(source.path) as src:
                 grid = grid_of(src)
-                key = (
-                    ds.id,
-                    ds.parcels_version,
-                    ds.buffer_m,
-                    product.epsg,
-                    tuple(grid.transform)[:6],
-                    grid.width,
-                    grid.height,
-                )
-                index = cache.get(key)
-                if index is None:
-                    pids, geoms = parcels_on_grid(cur, ds, grid, product.epsg)
-                    index = engine.build_index(geoms, pids, grid, buffer_m=ds.buffer_m)
-                    cache.put(key, index)
+                index = parcel_index(cur, cache, ds, grid, product.epsg)
                 if len(index.pids) == 0:
                     continue
                 plan = engine.plan_strips(index)
@@ -352,20 +346,7 @@ def extract_card(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: In
                     stats = engine.band_stats_strips(plan, read, nodata=source.nodata)
                 except rasterio.errors.RasterioIOError as exc:
                     raise _raster_error(source.path, exc, "corrupt raster") from exc
-            keep = stats.count >= ds.min_pixels
-            if not keep.any():
-                continue
-            n_parcels.update(stats.pid[keep].tolist())
-            sig_chunks.append(
-                pgcopy.sig_rows(
-                    stats.pid[keep],
-                    scene.id,
-                    band,
-                    stats.count[keep],
-                    {name: getattr(stats, name)[keep] for name in pgcopy.STAT_FIELDS},
-                )
-            )
-            result.sig_rows += int(keep.sum())
+            result.sig_rows += _add_sig_rows(sig_chunks, n_parcels, stats, ds, scene.id, band)
         write_scene_rows(cur, ds, scene.id, sig_chunks, [])
         result.parcels += len(n_parcels)
     return result
