@@ -22,6 +22,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 import requests
+import typer
 from psycopg2 import sql
 
 from cbmflow import db
@@ -224,3 +225,18 @@ def cbm_env(
     monkeypatch.setenv("CBMFLOW_BUS_MANAGEMENT_URL", management_url)
     monkeypatch.setenv("CBMFLOW_STATE_DIR", str(state))
     return CbmEnv(dsn=pg_dsn, amqp_url=amqp_url, management_url=management_url, state_dir=state, vhost=rabbit_vhost)
+
+
+@pytest.fixture(scope="module")
+def cli() -> typer.Typer:
+    """``cbmflow extract`` alone, for CliRunner (tests/test_extract.py, tests/test_s3.py)."""
+    from worker import extract
+
+    app = typer.Typer()
+    extract.register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command keeps typer from collapsing the group
+        pass
+
+    return app

@@ -31,18 +31,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def cli() -> typer.Typer:
-    app = typer.Typer()
-    extract.register(app)
-
-    @app.command("noop")
-    def _noop() -> None:  # a second command keeps typer from collapsing the group
-        pass
-
-    return app
-
-
 def run(cli: typer.Typer, *args: str) -> Any:
     return CliRunner().invoke(cli, ["extract", *args])
 

@@ -44,7 +44,6 @@ from cbmflow.errors import PermanentJobError
 from cbmflow.parcels import add_aoi, import_parcels
 from cbmflow.settings import ApiSettings, WatchSettings
 from cbmflow.verify import verify_truth
-from worker import extract
 from worker.scene import ClaimedScene, IndexCache, _open_raster, extract_card, extract_s2, open_product
 
 CBMFLOW = str(Path(sys.executable).parent / "cbmflow")
@@ -317,6 +316,19 @@ def _scenes(dsn: str) -> list[ClaimedScene]:
         return [ClaimedScene(*row) for row in cur.fetchall()]
 
 
+def _run_worker() -> subprocess.CompletedProcess[str]:
+    """A real ``cbmflow worker`` process until the queue has been idle 4 s; it must exit 0."""
+    proc = subprocess.run(
+        [CBMFLOW, "worker", "--idle-exit", "4"],
+        env={**os.environ, "CBMFLOW_WORKER_ID": "s3-worker"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_worker_extracts_s3_products_exactly_as_local_ones(
     s3: Any, world: WorldSummary, cbm_env: Any, pg_dsn: str
 ) -> None:
@@ -331,14 +343,7 @@ def test_worker_extracts_s3_products_exactly_as_local_ones(
     assert all(s.location.startswith("s3://") for s in _scenes(pg_dsn))
 
     # A real worker process: job thread, prefetch thread, GDAL /vsis3/ to the endpoint.
-    proc = subprocess.run(
-        [CBMFLOW, "worker", "--idle-exit", "4"],
-        env={**os.environ, "CBMFLOW_WORKER_ID": "s3-worker"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_worker()
     with db.transaction(pg_dsn) as cur:
         cur.execute("SELECT status, attempts, count(*) FROM scenes GROUP BY 1, 2")
         assert cur.fetchall() == [("extracted", 1, SCENES)], proc.stderr[-3000:]  # no retry was needed
@@ -378,14 +383,7 @@ def test_a_band_missing_on_s3_is_a_permanent_error_naming_it(
     with db.transaction(pg_dsn) as cur:
         for s in scenes:
             cur.execute("UPDATE scenes SET location = %s WHERE id = %s", (locations[Path(s.location).name], s.id))
-    proc = subprocess.run(
-        [CBMFLOW, "worker", "--idle-exit", "4"],
-        env={**os.environ, "CBMFLOW_WORKER_ID": "s3-worker"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_worker()
     with db.transaction(pg_dsn) as cur:
         cur.execute("SELECT id, status, attempts, reason FROM scenes ORDER BY id")
         rows = {r[0]: r[1:] for r in cur.fetchall()}
@@ -398,18 +396,6 @@ def test_a_band_missing_on_s3_is_a_permanent_error_naming_it(
 
 
 # --- cbmflow extract ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cli() -> typer.Typer:
-    app = typer.Typer()
-    extract.register(app)
-
-    @app.command("noop")
-    def _noop() -> None:  # a second command keeps typer from collapsing the group
-        pass
-
-    return app
 
 
 def test_cli_extract_reads_s3_safe_like_the_local_one(
