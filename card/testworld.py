@@ -690,6 +690,16 @@ def _scaled_grid(grid10: _Grid, res: int) -> _Grid:
     return _Grid(grid10.x0_m, grid10.y0_m, res, grid10.width // factor, grid10.height // factor)
 
 
+def _random_box(
+    rng: np.random.Generator, extent: tuple[float, float, float, float], fx: float, fy: float
+) -> tuple[float, float, float, float]:
+    """A box of ``fx`` x ``fy`` of ``extent``'s width and height, placed at random inside it (a
+    nodata patch); x is drawn before y, so a seed gives the same worlds as before."""
+    xmin, ymin, xmax, ymax = extent
+    px, py = rng.uniform(xmin, xmax - fx * (xmax - xmin)), rng.uniform(ymin, ymax - fy * (ymax - ymin))
+    return (px, py, px + fx * (xmax - xmin), py + fy * (ymax - ymin))
+
+
 def _extent_m(grid: _Grid) -> tuple[float, float, float, float]:
     w, h = grid.width * grid.pixel_size_m, grid.height * grid.pixel_size_m
     return grid.x0_m, grid.y0_m - h, grid.x0_m + w, grid.y0_m
@@ -742,8 +752,7 @@ def _plan_products(scenes: int, year: int, grid: _Grid, rng: np.random.Generator
         away = math.radians(azimuth + 180.0)
         patch = None
         if i % 5 == 3:
-            px, py = rng.uniform(xmin, xmax - 0.1 * (xmax - xmin)), rng.uniform(ymin, ymax - 0.12 * (ymax - ymin))
-            patch = (px, py, px + 0.1 * (xmax - xmin), py + 0.12 * (ymax - ymin))
+            patch = _random_box(rng, (xmin, ymin, xmax, ymax), 0.1, 0.12)
         plans.append(
             _ProductPlan(
                 index=i,
@@ -1296,8 +1305,7 @@ def _plan_s1(bs: int, c6: int, year: int, world: _World, rng: np.random.Generato
             start = first + timedelta(days=cycle * S1_REPEAT_DAYS, seconds=int(rng.integers(0, 4)))
             patch = None
             if i % 2 == 1:
-                px, py = rng.uniform(xmin, xmax - 0.15 * (xmax - xmin)), rng.uniform(ymin, ymax - 0.2 * (ymax - ymin))
-                patch = (px, py, px + 0.15 * (xmax - xmin), py + 0.2 * (ymax - ymin))
+                patch = _random_box(rng, (xmin, ymin, xmax, ymax), 0.15, 0.2)
             plans.append(
                 _S1Plan(
                     card=card,
