@@ -33,22 +33,19 @@ async def wait(conn: Any) -> None:
         state = conn.poll()
         if state == psycopg2.extensions.POLL_OK:
             return
-        fd = conn.fileno()
-        ready = loop.create_future()
         if state == psycopg2.extensions.POLL_READ:
-            loop.add_reader(fd, ready.set_result, None)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(fd)
+            watch, unwatch = loop.add_reader, loop.remove_reader
         elif state == psycopg2.extensions.POLL_WRITE:
-            loop.add_writer(fd, ready.set_result, None)
-            try:
-                await ready
-            finally:
-                loop.remove_writer(fd)
+            watch, unwatch = loop.add_writer, loop.remove_writer
         else:  # pragma: no cover - psycopg2 documents no other state
             raise psycopg2.OperationalError(f"unexpected poll state {state}")
+        fd = conn.fileno()
+        ready = loop.create_future()
+        watch(fd, ready.set_result, None)
+        try:
+            await ready
+        finally:
+            unwatch(fd)
 
 
 class AsyncPool:

@@ -618,7 +618,9 @@ def test_api_cannot_write(seed: Seed) -> None:
                 cur.execute("DELETE FROM users")
 
 
-def test_auth_cache_and_immediate_revocation(client: TestClient, seed: Seed, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def verify_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The passwords argon2 is asked to verify, in order (the real verification still runs)."""
     calls: list[str] = []
     real_verify = api.auth.verify
 
@@ -627,6 +629,11 @@ def test_auth_cache_and_immediate_revocation(client: TestClient, seed: Seed, mon
         return real_verify(password_hash, password)
 
     monkeypatch.setattr(api.auth, "verify", counting_verify)
+    return calls
+
+
+def test_auth_cache_and_immediate_revocation(client: TestClient, seed: Seed, verify_calls: list[str]) -> None:
+    calls = verify_calls
     url = "/query/parcelByID?aoi=ms&year=2024&pid=P-1"
     for _ in range(3):
         assert client.get(url, auth=ALICE).status_code == 200
@@ -646,18 +653,11 @@ def test_auth_cache_and_immediate_revocation(client: TestClient, seed: Seed, mon
     _error(client.get(url, auth=ROOT), 401, "unauthorized")
 
 
-def test_concurrent_cold_logins_verify_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_cold_logins_verify_once(verify_calls: list[str]) -> None:
     """Many connections arriving at once with the same credentials cost one argon2 verification."""
     from concurrent.futures import ThreadPoolExecutor
 
-    calls: list[str] = []
-    real_verify = api.auth.verify
-
-    def counting_verify(password_hash: str, password: str) -> bool:
-        calls.append(password)
-        return real_verify(password_hash, password)
-
-    monkeypatch.setattr(api.auth, "verify", counting_verify)
+    calls = verify_calls
     auth = api.auth.Authenticator(cache_s=300)
     row = ("alice", _hash("alice-pass-1"), False, ["ms"])
     with ThreadPoolExecutor(16) as pool:
