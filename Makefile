@@ -6,7 +6,7 @@ BIN   := $(VENV)/bin
 DEB_PACKAGES := postgresql-15 postgresql-15-postgis-3 rabbitmq-server cloud-init systemd
 SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages venv demo test lint typecheck unit bench bench-extract bench-api clean stack-down
+.PHONY: setup system-packages venv demo test test-unit lint typecheck bench bench-extract bench-api clean stack-down
 
 setup: system-packages venv
 
@@ -31,13 +31,19 @@ venv: $(VENV)/.installed
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/ruff format --check cbmflow catalog_watcher provisioner worker card api tests
 
 typecheck: venv
 	$(BIN)/mypy
 
+# Every layer: unit (no servers), integration (PostgreSQL, RabbitMQ, S3 endpoint), e2e (chain, faults, boot).
 test: setup lint typecheck
 	$(BIN)/pytest -q
+
+# The unit layer alone: no Debian packages, no servers (a laptop is enough).
+test-unit: venv
+	$(BIN)/pytest -q tests/unit
 
 demo: setup
 	$(BIN)/cbmflow demo
@@ -45,11 +51,11 @@ demo: setup
 bench: bench-extract bench-api
 
 bench-extract: setup
-	$(PY) -m worker.bench
+	$(PY) -m cbmflow.dev.bench.extract
 
 bench-api: setup
 	@dpkg -s wrk >/dev/null 2>&1 || { $(SUDO) apt-get update -qq; DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends wrk; }
-	$(PY) -m api.bench
+	$(PY) -m cbmflow.dev.bench.api
 
 stack-down: venv
 	$(BIN)/cbmflow stack down

@@ -40,7 +40,7 @@ from starlette.responses import HTMLResponse, Response
 
 from api.app import ApiJSONResponse, Call, authenticated, state_of
 from api.params import Params
-from card.s2 import S2Product, normalize_band
+from card.s2 import S2Product, normalize_band, open_s2_product
 from cbmflow import store
 from cbmflow.errors import InvalidInputError, NotFoundError, PermissionDeniedError
 from cbmflow.logging import get_logger
@@ -221,7 +221,7 @@ def _product(location: str) -> S2Product:
     Products are immutable once catalogued: parsing their XML (and, on S3, listing their keys) on
     every request is wasted work. A failure is not cached, so a store that was down is retried.
     """
-    return store.open_s2(location)
+    return open_s2_product(store.product_files(location))
 
 
 def _readable(scene: Scene, bands: tuple[str, ...]) -> S2Product | None:

@@ -6,7 +6,6 @@ Heavy imports (uvicorn, starlette, argon2, psycopg2) happen inside the commands 
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -14,43 +13,6 @@ from typing import Any
 import typer
 
 users_app = typer.Typer(help="API users and their dataset grants.", no_args_is_help=True)
-
-
-def serve(host: str, port: int, workers: int = 1) -> None:
-    """Run uvicorn on the app factory; each worker process builds its own app and pool."""
-    import uvicorn
-
-    from cbmflow.settings import DbSettings
-
-    DbSettings().resolved_dsn()  # fail here, with a clear message, rather than in every worker
-    typer.echo(f"cbmflow API at http://{host}:{port}/query/info ({workers} worker(s))")
-    options: dict[str, Any] = {"host": host, "port": port}
-    listener = None
-    if workers > 1:
-        # uvicorn's worker processes rebuild the listening socket without its TCP protocol number,
-        # so asyncio skips TCP_NODELAY on accepted connections and every response stalls ~40 ms
-        # (Nagle + delayed ACK; measured by `make bench-api`). A listener bound here with
-        # TCP_NODELAY, which Linux copies to accepted sockets, avoids that.
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        listener.bind((host, port))
-        listener.listen(2048)
-        listener.set_inheritable(True)
-        options = {"fd": listener.fileno()}
-    try:
-        uvicorn.run(
-            "api.app:app_from_env",
-            factory=True,
-            workers=workers,
-            proxy_headers=False,
-            server_header=False,
-            **options,
-        )
-    finally:
-        if listener is not None:
-            listener.close()
 
 
 def api(
@@ -61,12 +23,16 @@ def api(
     ),
 ) -> None:
     """Serve the JRC-compatible REST API (/query/*) until interrupted."""
+    from api.server import serve
     from cbmflow.errors import ConfigError
-    from cbmflow.settings import ApiSettings
+    from cbmflow.settings import ApiSettings, DbSettings
 
     settings = ApiSettings()
+    host, port, workers = host or settings.host, port or settings.port, workers or settings.workers
     try:
-        serve(host or settings.host, port or settings.port, workers or settings.workers)
+        DbSettings().resolved_dsn()  # fail here, with a clear message, rather than in every worker
+        typer.echo(f"cbmflow API at http://{host}:{port}/query/info ({workers} worker(s))")
+        serve(host, port, workers)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

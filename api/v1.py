@@ -25,6 +25,7 @@ from api.auth import AOI_RE, authorize
 from api.params import BAND_ALIASES, BAND_RE, Params
 from cbmflow.db import Dataset
 from cbmflow.errors import InvalidInputError, NotFoundError
+from cbmflow.vocab import SCENE_STATUSES
 
 # Normalised differences (a - b) / (a + b) over S2 band means.
 INDICES: dict[str, tuple[str, str]] = {
@@ -36,7 +37,6 @@ INDICES: dict[str, tuple[str, str]] = {
 # SCL classes that make an observation unusable: no data, saturated/defective, cloud shadow,
 # cloud medium and high probability, thin cirrus (ESA L2A SCL legend).
 DEFAULT_SCL_MASK = (0, 1, 3, 8, 9, 10)
-SCENE_STATUSES = ("discovered", "queued", "processing", "extracted", "failed", "no_parcels")
 MAX_SCENES_PAGE = 1000
 SERIES_COLUMNS = ("acquired", "scene_id", "band", "count", "mean", "std", "min", "p25", "p50", "p75", "max")
 

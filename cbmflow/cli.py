@@ -20,16 +20,19 @@ app = typer.Typer(
 
 
 def _register() -> None:
+    """The composition root: every command group lives with its component and is only assembled here."""
     from api.cli import register as register_api
     from catalog_watcher.cli import register as register_watch
-    from cbmflow.cli_core import register as register_core
-    from cbmflow.stack import app as stack_app
+    from cbmflow.dev.cli import register as register_dev
+    from cbmflow.ops.cli import register as register_ops
+    from cbmflow.parcels.cli import register as register_parcels
     from provisioner.cli import register as register_provision
     from worker.cli import register as register_worker
     from worker.extract import register as register_extract
 
-    app.add_typer(stack_app, name="stack", help="Start, stop and inspect the local PostgreSQL + RabbitMQ stack.")
-    register_core(app)
+    register_dev(app)
+    register_ops(app)
+    register_parcels(app)
     register_watch(app)
     register_worker(app)
     register_extract(app)

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from cbmflow.errors import PermanentJobError
+from cbmflow.vocab import CardKind
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -30,7 +31,7 @@ class ExtractParcels(_Message):
     kind: Literal["ExtractParcels"] = "ExtractParcels"
     scene_id: int = Field(gt=0)
     product_id: str = Field(min_length=1)
-    card: Literal["s2", "bs", "c6"]
+    card: CardKind
     location: str = Field(min_length=1, description="product location: local path, file:// or s3:// URL")
 
     @property

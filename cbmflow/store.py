@@ -30,13 +30,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlparse
 
 from cbmflow.settings import StoreSettings
-
-if TYPE_CHECKING:
-    from card.s2 import S2Product
 
 VSIS3 = "/vsis3/"
 P = ParamSpec("P")
@@ -494,21 +491,19 @@ class S3ProductFiles:
 # --- products -------------------------------------------------------------------------------------
 
 
-def open_s2(location: str) -> S2Product:
-    """The Sentinel-2 L2A product (``.SAFE``, or its ``MTD_MSIL2A.xml``) at ``location``, local or on S3.
+def product_files(location: str) -> Path | S3ProductFiles:
+    """The files of the product at ``location`` (a local path, ``file://`` or ``s3://bucket/key``),
+    for a reader in ``card/`` (e.g. :func:`card.s2.open_s2_product`).
 
-    ``FileNotFoundError`` (no metadata), ``ValueError`` (bad metadata, unsupported location),
-    :class:`StoreRefused` and :class:`StoreUnavailable` tell the caller what went wrong.
+    The store hands out files, readers stay with the formats: a ``.SAFE``'s metadata file name at the
+    end of an S3 key is dropped, so the product's root is what is listed.
     """
-    from card.s2 import open_s2_product
-
     parsed = urlparse(location)
     if parsed.scheme in ("", "file"):
-        return open_s2_product(Path(parsed.path if parsed.scheme else location))
+        return Path(parsed.path if parsed.scheme else location)
     if parsed.scheme == "s3":
         bucket, key = parse_s3(location)
-        key = key.removesuffix("/MTD_MSIL2A.xml")
-        return open_s2_product(S3ProductFiles(bucket, key))
+        return S3ProductFiles(bucket, key.removesuffix("/MTD_MSIL2A.xml"))
     raise UnsupportedLocation(
         f"unsupported product location {location!r}: a local path, file:// or s3://bucket/key is expected"
     )

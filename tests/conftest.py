@@ -26,8 +26,16 @@ import typer
 from psycopg2 import sql
 
 from cbmflow import db
+from cbmflow.dev.stack import (
+    PgInfo,
+    RabbitInfo,
+    StackError,
+    start_postgres,
+    start_rabbitmq,
+    stop_postgres,
+    stop_rabbitmq,
+)
 from cbmflow.settings import StackSettings
-from cbmflow.stack import PgInfo, RabbitInfo, StackError, start_postgres, start_rabbitmq, stop_postgres, stop_rabbitmq
 
 TEMPLATE_DB = "cbm_template"
 

@@ -86,11 +86,12 @@ def _is_safe(source: str) -> bool:
 
 
 def _safe_product(source: str, bands: Sequence[str] | None) -> Product:
-    from card.s2 import NATIVE_RESOLUTION_M, MissingBandError, normalize_band
-    from cbmflow.store import open_s2
+    from card.s2 import NATIVE_RESOLUTION_M, MissingBandError, normalize_band, open_s2_product
+    from cbmflow.store import product_files
 
     try:
-        product = open_s2(source)  # local, or s3:// read in place (XML by the S3 API, pixels by /vsis3/)
+        # local, or s3:// read in place (XML by the S3 API, pixels by /vsis3/)
+        product = open_s2_product(product_files(source))
     except (FileNotFoundError, ValueError, StoreError) as exc:
         raise ExtractError(f"{source}: {exc}") from exc
     if bands:

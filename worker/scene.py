@@ -25,7 +25,7 @@ import shapely
 from psycopg2 import sql
 
 from card.s1 import S1CardProduct, open_s1_card
-from card.s2 import MissingBandError, S2Product
+from card.s2 import MissingBandError, S2Product, open_s2_product
 from cbmflow import store
 from cbmflow.db import Dataset
 from cbmflow.errors import PermanentJobError
@@ -143,7 +143,7 @@ def open_product(location: str, product_id: str) -> S2Product:
     requeued and retried.
     """
     try:
-        return store.open_s2(location)
+        return open_s2_product(store.product_files(location))
     except store.StoreUnavailable:
         raise
     except (FileNotFoundError, ValueError, store.StoreRefused) as exc:

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from cbmflow import db
 from cbmflow.errors import InvalidInputError
-from cbmflow.parcels import ImportReport, add_aoi, aoi_app, import_parcels, parcels_app
+from cbmflow.parcels.cli import aoi_app, parcels_app
+from cbmflow.parcels.ingest import ImportReport, add_aoi, import_parcels
 
 X0, Y0 = 4_321_000.0, 3_210_000.0  # EPSG:3035 near Kassel
 

@@ -55,10 +55,10 @@ from card.testworld import generate
 from catalog_watcher.service import watch_once
 from cbmflow import bus as busmod
 from cbmflow import db
-from cbmflow.parcels import add_aoi, import_parcels
+from cbmflow.dev.verify import verify_truth
+from cbmflow.parcels.ingest import add_aoi, import_parcels
 from cbmflow.settings import BusSettings, ProvisionSettings, WatchSettings
-from cbmflow.verify import verify_truth
-from provisioner.cli import server_userdata
+from provisioner.service import server_userdata
 from provisioner.userdata import ENV_PATH, LAUNCHER_PATH, LOG_PATH, UNIT_PATH, VENV_DIR, parse_worker_launch
 
 VENV = Path(sys.executable).parent.parent

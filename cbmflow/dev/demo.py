@@ -90,10 +90,10 @@ def _ndvi_table(dsn: str, console: Console) -> None:
 def run_demo(serve: bool, parcels: int, scenes: int, max_workers: int, port: int) -> int:
     from card.testworld import generate
     from catalog_watcher.service import watch_once
-    from cbmflow import stack
-    from cbmflow.parcels import add_aoi, import_parcels
-    from cbmflow.verify import verify_truth
-    from provisioner.cli import scale_once
+    from cbmflow.dev import stack
+    from cbmflow.dev.verify import verify_truth
+    from cbmflow.parcels.ingest import add_aoi, import_parcels
+    from provisioner.service import scale_once
 
     console = Console()
     started = time.monotonic()
@@ -187,7 +187,7 @@ def run_demo(serve: bool, parcels: int, scenes: int, max_workers: int, port: int
         f"try: curl -u demo:{password} '{url}/query/parcelTimeSeries?aoi={AOI}&year={YEAR}&pid={some_pid}&tstype=s2'"
     )
     if serve:
-        from api.cli import serve as serve_api
+        from api.server import serve as serve_api
 
         console.print(f"serving the API at {url} (Ctrl-C to stop; the stack stays up until `cbmflow stack down`)")
         serve_api(host="127.0.0.1", port=port, workers=1)

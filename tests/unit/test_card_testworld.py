@@ -298,7 +298,7 @@ def test_demo_data_cli_writes_s1_card_on_request(tmp_path: Path) -> None:
     import typer
     from typer.testing import CliRunner
 
-    from cbmflow.cli_core import register
+    from cbmflow.dev.cli import register
 
     app = typer.Typer()
     register(app)

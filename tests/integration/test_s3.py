@@ -40,10 +40,10 @@ from card.s2 import MissingBandError, open_s2_product
 from card.testworld import WorldSummary, generate
 from catalog_watcher.service import watch_once
 from cbmflow import db, store
+from cbmflow.dev.verify import verify_truth
 from cbmflow.errors import PermanentJobError
-from cbmflow.parcels import add_aoi, import_parcels
+from cbmflow.parcels.ingest import add_aoi, import_parcels
 from cbmflow.settings import ApiSettings, WatchSettings
-from cbmflow.verify import verify_truth
 from worker.scene import ClaimedScene, IndexCache, _open_raster, extract_card, extract_s2, open_product
 
 CBMFLOW = str(Path(sys.executable).parent / "cbmflow")
@@ -105,7 +105,7 @@ def upload(client: Any, world: WorldSummary, bucket: str | None = None, prefix: 
 def test_product_on_s3_parses_like_the_local_copy_with_one_listing(s3: Any, world: WorldSummary) -> None:
     locations = upload(s3, world)
     local = open_s2_product(world.product_paths[0])
-    remote = store.open_s2(locations[world.product_paths[0].name])
+    remote = open_s2_product(store.product_files(locations[world.product_paths[0].name]))
     for name in ("product_name", "mission", "sensing_time", "processing_baseline", "tile_id", "epsg",
                  "boa_add_offset", "quantification_value", "nodata_dn", "grids", "image_files"):  # fmt: skip
         assert getattr(remote, name) == getattr(local, name), name
@@ -126,7 +126,7 @@ def test_gdal_reads_the_pixels_from_the_s3_endpoint(
     s3: Any, world: WorldSummary, moto_endpoint: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     locations = upload(s3, world)
-    remote = store.open_s2(locations[world.product_paths[1].name])
+    remote = open_s2_product(store.product_files(locations[world.product_paths[1].name]))
     local = open_s2_product(world.product_paths[1])
     path = remote.band_path("B04")
     with store.gdal_env(path):

@@ -13,8 +13,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from test_api import ALICE, ROOT, Seed, _seed
 
 from api.openapi import document
-from api.process import api_server
 from api.routes import ROUTES
+from cbmflow.dev.api_process import api_server
 
 
 def test_document_lists_exactly_the_routes() -> None:

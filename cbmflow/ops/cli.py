@@ -1,8 +1,6 @@
-"""Kernel sub-commands: ``db``, ``demo-data``, ``parcels``, ``aoi``, ``status``, ``jobs``, ``demo``."""
+"""Operator commands: ``db migrate``, ``settings``, ``status`` and ``jobs retry``."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import typer
 
@@ -29,7 +27,7 @@ def jobs_retry(
 ) -> None:
     """Re-publish jobs after fixing the cause, through the outbox; their dead letters are removed
     once the new job is confirmed. Malformed messages and unknown scenes stay in the dead-letter queue."""
-    from cbmflow.jobs import retry
+    from cbmflow.ops.jobs import retry
     from cbmflow.settings import BusSettings, DbSettings
 
     if not (failed or dead_lettered or scene):
@@ -62,60 +60,11 @@ def jobs_retry(
         raise typer.Exit(1)
 
 
-def demo_data(
-    out: Path = typer.Option(..., "--out", help="Output directory."),
-    parcels: int = typer.Option(300, "--parcels", min=1),
-    scenes: int = typer.Option(10, "--scenes", min=1),
-    seed: int = typer.Option(0, "--seed"),
-    s1_scenes: int = typer.Option(0, "--s1-scenes", min=0, help="Sentinel-1 CARD backscatter (bs) COGs."),
-    c6_scenes: int = typer.Option(0, "--c6-scenes", min=0, help="Sentinel-1 CARD 6-day coherence (c6) COGs."),
-) -> None:
-    """Write a deterministic test world: AOI, parcels, S2 L2A SAFE products (and, on request,
-    S1 CARD COGs), STAC catalogue, truth."""
-    import time
-
-    from card.testworld import generate
-
-    started = time.monotonic()
-    summary = generate(out, parcels=parcels, scenes=scenes, seed=seed, s1_scenes=s1_scenes, c6_scenes=c6_scenes)
-    typer.echo(
-        f"test world in {out}: {summary.n_parcels} parcels ({summary.n_invalid} invalid), "
-        f"{len(summary.products)} S2 products, {len(summary.s1_products)} S1 CARD products,"
-        f" {time.monotonic() - started:.1f} s"
-    )
-
-
 def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Queue depths, scenes by status and workers, on one screen."""
-    from cbmflow.status import print_status
+    from cbmflow.ops.status import print_status
 
     print_status(as_json=as_json)
-
-
-def demo(
-    serve: bool = typer.Option(True, "--serve/--no-serve", help="Serve the API at the end."),
-    parcels: int = typer.Option(300, "--parcels"),
-    scenes: int = typer.Option(10, "--scenes"),
-    workers: int = typer.Option(2, "--workers", help="Maximum local workers."),
-    port: int = typer.Option(8080, "--port", help="API port when serving."),
-) -> None:
-    """Run the whole chain on generated data and verify it against the generator's truth."""
-    from cbmflow.demo import run_demo
-
-    raise typer.Exit(run_demo(serve=serve, parcels=parcels, scenes=scenes, max_workers=workers, port=port))
-
-
-def register(app: typer.Typer) -> None:
-    from cbmflow.parcels import aoi_app, parcels_app
-
-    app.add_typer(db_app, name="db")
-    app.add_typer(parcels_app, name="parcels", help="Import and list parcels.")
-    app.add_typer(aoi_app, name="aoi", help="Areas of interest.")
-    app.add_typer(jobs_app, name="jobs")
-    app.command("demo-data")(demo_data)
-    app.command("status")(status)
-    app.command("demo")(demo)
-    app.command("settings")(settings_cmd)
 
 
 def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table.")) -> None:
@@ -137,3 +86,10 @@ def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="Print 
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(db_app, name="db")
+    app.add_typer(jobs_app, name="jobs")
+    app.command("status")(status)
+    app.command("settings")(settings_cmd)

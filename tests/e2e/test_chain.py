@@ -16,9 +16,9 @@ import pytest
 from card.testworld import generate
 from catalog_watcher.service import watch_once
 from cbmflow import db
-from cbmflow.parcels import add_aoi, import_parcels
+from cbmflow.dev.verify import verify_truth
+from cbmflow.parcels.ingest import add_aoi, import_parcels
 from cbmflow.settings import BusSettings, WatchSettings
-from cbmflow.verify import verify_truth
 
 CBMFLOW = str(Path(sys.executable).parent / "cbmflow")
 

@@ -283,8 +283,8 @@ def case_copy(rows: int) -> dict[str, float]:
     """Binary COPY of ``rows`` signature rows into an unindexed UNLOGGED staging table."""
     import psycopg2
 
+    from cbmflow.dev.stack import start_postgres, stop_postgres
     from cbmflow.settings import StackSettings
-    from cbmflow.stack import start_postgres, stop_postgres
     from worker import pgcopy
 
     base = Path(tempfile.mkdtemp(prefix="cbmflow-bench-pg-"))
@@ -530,7 +530,12 @@ def _write_docs(text: str) -> None:
     if BEGIN in doc and END in doc:
         doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END) :]
     else:
-        doc = doc.rstrip() + "\n\n## Extraction\n\n`make bench-extract` (`python -m worker.bench`)\n\n" + block + "\n"
+        doc = (
+            doc.rstrip()
+            + "\n\n## Extraction\n\n`make bench-extract` (`python -m cbmflow.dev.bench.extract`)\n\n"
+            + block
+            + "\n"
+        )
     path.write_text(doc)
 
 

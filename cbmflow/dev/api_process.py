@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -39,7 +39,7 @@ def api_server(dsn: str, workers: int = 1, env: dict[str, str] | None = None, ti
         **(env or {}),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-c", f"from api.cli import serve; serve('127.0.0.1', {port}, {workers})"],
+        [sys.executable, "-c", f"from api.server import serve; serve('127.0.0.1', {port}, {workers})"],
         cwd=REPO,
         env=full_env,
         stdout=subprocess.DEVNULL,

@@ -29,11 +29,11 @@ import api.auth
 from api.app import create_app
 from api.auth import hash_password, verify
 from api.cli import register
-from api.process import free_port
 from cbmflow import db
+from cbmflow.dev.api_process import free_port
 from cbmflow.settings import ApiSettings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 ALICE = ("alice", "alice-secret-1")  # granted ms
 BOB = ("bob", "bob-secret-123")  # granted xx only
@@ -752,7 +752,7 @@ def test_real_uvicorn_server(seed: Seed) -> None:
     port = free_port()
     env = {**os.environ, "CBMFLOW_DB_DSN": seed.dsn, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", f"from api.cli import serve; serve('127.0.0.1', {port}, 1)"],
+        [sys.executable, "-c", f"from api.server import serve; serve('127.0.0.1', {port}, 1)"],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

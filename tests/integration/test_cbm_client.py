@@ -22,8 +22,8 @@ import pytest
 import requests
 from test_api import ALICE, Seed, _seed
 
-from api.process import api_server
 from cbmflow import db
+from cbmflow.dev.api_process import api_server
 
 CBM_VERSION = "0.0.18"
 

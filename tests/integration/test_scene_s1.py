@@ -35,10 +35,10 @@ from card.testworld import WorldSummary, generate
 from catalog_watcher.service import watch_once
 from catalog_watcher.stac import iter_scenes
 from cbmflow import db
-from cbmflow.jobs import retry
-from cbmflow.parcels import add_aoi, import_parcels
+from cbmflow.dev.verify import verify_truth
+from cbmflow.ops.jobs import retry
+from cbmflow.parcels.ingest import add_aoi, import_parcels
 from cbmflow.settings import ApiSettings, BusSettings, WatchSettings, WorkerSettings
-from cbmflow.verify import verify_truth
 from worker.consumer import Worker
 
 # rasterstats still multiplies affine matrices with "*".

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from cbmflow import bus as busmod
 from cbmflow.settings import BusSettings, ProvisionSettings
 from provisioner import cli as cli_mod
+from provisioner import service as service_mod
 from provisioner import ssh
 from provisioner.cli import provision_app
 from provisioner.drivers.local import LocalDriver
@@ -48,7 +49,7 @@ def test_scale_status_drain_and_down_on_the_local_driver(cbm_env: Any, monkeypat
     dry = _invoke("scale", "--dry-run", "--per-worker", "1", "--max", "3")
     assert dry.exit_code == 0, dry.output
     assert "scaling plan (dry run)" in dry.stdout and "(2 new)" in dry.stdout
-    driver = cli_mod.make_driver(ProvisionSettings())
+    driver = service_mod.make_driver(ProvisionSettings())
     assert isinstance(driver, LocalDriver) and driver.list_workers() == [], "a dry run starts nothing"
     try:
         real = _invoke("scale", "--per-worker", "1")
@@ -100,8 +101,8 @@ def test_watch_survives_a_failing_step(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(1)
         raise RuntimeError("broker away")
 
-    monkeypatch.setattr(cli_mod, "current_backlog", broken)
-    monkeypatch.setattr(cli_mod, "make_driver", lambda settings: FakeFleet([]))
+    monkeypatch.setattr(service_mod, "current_backlog", broken)
+    monkeypatch.setattr(service_mod, "make_driver", lambda settings: FakeFleet([]))
     result = _invoke("watch", "--interval", "0.05", "--iterations", "3")
     assert result.exit_code == 0, result.output
     assert len(calls) == 3, "every step ran, each failure was logged and survived"
@@ -154,7 +155,7 @@ def vm_fleet(monkeypatch: pytest.MonkeyPatch) -> list[FakeConnection]:
     vm = WorkerView(id="cbmflow-default-0000beef", state="busy", server_status="ACTIVE", server_id="srv-1",
                     address="10.0.0.12")  # fmt: skip
     booting = WorkerView(id="cbmflow-default-0000cafe", state="starting", server_status="BUILD", server_id="srv-2")
-    monkeypatch.setattr(cli_mod, "make_driver", lambda settings: FakeFleet([vm, booting]))
+    monkeypatch.setattr(service_mod, "make_driver", lambda settings: FakeFleet([vm, booting]))
     made: list[FakeConnection] = []
 
     def connection(settings: ProvisionSettings, host: str) -> FakeConnection:
@@ -203,7 +204,7 @@ def test_render_userdata_example_variants(tmp_path: Path) -> None:
     for install in ("wheel", "index", "preinstalled"):
         result = _invoke("render-userdata", "--example", "--install", install)
         assert result.exit_code == 0, result.output
-        assert result.stdout == (Path(__file__).resolve().parent.parent / "cloud-init" / {
+        assert result.stdout == (Path(__file__).resolve().parents[2] / "cloud-init" / {
             "wheel": "worker.example.yaml", "index": "worker.index.example.yaml",
             "preinstalled": "worker.preinstalled.example.yaml"}[install]).read_text()  # fmt: skip
     assert _invoke("render-userdata", "--example", "--install", "docker").exit_code == 2

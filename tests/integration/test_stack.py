@@ -23,7 +23,7 @@ import requests
 from typer.testing import CliRunner
 
 from cbmflow import settings as cbm_settings
-from cbmflow import stack as stackmod
+from cbmflow.dev import stack as stackmod
 from cbmflow.settings import BusSettings, DbSettings
 
 LOOPBACK = {"127.0.0.1", "::1"}

@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 from cbmflow import db
 from cbmflow.errors import ConfigError, InvalidInputError
 from cbmflow.settings import ProvisionSettings
-from provisioner.cli import provision_app, scale_once
+from provisioner.cli import provision_app
 from provisioner.drivers.local import LocalDriver, local_worker_command
+from provisioner.service import scale_once
 from provisioner.userdata import (
     ENV_PATH,
     EXAMPLE_FILES,
@@ -34,7 +35,7 @@ from provisioner.userdata import (
     worker_env,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLOUD_INIT = "/usr/bin/cloud-init"
 ENV = {
     "CBMFLOW_DB_DSN": 'postgresql://cbm:p%27a$s w\\o"rd#1@db.internal:5432/cbm?sslmode=require',
@@ -310,7 +311,7 @@ def test_the_local_worker_command_is_this_venvs_cbmflow() -> None:
 
 def test_scale_boots_the_real_worker_from_userdata_and_drains_it(cbm_env: object) -> None:
     """The whole local path: settings → worker_env → user-data → parse → `cbmflow worker` → registry."""
-    from provisioner.cli import make_driver
+    from provisioner.service import make_driver
 
     settings = ProvisionSettings(min_workers=0, max_workers=1, per_worker=1)
     driver = make_driver(settings)

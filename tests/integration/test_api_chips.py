@@ -28,7 +28,7 @@ from card.s2 import open_s2_product
 from card.testworld import WorldSummary, generate
 from catalog_watcher.service import watch_once
 from cbmflow import db
-from cbmflow.parcels import add_aoi
+from cbmflow.parcels.ingest import add_aoi
 from cbmflow.settings import ApiSettings, WatchSettings
 
 SCENES = 3

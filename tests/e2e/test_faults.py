@@ -45,10 +45,10 @@ from psycopg2 import sql
 from card.testworld import generate
 from catalog_watcher.service import watch_once
 from cbmflow import db
-from cbmflow import stack as stackmod
-from cbmflow.parcels import add_aoi, import_parcels
+from cbmflow.dev import stack as stackmod
+from cbmflow.dev.verify import verify_truth
+from cbmflow.parcels.ingest import add_aoi, import_parcels
 from cbmflow.settings import BusSettings, StackSettings, WatchSettings
-from cbmflow.verify import verify_truth
 
 CBMFLOW = str(Path(sys.executable).parent / "cbmflow")
 TEMPLATE = "fault_template"

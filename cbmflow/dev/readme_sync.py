@@ -1,4 +1,4 @@
-"""Keep README's settings table equal to the code (``python -m cbmflow.readme_sync``)."""
+"""Keep README's settings table equal to the code (``python -m cbmflow.dev.readme_sync``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cbmflow.settings import settings_table
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
 

@@ -23,11 +23,11 @@ from catalog_watcher.service import upsert_scene, watch_once
 from catalog_watcher.stac import SceneRecord
 from cbmflow import bus as busmod
 from cbmflow import db
-from cbmflow.jobs import retry
 from cbmflow.messages import ExtractParcels
+from cbmflow.ops.jobs import retry
+from cbmflow.ops.status import collect, print_status
 from cbmflow.outbox import flush_outbox, pending_outbox
 from cbmflow.settings import BusSettings, WatchSettings, WorkerSettings
-from cbmflow.status import collect, print_status
 from worker.consumer import Worker, backoff_s, db_unavailable
 from worker.metrics import WorkerMetrics
 
@@ -124,7 +124,7 @@ def test_the_outbox_survives_a_broker_outage_and_is_flushed_afterwards(
     # A cycle whose catalogue scan fails still flushes what earlier cycles left pending.
     aoi = tmp_path / "aoi.geojson"
     aoi.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": FOOTPRINT.__geo_interface__}))
-    from cbmflow.parcels import add_aoi
+    from cbmflow.parcels.ingest import add_aoi
 
     with db.transaction(pg_dsn) as cur:
         add_aoi(cur, "ms", aoi)

@@ -34,11 +34,11 @@ from psycopg2 import sql
 
 from api import prepared, queries
 from api.auth import hash_password
-from api.process import api_server, free_port
 from cbmflow import db
+from cbmflow.dev.api_process import api_server, free_port
 from cbmflow.settings import StackSettings, state_dir
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 DOC = REPO / "docs" / "performance.md"
 BEGIN, END = "<!-- bench-api:begin -->", "<!-- bench-api:end -->"
 AOI, YEAR = "bench", 2024
@@ -412,7 +412,7 @@ def write_doc(table: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m api.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m cbmflow.dev.bench.api", description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=50_000_000, help="signature rows to load (default 50M)")
     ap.add_argument("--parcels", type=int, default=140_000, help="parcels; scenes = rows / (parcels x 6 bands)")
     ap.add_argument("--samples", type=int, default=2000, help="random parcels per latency figure")
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
 
-    from cbmflow.stack import start_postgres, stop_postgres
+    from cbmflow.dev.stack import start_postgres, stop_postgres
 
     base_dir = args.state or (state_dir() / "bench-api")
     pg = start_postgres(base_dir, free_port(), StackSettings().run_as, "cbmflow_bench", "cbmflow")

@@ -1,8 +1,0 @@
-"""README stays true: its settings table is the code's."""
-
-from cbmflow.readme_sync import README, synced
-
-
-def test_readme_settings_table_matches_code() -> None:
-    text = README.read_text()
-    assert synced(text) == text, "README settings table is stale: run `python -m cbmflow.readme_sync`"
