@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.v1 import DEFAULT_SCL_MASK, INDICES, SCENE_STATUSES
+from api.v1 import DEFAULT_SCL_MASK, INDICES
+from cbmflow.vocab import SCENE_STATUSES
 
 JSON = "application/json"
 

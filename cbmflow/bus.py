@@ -14,10 +14,15 @@ from typing import Any
 
 import pika
 import pika.adapters.blocking_connection
+import pika.exceptions
 import requests
 from pika.adapters.blocking_connection import BlockingChannel as Channel
 
 from cbmflow.settings import BusSettings
+
+BROKER_ERRORS: tuple[type[Exception], ...] = (pika.exceptions.AMQPError, OSError)
+"""What a broker that is away or went away raises: pika's own errors, and the socket's before pika
+wraps them (connection refused, reset). Callers retry, or report and exit, on exactly these."""
 
 
 def connection_params(bus: BusSettings) -> pika.URLParameters:

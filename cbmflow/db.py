@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import psycopg2
 import psycopg2.extensions
@@ -19,6 +19,9 @@ import psycopg2.extras
 from psycopg2 import sql
 
 from cbmflow.settings import DbSettings
+
+Cursor: TypeAlias = psycopg2.extensions.cursor
+"""The cursor type every function that runs SQL on a caller's transaction takes."""
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 

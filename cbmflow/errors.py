@@ -18,10 +18,6 @@ class PermanentJobError(CbmflowError):
     """A job that can never succeed as sent (corrupt raster, unknown scene, malformed message)."""
 
 
-class TransientJobError(CbmflowError):
-    """A job that may succeed when retried (database or storage briefly unavailable)."""
-
-
 class InvalidInputError(CbmflowError):
     """Bad user input: a parameter, a file or a geometry that cannot be accepted."""
 

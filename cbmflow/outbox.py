@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-import pika.exceptions
 import psycopg2.extensions
 
 from cbmflow import bus as busmod
@@ -48,7 +47,7 @@ def flush_outbox(dsn: str, bus: BusSettings, batch: int = 500) -> int:
     published = 0
     try:
         conn = busmod.connect(bus)
-    except (pika.exceptions.AMQPError, OSError) as exc:
+    except busmod.BROKER_ERRORS as exc:
         log.warning("watch.outbox_deferred", error=str(exc) or type(exc).__name__, stage="connect")
         return 0
     try:
@@ -72,7 +71,7 @@ def flush_outbox(dsn: str, bus: BusSettings, batch: int = 500) -> int:
                     for out_id, message_id, kind, body in rows:
                         try:
                             busmod.publish(channel, bus, json.dumps(body).encode(), message_id, kind)
-                        except (pika.exceptions.AMQPError, OSError) as exc:
+                        except busmod.BROKER_ERRORS as exc:
                             failure = exc  # commit what was confirmed; the rest stays pending
                             break
                         cur.execute("UPDATE outbox SET published_at = now() WHERE id = %s", (out_id,))
@@ -89,13 +88,13 @@ def flush_outbox(dsn: str, bus: BusSettings, batch: int = 500) -> int:
                 log.warning("watch.outbox_deferred", error=str(failure) or type(failure).__name__, stage="publish")
         finally:
             pg.close()
-    except (pika.exceptions.AMQPError, OSError) as exc:
+    except busmod.BROKER_ERRORS as exc:
         log.warning("watch.outbox_deferred", error=str(exc) or type(exc).__name__, stage="channel")
     finally:
         if conn.is_open:
             try:
                 conn.close()
-            except (pika.exceptions.AMQPError, OSError):
+            except busmod.BROKER_ERRORS:
                 pass  # the broker went away while we were closing; nothing is left to lose
     return published
 

@@ -32,13 +32,13 @@ def jobs_retry(
 
     if not (failed or dead_lettered or scene):
         raise typer.BadParameter("give --failed, --dead-lettered and/or --scene ID")
-    import pika.exceptions
+    from cbmflow import bus as busmod
 
     try:
         report = retry(
             DbSettings().resolved_dsn(), BusSettings(), failed=failed, dead_lettered=dead_lettered, scenes=scene
         )
-    except (pika.exceptions.AMQPError, OSError) as exc:
+    except busmod.BROKER_ERRORS as exc:
         # Safe to repeat: a dead letter goes only after its new job was confirmed, and a job sent
         # twice is harmless (workers claim scenes in the database).
         typer.echo(f"broker connection failed: {exc or type(exc).__name__}; run the command again", err=True)
