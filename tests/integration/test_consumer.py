@@ -16,7 +16,6 @@ from pathlib import Path
 import pika
 import psycopg2
 import pytest
-import requests
 import shapely.geometry
 
 from catalog_watcher.service import upsert_scene, watch_once
@@ -28,8 +27,7 @@ from cbmflow.ops.jobs import retry
 from cbmflow.ops.status import collect, print_status
 from cbmflow.outbox import flush_outbox, pending_outbox
 from cbmflow.settings import BusSettings, WatchSettings, WorkerSettings
-from worker.consumer import Worker, backoff_s, db_unavailable
-from worker.metrics import WorkerMetrics
+from worker.consumer import Worker, db_unavailable
 
 FOOTPRINT = shapely.geometry.box(11.0, 48.0, 11.5, 48.5)
 
@@ -68,12 +66,6 @@ def _get_all(bus: BusSettings, queue: str) -> list[tuple[str | None, bytes, dict
             out.append((props.message_id, body, dict(props.headers or {})))
     finally:
         conn.close()
-
-
-def test_backoff_doubles_from_one_second_up_to_the_ceiling() -> None:
-    for attempt, nominal in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (9, 30.0)]:
-        for _ in range(50):
-            assert 0.8 * nominal <= backoff_s(attempt, 30.0) <= nominal
 
 
 def test_an_unreachable_database_is_told_apart_from_a_failing_job(
@@ -216,20 +208,6 @@ def test_status_shows_the_database_half_when_the_broker_is_down(
     assert (data["scenes"], data["outbox_pending"]) == ({"discovered": 1}, 1)
     (w,) = data["workers"]
     assert (w["state"], w["stale"], w["metrics"]) == ("busy", True, "http://h1:9100/metrics")
-
-
-def test_metrics_are_served_and_a_taken_port_falls_back_to_an_ephemeral_one() -> None:
-    first = WorkerMetrics("w-a")
-    port = first.serve("127.0.0.1", 0)
-    assert port is not None
-    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    assert 'cbmflow_worker_jobs_done_total{result="extracted"} 0.0' in text
-    assert 'cbmflow_worker_jobs_failed_total{reason="malformed",verdict="dead_letter"} 0.0' in text
-    assert 'cbmflow_worker_info{worker_id="w-a"} 1.0' in text
-    assert "cbmflow_worker_job_duration_seconds_bucket" in text
-    other = WorkerMetrics("w-b").serve("127.0.0.1", port)
-    assert other is not None and other != port
-    assert WorkerMetrics("w-c").serve("127.0.0.1", -1) is None
 
 
 def _run_in_thread(worker: Worker) -> tuple[threading.Thread, list[int]]:
