@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,6 +28,36 @@ def stack_info() -> dict[str, Any]:
         return {}
     data: dict[str, Any] = json.loads(path.read_text())
     return data
+
+
+class LogSettings(BaseSettings):
+    """Logs of every process: stable event names with key=value facts, on stderr.
+
+    ``auto`` picks by who reads stderr: a person at a terminal gets coloured console lines, while a
+    worker writing to a log file or journald (no terminal) keeps JSON lines for machines to parse.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CBMFLOW_LOG_")
+
+    level: str = Field("INFO", description="log level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    format: Literal["auto", "console", "json"] = Field(
+        "auto",
+        description="auto: coloured console lines when stderr is a terminal, JSON lines otherwise"
+        " (log files, journald); console or json to force one",
+    )
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        name = value.strip().upper()
+        if name not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"unknown log level {value!r}")
+        return name
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
 
 class StackSettings(BaseSettings):
@@ -262,6 +292,7 @@ class ProvisionSettings(BaseSettings):
 
 
 ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
+    LogSettings,
     StackSettings,
     DbSettings,
     BusSettings,
@@ -277,7 +308,6 @@ def settings_table() -> list[tuple[str, str, str]]:
     """(environment variable, default, description) for every setting, for docs and ``cbmflow settings``."""
     rows = [
         ("CBMFLOW_STATE_DIR", ".cbmflow", "state directory: local stack data, stack.json, demo world, worker logs"),
-        ("CBMFLOW_LOG_LEVEL", "INFO", "log level of the JSON logs on stderr"),
     ]
     for cls in ALL_SETTINGS:
         prefix = str(cls.model_config.get("env_prefix", ""))

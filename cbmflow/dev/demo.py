@@ -8,6 +8,7 @@ rendered cloud-init user-data, the workers, and the API.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import time
 
@@ -16,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cbmflow import db
+from cbmflow.logging import configure as configure_logging
 from cbmflow.settings import DbSettings, ProvisionSettings, StackSettings, WatchSettings, state_dir
 
 AOI = "ms"
@@ -87,6 +89,17 @@ def _ndvi_table(dsn: str, console: Console) -> None:
             console.print(s1)
 
 
+def _quiet_logs() -> None:
+    """The story is the demo's output, so its own process logs only warnings and errors.
+
+    Those still show, as console lines above the progress bar when a terminal watches (the logs
+    write to the current stderr, which rich's live display redirects). ``CBMFLOW_LOG_LEVEL`` set
+    by the user wins; the workers are separate processes and keep INFO in their log files.
+    """
+    if "CBMFLOW_LOG_LEVEL" not in os.environ:
+        configure_logging(level="WARNING", force=True)
+
+
 def run_demo(serve: bool, parcels: int, scenes: int, max_workers: int, port: int) -> int:
     from card.testworld import generate
     from catalog_watcher.service import watch_once
@@ -96,6 +109,7 @@ def run_demo(serve: bool, parcels: int, scenes: int, max_workers: int, port: int
     from provisioner.service import scale_once
 
     console = Console()
+    _quiet_logs()
     started = time.monotonic()
     console.rule("[bold]cbmflow demo")
     info = stack.up(state_dir(), StackSettings())
