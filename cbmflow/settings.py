@@ -78,6 +78,14 @@ class StackSettings(BaseSettings):
     consumer_timeout_ms: int = Field(
         3 * 3600 * 1000, description="RabbitMQ consumer_timeout; must exceed the longest job"
     )
+    data_root: str = Field(
+        "/var/lib/cbmflow/stacks",
+        description="where the servers' data goes when run as root and run_as cannot reach the state directory"
+        " (a checkout under a 0700 home): one directory per state directory; stack.json stays in the state directory",
+    )
+    worker_grace_s: float = Field(
+        30.0, description="`stack down` drains the state directory's local workers, then kills those left after this"
+    )
 
 
 class DbSettings(BaseSettings):
@@ -179,6 +187,12 @@ class WorkerSettings(BaseSettings):
     )
     metrics_host: str = Field(
         "127.0.0.1", description="bind address of /metrics; 0.0.0.0 lets a scraper on another host reach it"
+    )
+    unreachable_exit_s: float = Field(
+        600.0,
+        ge=0,
+        description="exit with code 75 once the broker and the database have both been unreachable this long without"
+        " a break (a stack that went down for good); 0 = retry forever. An outage of one of them alone never counts",
     )
     threads: int = Field(
         0,

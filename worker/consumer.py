@@ -57,6 +57,10 @@ log = get_logger("worker")
 # resources (53: disk full, out of memory, too many connections).
 _DB_UNAVAILABLE_PREFIXES = ("08", "53", "57P01", "57P02", "57P03")
 
+EXIT_UNREACHABLE = 75
+"""Exit status of a worker that gave up on a broker and a database both gone (EX_TEMPFAIL): non-zero,
+so a supervisor (systemd's Restart=on-failure on a VM) sees a failure rather than a clean drain."""
+
 
 @dataclass
 class Verdict:
@@ -249,6 +253,11 @@ class Worker:
         self._pending: deque[Delivery] = deque()
         self._reconnect_attempt = 0
         self._last_job_end = time.monotonic()
+        # Since when the broker / the database could not be reached (None: reachable as far as we
+        # know). Only both at once, without a break, count towards ``unreachable_exit_s``.
+        self._broker_down_since: float | None = None
+        self._db_down_since: float | None = None
+        self.gave_up = False
 
     # ---- registry -------------------------------------------------------------------------
     def _registry(self, state: str) -> None:
@@ -278,8 +287,10 @@ class Worker:
                 )
                 row = cur.fetchone()
         except psycopg2.Error as exc:
+            self._note_db(reachable=not isinstance(exc, psycopg2.OperationalError))
             log.warning("worker.registry_failed", error=str(exc).strip()[:300])
             return
+        self._note_db(reachable=True)
         if row is not None and row[0] == "draining" and state != "draining" and not self.stopping.is_set():
             log.info("worker.drain_requested", source="registry")
             self.request_stop()
@@ -315,6 +326,7 @@ class Worker:
                         (state, self.current_scene, self.me),
                     )
                     row = cur.fetchone()
+                self._note_db(reachable=True)
                 if row is None:
                     self._registry(state)  # the row was deleted under us (or never written): recreate it
                 elif row[0] == "draining" and not self.stopping.is_set():
@@ -324,6 +336,7 @@ class Worker:
                 if scene is not None and not self.jobs.renew(conn, scene) and self.current_scene == scene:
                     log.warning("worker.lease_lost", scene_id=scene)  # the job finds out at its commit
             except psycopg2.Error as exc:
+                self._note_db(reachable=not db_unavailable(exc, conn))
                 log.warning("worker.heartbeat_failed", error=str(exc).strip()[:300])
                 if conn is not None:
                     conn.close()
@@ -340,6 +353,59 @@ class Worker:
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("worker.signal", signal=signal.Signals(signum).name)
         self.request_stop()
+
+    def _note_db(self, *, reachable: bool) -> None:
+        if reachable:
+            self._db_down_since = None
+        elif self._db_down_since is None:
+            self._db_down_since = time.monotonic()
+
+    def _probe_db(self) -> None:
+        """One connection attempt, so the database's state is current when the broker is gone."""
+        try:
+            db.connect(self.dsn).close()
+        except psycopg2.Error:
+            self._note_db(reachable=False)
+        else:
+            self._note_db(reachable=True)
+
+    def _unreachable_s(self) -> float:
+        """How long the broker and the database have both been unreachable (0 while either answers)."""
+        broker, database = self._broker_down_since, self._db_down_since
+        if broker is None or database is None:
+            return 0.0
+        return time.monotonic() - max(broker, database)
+
+    def _give_up_if_unreachable(self) -> bool:
+        """Stop for good once both have been gone longer than ``unreachable_exit_s``.
+
+        A worker whose stack was taken down (``cbmflow stack down``, a deleted deployment) would
+        otherwise retry forever; one server restarting alone never gets here, because the other
+        still answers.
+        """
+        limit = self.settings.unreachable_exit_s
+        if self.gave_up or not limit:
+            return self.gave_up
+        unreachable_s = self._unreachable_s()
+        if unreachable_s < limit:
+            return False
+        self.gave_up = True
+        log.error(
+            "worker.giving_up",
+            unreachable_s=round(unreachable_s, 1),
+            limit_s=limit,
+            exit_code=EXIT_UNREACHABLE,
+            reason="the broker and the database have both been unreachable since then",
+        )
+        self.request_stop()
+        return True
+
+    def _retry_in_s(self, delay_s: float) -> float:
+        """The reconnect backoff, cut short so the give-up check runs on time."""
+        limit = self.settings.unreachable_exit_s
+        if not limit or self._broker_down_since is None or self._db_down_since is None:
+            return delay_s
+        return max(min(delay_s, limit - self._unreachable_s()), 0.1)
 
     def _drain_file_present(self) -> bool:
         return bool(self.settings.drain_file) and Path(self.settings.drain_file).exists()
@@ -411,6 +477,7 @@ class Worker:
                 if not db_unavailable(exc, conn):
                     return self._transient(job, msg, conn, exc, "database")
                 # Nothing wrong with the job: keep the message (no delivery is used up) and retry.
+                self._note_db(reachable=False)
                 db_attempt += 1
                 delay_s = backoff_s(db_attempt, self.settings.backoff_max_s)
                 log.warning(
@@ -555,23 +622,33 @@ class Worker:
         channel = conn.channel()
         channel.basic_qos(prefetch_count=self.settings.prefetch)
         busmod.declare_topology(channel, self.bus)
-        consumer_tag = channel.basic_consume(self.bus.queue, self._on_message, auto_ack=False)
+        # consume() rather than basic_consume(): when the broker closes the channel (consumer_timeout,
+        # or a late ack of an expired delivery) its generator raises ChannelClosedByBroker, with the
+        # broker's reason, in our own context; basic_consume's callbacks would leave only is_closed.
+        deliveries = channel.consume(self.bus.queue, auto_ack=False, inactivity_timeout=0.5)
         self._reconnect_attempt = 0
+        self._broker_down_since = None
         self._registry("idle")
         log.info("worker.consuming", queue=self.bus.queue, metrics_port=self.metrics_port)
         cancelled = False
         while True:
-            conn.process_data_events(time_limit=0.5)
+            if cancelled:
+                conn.process_data_events(time_limit=0.5)
+                if channel.is_closed:
+                    log.warning("worker.channel_closed", reason="closed while draining")
+                    raise pika.exceptions.ChannelClosed(0, "channel closed while draining")
+            else:
+                try:
+                    method, properties, body = next(deliveries)
+                except pika.exceptions.ChannelClosed as exc:
+                    log.warning("worker.channel_closed", reason=str(exc))
+                    raise
+                except StopIteration:
+                    log.warning("worker.channel_closed", reason="consumer cancelled by the broker")
+                    raise pika.exceptions.ChannelClosed(0, "consumer cancelled by the broker") from None
+                if method is not None:
+                    self._on_message(channel, method, properties, body or b"")
             self._settle_finished()
-            if channel.is_closed:
-                # pika does not raise when the broker closes the channel (consumer_timeout, or a
-                # late ack of an expired delivery): check, and reconnect. The broker's reason is
-                # only kept privately by pika; it is what an operator needs to see, though.
-                reason = getattr(channel, "_closing_reason", None)
-                log.warning("worker.channel_closed", reason=str(reason) if reason else "unknown")
-                if isinstance(reason, pika.exceptions.ChannelClosed):
-                    raise reason
-                raise pika.exceptions.ChannelClosed(0, "channel closed by the broker")
             self._start_next()
             if self._drain_file_present() and not self.stopping.is_set():
                 log.info("worker.drain_requested", source="file")
@@ -582,7 +659,7 @@ class Worker:
                 self.request_stop()
             if self.stopping.is_set():
                 if not cancelled:
-                    channel.basic_cancel(consumer_tag)
+                    channel.cancel()  # deliveries the generator still holds go back to the queue
                     cancelled = True
                     self._registry("draining")
                 self._requeue_pending(channel)
@@ -609,6 +686,7 @@ class Worker:
             return
         log.warning("worker.connection_lost_midjob", scene_id=self.current_scene, job_id=job.message_id)
         while not job.finished.wait(0.5):
+            self._give_up_if_unreachable()  # a job retrying a gone database returns once stopping
             if self._past_stop_deadline():
                 log.warning("worker.stop_deadline_passed", scene_id=self.current_scene)
                 return
@@ -627,16 +705,27 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 self._consume_once()
-            except (pika.exceptions.AMQPError, OSError) as exc:
+            except busmod.BROKER_ERRORS as exc:
+                if self._broker_down_since is None:
+                    self._broker_down_since = time.monotonic()
                 self.metrics.reconnects.inc()
                 self._close_quietly()
                 self._pending.clear()  # their messages went back to the queue with the connection
                 self._wait_out_job()
                 if self._job is not None:
                     break  # stop deadline passed with the job still running
+                self._probe_db()
+                if self._give_up_if_unreachable():
+                    break
                 self._reconnect_attempt += 1
-                delay_s = backoff_s(self._reconnect_attempt, self.settings.backoff_max_s)
-                log.warning("worker.reconnect", error=str(exc) or type(exc).__name__, in_s=round(delay_s, 1))
+                delay_s = self._retry_in_s(backoff_s(self._reconnect_attempt, self.settings.backoff_max_s))
+                log.warning(
+                    "worker.reconnect",
+                    error=str(exc) or type(exc).__name__,
+                    in_s=round(delay_s, 1),
+                    database_reachable=self._db_down_since is None,
+                    unreachable_s=round(self._unreachable_s(), 1),
+                )
                 self.stopping.wait(delay_s)
         if self._job is not None:
             log.warning("worker.exit_with_job", scene_id=self.current_scene, job_id=self._job.message_id)
@@ -644,5 +733,5 @@ class Worker:
         heartbeat.join(timeout=15)  # its last update must not land after "stopped"
         self.current_scene = None
         self._registry("stopped")
-        log.info("worker.stopped", jobs=self.done)
-        return 0
+        log.info("worker.stopped", jobs=self.done, exit_code=EXIT_UNREACHABLE if self.gave_up else 0)
+        return EXIT_UNREACHABLE if self.gave_up else 0

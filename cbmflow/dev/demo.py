@@ -101,6 +101,19 @@ def _quiet_logs() -> None:
 
 
 def run_demo(serve: bool, parcels: int, scenes: int, max_workers: int, port: int) -> int:
+    """The chain, then, on every way out (the end with --no-serve, an error, Ctrl-C while it runs
+    or while it serves), the workers it started are drained and stopped: left running they would
+    outlive the stack (`cbmflow stack down`) and retry it. The stack itself stays up."""
+    from provisioner.drivers.local import LocalDriver, started_here
+
+    try:
+        return _run_chain(serve, parcels, scenes, max_workers, port)
+    finally:
+        if started_here():
+            LocalDriver(state_dir() / "workers", userdata="").stop(started_here(), StackSettings().worker_grace_s)
+
+
+def _run_chain(serve: bool, parcels: int, scenes: int, max_workers: int, port: int) -> int:
     from card.testworld import generate
     from catalog_watcher.service import watch_once
     from cbmflow.dev import stack

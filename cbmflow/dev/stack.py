@@ -10,10 +10,16 @@ PostgreSQL refuses to run as root and a development broker has no business runni
 Layout under the state directory::
 
     stack.json            DSN and URLs with credentials (0600), read by cbmflow.settings.stack_info()
+    stack-home            where postgres/ and rabbitmq/ are, when not here (see below)
     postgres/instance.json password, ports (0600, owned by the invoking user)
     postgres/data          the cluster (owned by run_as)
     rabbitmq/instance.json password, node name, ports (0600)
     rabbitmq/{home,etc,mnesia,log,run}  node state (owned by run_as)
+
+The servers' user must be able to reach their directories. A checkout under a 0700 home (root
+cloning into /root) has a state directory nobody else can traverse; then postgres/ and rabbitmq/
+go to ``StackSettings.data_root`` (``/var/lib/cbmflow/stacks/<name>-<hash of the state dir>``)
+instead, recorded in ``stack-home``, while ``stack.json`` with the credentials stays in the checkout.
 
 Credentials are generated once and kept in ``instance.json`` so that ``up`` after ``down`` (or
 after a reboot) gives the same DSN and URLs, and anything configured with them keeps working.
@@ -23,9 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import hashlib
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -64,6 +72,7 @@ RABBIT_USER = "cbmflow"
 PG_DIR = "postgres"
 RABBIT_DIR = "rabbitmq"
 STACK_JSON = "stack.json"
+STACK_HOME = "stack-home"
 INSTANCE_JSON = "instance.json"
 # Unix socket paths are limited to 107 bytes (sun_path); past that the socket is simply left out.
 _MAX_SOCKET_PATH = 100
@@ -201,14 +210,8 @@ def _require(path: Path, package: str) -> None:
         )
 
 
-def _check_traversable(path: Path, user: _User) -> None:
-    """Fail early and clearly when run_as cannot reach the stack directory.
-
-    The usual culprit is a 0700 parent such as /root or pytest's /tmp/pytest-of-root, which
-    otherwise shows up later as an obscure "permission denied" deep in a server log.
-    """
-    if not user.switch:
-        return
+def _blocking_dir(path: Path, user: _User) -> tuple[Path, os.stat_result] | None:
+    """The first directory on the way to ``path`` (itself included) that ``user`` cannot traverse."""
     for d in [path, *path.parents]:
         st = d.stat()
         if st.st_uid == user.uid:
@@ -218,10 +221,25 @@ def _check_traversable(path: Path, user: _User) -> None:
         else:
             ok = bool(st.st_mode & stat.S_IXOTH)
         if not ok:
-            raise StackError(
-                f"user {user.name} cannot traverse {d} (mode {stat.filemode(st.st_mode)}), so it cannot reach {path}:"
-                f" choose another CBMFLOW_STATE_DIR or `chmod o+x {d}`"
-            )
+            return d, st
+    return None
+
+
+def _check_traversable(path: Path, user: _User) -> None:
+    """Fail early and clearly when run_as cannot reach the stack directory.
+
+    The usual culprit is a 0700 parent such as /root or pytest's /tmp/pytest-of-root, which
+    otherwise shows up later as an obscure "permission denied" deep in a server log.
+    """
+    if not user.switch:
+        return
+    blocked = _blocking_dir(path, user)
+    if blocked is not None:
+        d, st = blocked
+        raise StackError(
+            f"user {user.name} cannot traverse {d} (mode {stat.filemode(st.st_mode)}), so it cannot reach {path}:"
+            f" choose another CBMFLOW_STATE_DIR or `chmod o+x {d}`"
+        )
 
 
 def _mkdir_owned(path: Path, user: _User, mode: int = 0o700) -> Path:
@@ -1031,6 +1049,51 @@ def _summary(pg: PgInfo, rabbit: RabbitInfo) -> dict[str, Any]:
     }
 
 
+def system_home(state_dir: Path, settings: StackSettings | None = None) -> Path:
+    """The per-state-directory place under ``data_root``: the checkout's name for people, a hash
+    of the state directory's absolute path so two checkouts of the same name never share one."""
+    settings = settings or StackSettings()
+    state_dir = state_dir.absolute()
+    digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", state_dir.parent.name).strip("_") or "stack"
+    return Path(settings.data_root).absolute() / f"{name}-{digest}"
+
+
+def data_home(state_dir: Path, settings: StackSettings | None = None, *, starting: bool = False) -> Path:
+    """Where postgres/ and rabbitmq/ of this state directory live: the state directory itself,
+    unless run_as cannot reach it (see the module docstring).
+
+    Once made, the choice sticks: the ``stack-home`` record wins, then servers already set up in
+    the state directory. Only ``starting`` a fresh stack decides anew; without it (status, down)
+    an undecided stack is looked for in the state directory.
+    """
+    state_dir = state_dir.absolute()
+    recorded = state_dir / STACK_HOME
+    with contextlib.suppress(FileNotFoundError):
+        text = recorded.read_text().strip()
+        if text:
+            return Path(text)
+    if not starting or any((state_dir / d / INSTANCE_JSON).exists() for d in (PG_DIR, RABBIT_DIR)):
+        return state_dir
+    settings = settings or StackSettings()
+    user = _resolve_user(settings.run_as)
+    if not user.switch or _blocking_dir(state_dir, user) is None:
+        return state_dir
+    return system_home(state_dir, settings)
+
+
+def _make_home(home: Path, state_dir: Path, user: _User) -> None:
+    """Create a home under ``data_root`` (parents 0755, so run_as can traverse them; the servers'
+    own directories are handed to run_as by start_postgres/start_rabbitmq) and record it."""
+    missing = [d for d in [home, *home.parents] if not d.exists()]
+    for d in reversed(missing):
+        d.mkdir()
+        d.chmod(0o755)
+    _check_traversable(home, user)
+    _write_private(state_dir / STACK_HOME, f"{home}\n", mode=0o644)
+    log.info("stack.data_elsewhere", state_dir=str(state_dir), data_home=str(home), run_as=user.name)
+
+
 @contextlib.contextmanager
 def _locked(state_dir: Path) -> Iterator[None]:
     """Serialise up/down on one state directory (``make demo`` next to a manual ``stack up``)."""
@@ -1057,9 +1120,12 @@ def up(state_dir: Path, settings: StackSettings | None = None) -> dict[str, Any]
         state_dir.mkdir(parents=True)
         state_dir.chmod(0o755)
     with _locked(state_dir), ThreadPoolExecutor(max_workers=2, thread_name_prefix="stack") as pool:
+        home = data_home(state_dir, settings, starting=True)
+        if home != state_dir:
+            _make_home(home, state_dir, _resolve_user(settings.run_as))
         pg_f = pool.submit(
             start_postgres,
-            state_dir / PG_DIR,
+            home / PG_DIR,
             settings.pg_port,
             settings.run_as,
             settings.db_name,
@@ -1067,7 +1133,7 @@ def up(state_dir: Path, settings: StackSettings | None = None) -> dict[str, Any]
         )
         rb_f = pool.submit(
             start_rabbitmq,
-            state_dir / RABBIT_DIR,
+            home / RABBIT_DIR,
             settings.amqp_port,
             settings.management_port,
             settings.dist_port,
@@ -1078,37 +1144,58 @@ def up(state_dir: Path, settings: StackSettings | None = None) -> dict[str, Any]
         errors = [e for e in (pg_f.exception(), rb_f.exception()) if e is not None]
         if errors:
             raise errors[0]
-        data = _summary(pg_f.result(), rb_f.result())
+        data = {**_summary(pg_f.result(), rb_f.result()), "data_home": str(home)}
         _write_private(state_dir / STACK_JSON, json.dumps(data, indent=2) + "\n")
     log.info("stack.up", state_dir=str(state_dir), pg_port=data["postgres"]["port"], console=data["console_url"])
     return data
 
 
-def down(state_dir: Path) -> dict[str, bool]:
-    """Stop both servers, keeping their data; ``stack.json`` goes so nothing points at a dead stack.
+def stop_workers(state_dir: Path, grace_s: float | None = None) -> list[str]:
+    """Drain the local driver's workers of this state directory, killing those still running
+    after ``grace_s`` (default ``StackSettings.worker_grace_s``); returns the ids that were running.
 
-    Returns which servers were running.
+    They are stopped before the servers, while a job in flight can still be requeued, because a
+    worker outliving its broker and database would only retry them (docs/worker.md).
+    """
+    from provisioner.drivers.local import LocalDriver
+
+    grace = StackSettings().worker_grace_s if grace_s is None else grace_s
+    stopped = LocalDriver(state_dir.absolute() / "workers", userdata="").stop(grace_s=grace)
+    if stopped:
+        log.info("stack.workers_stopped", state_dir=str(state_dir), workers=stopped)
+    return stopped
+
+
+def down(state_dir: Path) -> dict[str, Any]:
+    """Stop the state directory's local workers, then both servers, keeping their data;
+    ``stack.json`` goes so nothing points at a dead stack.
+
+    Returns which servers were running (``postgres``, ``rabbitmq``) and the workers stopped.
     """
     state_dir = state_dir.absolute()
     if not state_dir.is_dir():
-        return {"postgres": False, "rabbitmq": False}
+        return {"postgres": False, "rabbitmq": False, "workers": []}
+    workers = stop_workers(state_dir)
+    home = data_home(state_dir)
     with _locked(state_dir), ThreadPoolExecutor(max_workers=2, thread_name_prefix="stack") as pool:
-        pg_f = pool.submit(stop_postgres, state_dir / PG_DIR)
-        rb_f = pool.submit(stop_rabbitmq, state_dir / RABBIT_DIR)
-        result = {"postgres": pg_f.result(), "rabbitmq": rb_f.result()}
+        pg_f = pool.submit(stop_postgres, home / PG_DIR)
+        rb_f = pool.submit(stop_rabbitmq, home / RABBIT_DIR)
+        result: dict[str, Any] = {"postgres": pg_f.result(), "rabbitmq": rb_f.result(), "workers": workers}
         (state_dir / STACK_JSON).unlink(missing_ok=True)
-    log.info("stack.down", state_dir=str(state_dir), **result)
+    log.info("stack.down", state_dir=str(state_dir), data_home=str(home), **result)
     return result
 
 
 def status(state_dir: Path) -> dict[str, Any]:
     """What runs where, from the processes and ports themselves rather than from ``stack.json``."""
     state_dir = state_dir.absolute()
-    pg = postgres_status(state_dir / PG_DIR)
-    rb = rabbitmq_status(state_dir / RABBIT_DIR)
+    home = data_home(state_dir)
+    pg = postgres_status(home / PG_DIR)
+    rb = rabbitmq_status(home / RABBIT_DIR)
     recorded = _load_json(state_dir / STACK_JSON) or {}
     return {
         "state_dir": str(state_dir),
+        "data_home": str(home),
         "running": bool(pg["running"] and rb["running"] and rb["management_running"]),
         "dsn": recorded.get("dsn"),
         "amqp_url": recorded.get("amqp_url"),
@@ -1173,6 +1260,14 @@ def _print_table(st: dict[str, Any]) -> None:
     console.print(f"RabbitMQ console: {rb['console_url'] or '-'}  (user {RABBIT_USER}, node {rb['nodename'] or '-'})")
     console.print(f"PostgreSQL: database {pg['db_name'] or '-'}, user {pg['db_user'] or '-'}, data {pg['data_dir']}")
     console.print(f"consumer_timeout: {rb['consumer_timeout_ms'] or '-'} ms; logs: {pg['log_file']}, {rb['log_dir']}")
+    if st["data_home"] != st["state_dir"]:
+        console.print(
+            f"server data: {st['data_home']} (the state directory is private to its owner; the servers run as"
+            f" {pg['run_as'] or rb['run_as'] or '-'} and keep their data there), recorded in"
+            f" {Path(st['state_dir']) / STACK_HOME}"
+        )
+    else:
+        console.print(f"server data: {st['data_home']} (the state directory)")
     if st["running"]:
         console.print(f"credentials: {Path(st['state_dir']) / STACK_JSON} (or `cbmflow stack status --json`)")
     else:
@@ -1195,6 +1290,8 @@ def down_cmd() -> None:
     """Stop both servers; their data stays for the next `stack up`."""
     with _cli_errors():
         result = down(state_dir())
+    workers = result.pop("workers")
+    typer.echo(f"local workers: {len(workers)} stopped" + (f" ({', '.join(workers)})" if workers else ""))
     for name, was_running in result.items():
         typer.echo(f"{name}: {'stopped' if was_running else 'was not running'}")
 

@@ -34,6 +34,11 @@ log = get_logger("provisioner")
 _CHILDREN: dict[str, subprocess.Popen[bytes]] = {}
 
 
+def started_here() -> list[str]:
+    """Ids of the workers this process started and that have not been seen to exit."""
+    return list(_CHILDREN)
+
+
 def local_worker_command() -> list[str]:
     """This interpreter's ``cbmflow worker``: the venv's console script, else ``python -m cbmflow``."""
     script = Path(sys.executable).parent / "cbmflow"
@@ -221,6 +226,22 @@ class LocalDriver:
 
     def down(self) -> list[str]:
         return self.drain([w.id for w in self.list_workers()])
+
+    def stop(self, ids: list[str] | None = None, grace_s: float = 30.0) -> list[str]:
+        """Drain these workers (all of this directory's when None), wait up to ``grace_s`` for them
+        to exit, then kill those left; returns the ids that were running.
+
+        For when the broker and the database are about to go (``cbmflow stack down``, the end of
+        the demo): a worker left behind would retry them until its unreachable-exit deadline.
+        Draining first lets a job in flight be requeued cleanly while the broker still answers.
+        """
+        targets = [w.id for w in self.list_workers()] if ids is None else ids
+        drained = self.drain(targets)
+        left = self.wait_gone(drained, grace_s)
+        if left:
+            log.warning("provision.stop_grace_passed", workers=left, grace_s=grace_s)
+            self.delete(left)
+        return drained
 
     def headroom(self) -> int | None:
         """No quota for processes; ``max_workers`` is the only bound."""
