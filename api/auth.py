@@ -34,6 +34,7 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from cbmflow.db import Cursor
 from cbmflow.errors import CbmflowError, PermissionDeniedError
 from cbmflow.logging import get_logger
 
@@ -43,7 +44,8 @@ log = get_logger("api.auth")
 # before the query keeps NUL and control characters away from the database driver.
 USER_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 # Mirrors the CHECK constraint on aois.name: what a grant, and the ``aoi`` parameter, may name.
-AOI_RE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+AOI_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
+AOI_RE = re.compile(AOI_PATTERN)
 _MAX_PASSWORD_CHARS = 1024
 # cbmf_<12 hex id>_<43 url-safe characters = 256 random bits>
 TOKEN_RE = re.compile(r"^cbmf_([a-f0-9]{12})_([A-Za-z0-9_-]{43})$")
@@ -186,7 +188,7 @@ class Authenticator:
         with self._lock:
             self._entries.clear()
 
-    def authenticate(self, cur: Any, header: str | None) -> User:
+    def authenticate(self, cur: Cursor, header: str | None) -> User:
         """The caller of this request, or AuthenticationError; ``cur`` is a psycopg2 cursor."""
         scheme, _, rest = (header or "").strip().partition(" ")
         if scheme.lower() == "bearer":
@@ -251,7 +253,7 @@ class Authenticator:
                 else:
                     self._inflight[key] = (lock, waiting - 1)
 
-    def _token_user(self, cur: Any, token: str, basic_name: str | None) -> User:
+    def _token_user(self, cur: Cursor, token: str, basic_name: str | None) -> User:
         """The owner of an API token; with Basic, the user name must be the token's owner."""
         m = TOKEN_RE.match(token)
         if m is None:

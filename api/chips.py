@@ -38,8 +38,10 @@ import numpy.typing as npt
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from api.app import ApiJSONResponse, Call, authenticated, state_of
-from api.params import Params
+from api.infra import Call, Endpoint, authenticated, state_of
+from api.openapi import BINARY, STR, json_content
+from api.params import LAT, LON, Param, Params
+from api.responses import ApiJSONResponse
 from card.s2 import S2Product, normalize_band, open_s2_product
 from cbmflow import store
 from cbmflow.errors import InvalidInputError, NotFoundError, PermissionDeniedError
@@ -57,6 +59,43 @@ _TOKEN_RE = re.compile(r"^([A-Za-z0-9_-]{1,600})\.([A-Za-z0-9_-]{22})$")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _LUT_RE = re.compile(r"^(\d{1,2}(?:\.\d+)?)_(\d{1,3}(?:\.\d+)?)$")
 
+WHERE = (
+    LON,
+    LAT,
+    Param("start_date", "date", required=True, max_len=10, description="first day (UTC)"),
+    Param("end_date", "date", required=True, max_len=10, description="last day included (UTC)"),
+)
+PLEVEL = Param(
+    "plevel", enum=("LEVEL2A",), default="LEVEL2A", case="upper", max_len=10, hint="LEVEL2A (the only level catalogued)"
+)
+RAW_CHIPS = (
+    *WHERE,
+    Param("band", pattern="^[A-Za-z0-9]{2,3}$", default="B08", max_len=10),
+    Param(
+        "chipsize",
+        "number",
+        default=1280.0,
+        minimum=MIN_CHIPSIZE_M,
+        maximum=MAX_CHIPSIZE_M,
+        description="side in metres (1280)",
+    ),
+    PLEVEL,
+    Param("onlylist", "boolean", default=False),
+)
+RGB_CHIPS = (
+    *WHERE,
+    Param("lut", pattern="^\\d{1,2}_\\d{1,3}$", default="5_95", max_len=20, description="percentile stretch, 5_95"),
+    Param(
+        "bands",
+        pattern="^[A-Za-z0-9]{2,3}_[A-Za-z0-9]{2,3}_[A-Za-z0-9]{2,3}$",
+        default="B08_B04_B03",
+        max_len=40,
+    ),
+    PLEVEL,
+)
+# The token is checked by its signature (any bad one is the same 404), so no length rule here.
+CHIP = (Param("token", where="path", max_len=1000), Param("name", where="path", max_len=1000))
+
 
 def load_secret(settings: ApiSettings) -> bytes:
     """The chip-signing key: the configured one, else one generated once in the state directory.
@@ -64,7 +103,7 @@ def load_secret(settings: ApiSettings) -> bytes:
     The file is shared by the uvicorn workers of one host, so a URL minted by one worker is valid
     on another; several hosts behind a load balancer must set ``CBMFLOW_API_CHIP_SECRET``.
     """
-    configured = str(getattr(settings, "chip_secret", "") or "")
+    configured = settings.chip_secret
     if configured:
         return hashlib.sha256(configured.encode("utf-8")).digest()
     path = state_dir() / SECRET_FILE
@@ -134,7 +173,7 @@ def verify_token(secret: bytes, token: str, now: float | None = None) -> ChipRef
 
 
 def _day(p: Params, name: str) -> date:
-    value = p.required_text(name, max_len=10)
+    value = p.required_text(name)
     if not _DATE_RE.match(value):
         raise InvalidInputError(f"parameter {name!r} must be a date YYYY-MM-DD")
     try:
@@ -161,14 +200,8 @@ def _band(name: str, parameter: str) -> str:
     return band
 
 
-def _plevel(p: Params) -> None:
-    level = (p.text("plevel", max_len=10) or "LEVEL2A").upper()
-    if level != "LEVEL2A":
-        raise InvalidInputError("parameter 'plevel': only LEVEL2A products are catalogued")
-
-
 def _point(p: Params) -> tuple[float, float]:
-    return p.number("lon", lo=-180.0, hi=180.0), p.number("lat", lo=-90.0, hi=90.0)
+    return p.number("lon"), p.number("lat")
 
 
 # --- database ------------------------------------------------------------------------------------
@@ -343,25 +376,24 @@ def rgb_png(product: S2Product, bands: tuple[str, str, str], lon: float, lat: fl
 
 
 def _limit(settings: ApiSettings) -> int:
-    return max(1, int(getattr(settings, "chip_limit", 24)))
+    return max(1, settings.chip_limit)
 
 
-def raw_chip_by_location(request: Request) -> Response:
+def raw_chip_by_location(request: Request, p: Params) -> Response:
     """JRC ``rawChipByLocation``: one GeoTIFF link per scene, or with ``onlylist`` the product ids."""
     with authenticated(request) as call:
-        p = Params(request.query_params)
         lon, lat = _point(p)
         period = _period(p)
-        band = _band(p.text("band", max_len=10) or "B08", "band")
-        size_m = p.number("chipsize", default=1280.0, lo=MIN_CHIPSIZE_M, hi=MAX_CHIPSIZE_M)
-        _plevel(p)
-        onlylist = p.boolean("onlylist", default=False)
+        band = _band(p.text("band") or "B08", "band")
+        size_m = p.number("chipsize")
+        p.choice("plevel")
+        onlylist = p.boolean("onlylist")
         _authorize_point(call, lon, lat)
         scenes = _scenes(call, lon, lat, period, _limit(call.state.settings))
         readable = [(s, prod) for s in scenes if (prod := _readable(s, (band,))) is not None]
         if onlylist:
             return ApiJSONResponse({"chips": [s.product_name for s, _ in readable]})
-        ttl = max(1, int(getattr(call.state.settings, "chip_ttl_s", 3600)))
+        ttl = max(1, call.state.settings.chip_ttl_s)
         expires = int(time.time()) + ttl
         dates, chips = [], []
         for scene, _ in readable:
@@ -371,10 +403,10 @@ def raw_chip_by_location(request: Request) -> Response:
         return ApiJSONResponse({"dates": dates, "chips": chips})
 
 
-def chip(request: Request) -> Response:
+def chip(request: Request, p: Params) -> Response:
     """``GET /chips/<token>/<name>`` without credentials: the token is the credential."""
     state = state_of(request)
-    ref = verify_token(state.chip_secret, str(request.path_params.get("token", "")))
+    ref = verify_token(state.chip_secret, p.raw("token") or "")
     with state.pool.cursor() as cur:
         cur.execute(
             "SELECT s.location, s.product_name, u.is_admin OR EXISTS (SELECT 1 FROM user_grants g"
@@ -385,7 +417,7 @@ def chip(request: Request) -> Response:
         )
         row = cur.fetchone()
     # A deleted user, a revoked grant or a removed scene turn the link dead, like a bad signature.
-    if row is None or not row[2] or request.path_params.get("name") != f"{row[1]}.{ref.band}.tif":
+    if row is None or not row[2] or p.raw("name") != f"{row[1]}.{ref.band}.tif":
         raise NotFoundError("no such chip (unknown or expired link)")
     try:
         product = _product(str(row[0]))
@@ -405,25 +437,24 @@ def chip(request: Request) -> Response:
     return Response(body, media_type="image/tiff", headers={"Cache-Control": "private, max-age=3600"})
 
 
-def chips_by_location(request: Request) -> Response:
+def chips_by_location(request: Request, p: Params) -> Response:
     """JRC ``chipsByLocation``: an HTML page of RGB PNG chips (128 px, 1280 m), images inlined.
 
     The PNGs are ``data:`` URIs, so the page needs no further (authenticated) request to show.
     """
     with authenticated(request) as call:
-        p = Params(request.query_params)
         lon, lat = _point(p)
         period = _period(p)
-        lut_text = p.text("lut", max_len=20) or "5_95"
+        lut_text = p.text("lut") or "5_95"
         m = _LUT_RE.match(lut_text)
         lut = (float(m.group(1)), float(m.group(2))) if m else (-1.0, -1.0)
         if not 0 <= lut[0] < lut[1] <= 100:
             raise InvalidInputError("parameter 'lut' must be two percentiles LOW_HIGH with 0 <= LOW < HIGH <= 100")
-        names = (p.text("bands", max_len=40) or "B08_B04_B03").split("_")
+        names = (p.text("bands") or "B08_B04_B03").split("_")
         if len(names) != 3:
             raise InvalidInputError("parameter 'bands' must be three bands joined by '_', such as B08_B04_B03")
         bands = (_band(names[0], "bands"), _band(names[1], "bands"), _band(names[2], "bands"))
-        _plevel(p)
+        p.choice("plevel")
         _authorize_point(call, lon, lat)
         scenes = _scenes(call, lon, lat, period, _limit(call.state.settings))
         figures = []
@@ -444,3 +475,43 @@ def chips_by_location(request: Request) -> Response:
         f"<body><h1>{title}</h1>{''.join(figures) or '<p>no scenes</p>'}</body></html>"
     )
     return HTMLResponse(body)
+
+
+def routes() -> list[Endpoint]:
+    """The chip router: the two JRC chip routes and the signed chip URLs they hand out."""
+    dates = {"type": "array", "items": {"type": "string", "pattern": "^\\d{8}T\\d{6}$"}}
+    return [
+        Endpoint(
+            "/query/rawChipByLocation",
+            raw_chip_by_location,
+            "Sentinel-2 GeoTIFF chips around a point: signed, expiring chip URLs, or product ids (JRC)",
+            json_content(
+                {
+                    "type": "object",
+                    "required": ["chips"],
+                    "properties": {"dates": dates, "chips": {"type": "array", "items": STR}},
+                }
+            ),
+            RAW_CHIPS,
+            found=False,
+            tag="jrc",
+        ),
+        Endpoint(
+            "/query/chipsByLocation",
+            chips_by_location,
+            "HTML page of 128 px RGB PNG chips (1280 m) around a point (JRC)",
+            {"text/html": {"schema": STR}},
+            RGB_CHIPS,
+            found=False,
+            tag="jrc",
+        ),
+        Endpoint(
+            "/chips/{token}/{name}",
+            chip,
+            "one chip by its signed URL from rawChipByLocation (no credentials: the token is one)",
+            {"image/tiff": {"schema": BINARY}},
+            CHIP,
+            auth=False,
+            tag="jrc",
+        ),
+    ]

@@ -12,6 +12,8 @@ from typing import Any
 
 import typer
 
+from cbmflow.db import Cursor
+
 users_app = typer.Typer(help="API users and their dataset grants.", no_args_is_help=True)
 
 
@@ -60,7 +62,7 @@ def _run(action: str, fn: Callable[[Any], object]) -> None:
         raise typer.Exit(1) from exc
 
 
-def _warn_unknown(cur: Any, datasets: list[str]) -> None:
+def _warn_unknown(cur: Cursor, datasets: list[str]) -> None:
     from api.users import known_datasets
 
     missing = sorted(set(datasets) - known_datasets(cur))
@@ -86,7 +88,7 @@ def users_add(
         typer.echo(f"users add: {exc}", err=True)
         raise typer.Exit(1) from exc
 
-    def action(cur: Any) -> None:
+    def action(cur: Cursor) -> None:
         users.add_user(cur, name, password, aois, admin=admin)
         _warn_unknown(cur, aois)
 
@@ -116,7 +118,7 @@ def users_grant(name: str = typer.Argument(...), aoi: str = typer.Argument(..., 
 
     result: list[bool] = []
 
-    def action(cur: Any) -> None:
+    def action(cur: Cursor) -> None:
         result.append(users.grant(cur, name, aoi))
         _warn_unknown(cur, [users.check_aoi(aoi)])
 

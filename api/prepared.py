@@ -24,6 +24,8 @@ from typing import Any
 import psycopg2.extensions
 from psycopg2 import sql
 
+from cbmflow.db import Cursor
+
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%")
 _MAX_STATEMENTS = 512
 
@@ -65,7 +67,7 @@ def _compile(text: str) -> _Statement:
     return _Statement(name, f"PREPARE {name} AS {body}", f"EXECUTE {name} ({args})" if order else f"EXECUTE {name}")
 
 
-def _statement(cur: Any, key: Hashable, build: Callable[[], sql.Composable]) -> _Statement:
+def _statement(cur: Cursor, key: Hashable, build: Callable[[], sql.Composable]) -> _Statement:
     stmt = _statements.get(key)
     if stmt is None:
         stmt = _compile(build().as_string(cur))
@@ -76,7 +78,7 @@ def _statement(cur: Any, key: Hashable, build: Callable[[], sql.Composable]) -> 
     return stmt
 
 
-def execute(cur: Any, key: Hashable, build: Callable[[], sql.Composable], params: Mapping[str, Any]) -> None:
+def execute(cur: Cursor, key: Hashable, build: Callable[[], sql.Composable], params: Mapping[str, Any]) -> None:
     """Run the statement ``build()`` (cached under ``key``) as a prepared statement when the
     cursor's connection is a :class:`PreparingConnection`, else as plain text.
 
@@ -96,7 +98,7 @@ def execute(cur: Any, key: Hashable, build: Callable[[], sql.Composable], params
 
 
 async def execute_async(
-    cur: Any,
+    cur: Cursor,
     key: Hashable,
     build: Callable[[], sql.Composable],
     params: Mapping[str, Any],

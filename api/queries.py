@@ -19,7 +19,7 @@ from psycopg2 import sql
 
 from api.auth import USER_ROW_SQL
 from api.params import PTYPE_RE
-from cbmflow.db import Dataset
+from cbmflow.db import Cursor, Dataset
 from cbmflow.errors import NotFoundError
 
 Columns = dict[str, list[Any]]
@@ -45,7 +45,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def fetch_columns(cur: Any) -> Columns:
+def fetch_columns(cur: Cursor) -> Columns:
     """Column → list mapping of the last query; zero rows still give every key (with [])."""
     names = [d.name for d in cur.description]
     out: Columns = {name: [] for name in names}
@@ -55,7 +55,7 @@ def fetch_columns(cur: Any) -> Columns:
     return out
 
 
-def parcel_table(cur: Any, ds: Dataset, ptype: str | None) -> sql.Composed:
+def parcel_table(cur: Cursor, ds: Dataset, ptype: str | None) -> sql.Composed:
     """The dataset's parcel table, or its ``_<ptype>`` variant (JRC: grazing, mowing, ...) if it exists."""
     if not ptype:
         return ds.parcels
@@ -91,7 +91,7 @@ def _parcel_columns(with_geometry: bool, wgs84: bool, *, only_ids: bool = False)
     return sql.SQL(", ").join(parts)
 
 
-def parcel_by_id(cur: Any, table: sql.Composed, pid: str, *, with_geometry: bool, wgs84: bool) -> Columns:
+def parcel_by_id(cur: Cursor, table: sql.Composed, pid: str, *, with_geometry: bool, wgs84: bool) -> Columns:
     cur.execute(
         sql.SQL("SELECT {cols} FROM {t} p WHERE p.parcel_id = %s").format(
             cols=_parcel_columns(with_geometry, wgs84), t=table
@@ -105,7 +105,15 @@ def parcel_by_id(cur: Any, table: sql.Composed, pid: str, *, with_geometry: bool
 
 
 def parcels_by_location(
-    cur: Any, ds: Dataset, table: sql.Composed, lon: float, lat: float, *, with_geometry: bool, wgs84: bool, limit: int
+    cur: Cursor,
+    ds: Dataset,
+    table: sql.Composed,
+    lon: float,
+    lat: float,
+    *,
+    with_geometry: bool,
+    wgs84: bool,
+    limit: int,
 ) -> Columns:
     cur.execute(
         sql.SQL(
@@ -119,7 +127,7 @@ def parcels_by_location(
 
 
 def parcels_by_polygon(
-    cur: Any,
+    cur: Cursor,
     ds: Dataset,
     table: sql.Composed,
     wkb: bytes,
@@ -156,7 +164,7 @@ def parcels_by_polygon(
     return fetch_columns(cur)
 
 
-def parcel_pk(cur: Any, table: sql.Composed, pid: str) -> int:
+def parcel_pk(cur: Cursor, table: sql.Composed, pid: str) -> int:
     """The integer key shared by parcels, sigs and hists, for the user-facing parcel id."""
     cur.execute(sql.SQL("SELECT pid FROM {t} WHERE parcel_id = %s").format(t=table), (pid,))
     row = cur.fetchone()
@@ -166,7 +174,7 @@ def parcel_pk(cur: Any, table: sql.Composed, pid: str) -> int:
 
 
 def parcel_peers(
-    cur: Any,
+    cur: Cursor,
     ds: Dataset,
     table: sql.Composed,
     pid: str,
@@ -245,7 +253,9 @@ def _series_sql(
     )
 
 
-def time_series(cur: Any, ds: Dataset, pk: int, card: str, *, bands: list[str] | None, scl: bool, ref: bool) -> Columns:
+def time_series(
+    cur: Cursor, ds: Dataset, pk: int, card: str, *, bands: list[str] | None, scl: bool, ref: bool
+) -> Columns:
     """The parcel's series as column → list (for CSV and callers that need Python values)."""
     cur.execute(_series_sql(ds, bands=bands, scl=scl, ref=ref), {"pk": pk, "card": card, "bands": bands or []})
     return fetch_columns(cur)
@@ -286,7 +296,7 @@ def series_json_sql(ds: Dataset, *, bands: list[str] | None, scl: bool, ref: boo
 
 
 def time_series_json(
-    cur: Any, ds: Dataset, pk: int, card: str, *, bands: list[str] | None, scl: bool, ref: bool
+    cur: Cursor, ds: Dataset, pk: int, card: str, *, bands: list[str] | None, scl: bool, ref: bool
 ) -> bytes:
     """The series of parcel key ``pk`` as JSON bytes (see :func:`series_json_sql`)."""
     cur.execute(
@@ -317,7 +327,7 @@ def series_for_user_sql(ds: Dataset, *, bands: list[str] | None, scl: bool, ref:
     )
 
 
-def scl_series(cur: Any, ds: Dataset, pk: int) -> Columns:
+def scl_series(cur: Cursor, ds: Dataset, pk: int) -> Columns:
     """JRC ``tstype=scl``: one SCL histogram per scene (``obsid`` = scene id), by acquisition time."""
     cur.execute(
         sql.SQL(
@@ -330,7 +340,7 @@ def scl_series(cur: Any, ds: Dataset, pk: int) -> Columns:
     return fetch_columns(cur)
 
 
-def _ptypes(cur: Any, ds: Dataset) -> list[str]:
+def _ptypes(cur: Cursor, ds: Dataset) -> list[str]:
     cur.execute(
         "SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = %s AND tablename LIKE %s ORDER BY tablename",
         (ds.schema_name, ds.parcel_table.replace("_", r"\_") + r"\_%"),
@@ -339,13 +349,13 @@ def _ptypes(cur: Any, ds: Dataset) -> list[str]:
     return [str(name)[len(prefix) :] for (name,) in cur.fetchall() if PTYPE_RE.match(str(name)[len(prefix) :])]
 
 
-def _examples(cur: Any, table: sql.Composed, n: int = 5) -> list[str]:
+def _examples(cur: Cursor, table: sql.Composed, n: int = 5) -> list[str]:
     # The first ids by key, not a random sample: cheap on tables of millions and stable for docs.
     cur.execute(sql.SQL("SELECT parcel_id FROM {t} ORDER BY pid LIMIT %s").format(t=table), (n,))
     return [str(r[0]) for r in cur.fetchall()]
 
 
-def _cards_present(cur: Any, ds: Dataset) -> list[str]:
+def _cards_present(cur: Cursor, ds: Dataset) -> list[str]:
     # LATERAL ... LIMIT 1 forces one index probe per scene: a plain join may be planned as a scan
     # of the whole signatures table (hundreds of millions of rows) for a card that has none.
     out = []
@@ -363,7 +373,7 @@ def _cards_present(cur: Any, ds: Dataset) -> list[str]:
     return out
 
 
-def info(cur: Any, datasets: list[Dataset], base_url: str, title: str) -> dict[str, Any]:
+def info(cur: Cursor, datasets: list[Dataset], base_url: str, title: str) -> dict[str, Any]:
     """JRC ``/query/info`` for the datasets the caller may see (all years, not one at random)."""
     aois: dict[str, dict[str, Any]] = {}
     for ds in datasets:

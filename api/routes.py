@@ -1,4 +1,4 @@
-"""The JRC-compatible ``GET /query/*`` routes.
+"""The JRC-compatible ``GET /query/*`` routes (and ``/health``), built by :func:`routes`.
 
 Each handler follows one order, so the status a client sees is predictable: authenticate (401),
 parse every parameter (400), check the grant on the dataset name (403, before the dataset is
@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,15 +20,53 @@ import shapely
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api import aiodb, chips, prepared, queries, v1
-from api.app import ApiJSONResponse, Call, authenticated, state_of
+from api import aiodb, prepared, queries
 from api.auth import authorize, password_credentials
-from api.params import Params
+from api.infra import Call, Endpoint, authenticated, state_of
+from api.openapi import COLUMNS, OBJECT, STR, json_content
+from api.params import AOI, BAND_LIST_PATTERN, LAT, LON, OPTIONAL_AOI, PID, PTYPE, YEAR, Param, Params
+from api.responses import ApiJSONResponse
 from cbmflow.db import Dataset
 from cbmflow.errors import InvalidInputError, NotFoundError
 
 MAX_PEERS = 10_000
 MAX_PEER_DISTANCE_M = 100_000.0
+
+GEOMETRY = (Param("withGeometry", "boolean", default=False), Param("wgs84", "boolean", default=False))
+INFO = (OPTIONAL_AOI,)
+PARCEL_BY_ID = (AOI, YEAR, PID, PTYPE, *GEOMETRY)
+PARCEL_BY_LOCATION = (AOI, YEAR, LON, LAT, PTYPE, *GEOMETRY)
+PARCELS_BY_POLYGON = (
+    AOI,
+    YEAR,
+    Param("polygon", max_len=1_000_000, description="JRC encoding lon_lat-lon_lat-..."),
+    Param("geojson", max_len=1_000_000, description="RFC 7946 Polygon/MultiPolygon (or Feature), EPSG:4326"),
+    Param("wkt", max_len=1_000_000, description="POLYGON/MULTIPOLYGON, lon lat"),
+    Param("only_ids", "boolean", default=True),
+    Param("limit", "integer", minimum=1, maximum=1_000_000, description="capped by CBMFLOW_API_POLYGON_LIMIT"),
+    PTYPE,
+    *GEOMETRY,
+)
+PARCEL_PEERS = (
+    AOI,
+    YEAR,
+    PID,
+    PTYPE,
+    Param("distance", "number", default=1000.0, minimum=0, maximum=MAX_PEER_DISTANCE_M),
+    Param("max", "integer", default=10, minimum=1, maximum=1_000_000_000, description=f"capped at {MAX_PEERS}"),
+    Param("min_area", "number", default=0.0, minimum=0, maximum=1e12, description="m²"),
+)
+TIME_SERIES = (
+    AOI,
+    YEAR,
+    PID,
+    PTYPE,
+    Param("tstype", enum=queries.TSTYPES, default="s2", case="lower", max_len=10),
+    Param("band", pattern=BAND_LIST_PATTERN, max_len=200, description="e.g. B04 or B04,B08"),
+    Param("scl", "boolean", default=True),
+    Param("ref", "boolean", default=False),
+    Param("tsformat", enum=("json", "csv"), default="json", case="lower", max_len=10),
+)
 
 
 def _dataset(call: Call, aoi: str, year: int) -> Dataset:
@@ -41,13 +78,13 @@ def _dataset(call: Call, aoi: str, year: int) -> Dataset:
 
 
 def _geometry_flags(p: Params) -> tuple[bool, bool]:
-    return p.boolean("withGeometry", default=False), p.boolean("wgs84", default=False)
+    return p.boolean("withGeometry"), p.boolean("wgs84")
 
 
-def info(request: Request) -> Response:
+def info(request: Request, p: Params) -> Response:
     """Datasets the caller may see, with example ids and request URLs (JRC ``/query/info``)."""
     with authenticated(request) as call:
-        aoi = Params(request.query_params).optional_aoi()
+        aoi = p.text("aoi")
         if aoi is not None:
             authorize(call.user, aoi)
         visible = [
@@ -61,24 +98,21 @@ def info(request: Request) -> Response:
         return ApiJSONResponse(queries.info(call.cur, visible, base, call.state.settings.server_title))
 
 
-def parcel_by_id(request: Request) -> Response:
+def parcel_by_id(request: Request, p: Params) -> Response:
     """One parcel by its user-facing id; 404 when there is none (JRC answered empty lists)."""
     with authenticated(request) as call:
-        p = Params(request.query_params)
-        aoi, year, pid, ptype = p.aoi(), p.year(), p.pid(), p.ptype()
+        aoi, year, pid, ptype = p.required_text("aoi"), p.integer("year"), p.required_text("pid"), p.text("ptype")
         with_geometry, wgs84 = _geometry_flags(p)
         ds = _dataset(call, aoi, year)
         table = queries.parcel_table(call.cur, ds, ptype)
         return ApiJSONResponse(queries.parcel_by_id(call.cur, table, pid, with_geometry=with_geometry, wgs84=wgs84))
 
 
-def parcel_by_location(request: Request) -> Response:
+def parcel_by_location(request: Request, p: Params) -> Response:
     """Every parcel that intersects a WGS84 point; none is an empty result, not a 404."""
     with authenticated(request) as call:
-        p = Params(request.query_params)
-        aoi, year, ptype = p.aoi(), p.year(), p.ptype()
-        lon = p.number("lon", lo=-180.0, hi=180.0)
-        lat = p.number("lat", lo=-90.0, hi=90.0)
+        aoi, year, ptype = p.required_text("aoi"), p.integer("year"), p.text("ptype")
+        lon, lat = p.number("lon"), p.number("lat")
         with_geometry, wgs84 = _geometry_flags(p)
         ds = _dataset(call, aoi, year)
         table = queries.parcel_table(call.cur, ds, ptype)
@@ -88,20 +122,19 @@ def parcel_by_location(request: Request) -> Response:
         return ApiJSONResponse(cols)
 
 
-def parcels_by_polygon(request: Request) -> Response:
+def parcels_by_polygon(request: Request, p: Params) -> Response:
     """Parcels intersecting an area, at most ``limit`` (configured cap, default 100), by key.
 
     The area is the JRC ``polygon=lon_lat-lon_lat-...`` (no negative coordinates possible), or,
     as an extension, ``geojson=`` or ``wkt=`` in EPSG:4326.
     """
     with authenticated(request) as call:
-        p = Params(request.query_params)
-        aoi, year, ptype = p.aoi(), p.year(), p.ptype()
+        aoi, year, ptype = p.required_text("aoi"), p.integer("year"), p.text("ptype")
         area = p.area_geometry()
-        only_ids = p.boolean("only_ids", default=True)
+        only_ids = p.boolean("only_ids")
         with_geometry, wgs84 = _geometry_flags(p)
         cap = call.state.polygon_limit
-        limit = min(p.integer("limit", default=cap, lo=1, hi=1_000_000), cap)
+        limit = min(p.integer("limit", default=cap), cap)
         ds = _dataset(call, aoi, year)
         table = queries.parcel_table(call.cur, ds, ptype)
         cols = queries.parcels_by_polygon(
@@ -117,17 +150,16 @@ def parcels_by_polygon(request: Request) -> Response:
         return ApiJSONResponse(cols)
 
 
-def parcel_peers(request: Request) -> Response:
+def parcel_peers(request: Request, p: Params) -> Response:
     """Nearest parcels with the same crop name (``max`` capped at 10 000).
 
     ``min_area`` (m², default 0) replaces JRC's hard-coded 3000 m² floor.
     """
     with authenticated(request) as call:
-        p = Params(request.query_params)
-        aoi, year, pid, ptype = p.aoi(), p.year(), p.pid(), p.ptype()
-        distance = p.number("distance", default=1000.0, lo=0.0, hi=MAX_PEER_DISTANCE_M)
-        max_peers = min(p.integer("max", default=10, lo=1, hi=1_000_000_000), MAX_PEERS)
-        min_area = p.number("min_area", default=0.0, lo=0.0, hi=1e12)
+        aoi, year, pid, ptype = p.required_text("aoi"), p.integer("year"), p.required_text("pid"), p.text("ptype")
+        distance = p.number("distance")
+        max_peers = min(p.integer("max"), MAX_PEERS)
+        min_area = p.number("min_area")
         ds = _dataset(call, aoi, year)
         table = queries.parcel_table(call.cur, ds, ptype)
         cols = queries.parcel_peers(call.cur, ds, table, pid, distance=distance, max_peers=max_peers, min_area=min_area)
@@ -163,20 +195,15 @@ class _SeriesQuery:
 
 
 def _series_query(p: Params) -> _SeriesQuery:
-    aoi, year, pid, ptype = p.aoi(), p.year(), p.pid(), p.ptype()
-    tstype = (p.text("tstype", max_len=10) or "s2").lower()
-    if tstype not in queries.TSTYPES:
-        raise InvalidInputError(f"parameter 'tstype' must be one of {', '.join(queries.TSTYPES)}")
-    bands = p.bands()
-    scl = p.boolean("scl", default=True) and tstype == "s2"
-    ref = p.boolean("ref", default=False)
-    tsformat = (p.text("tsformat", max_len=10) or "json").lower()
-    if tsformat not in ("json", "csv"):
-        raise InvalidInputError("parameter 'tsformat' must be json or csv")
+    aoi, year, pid, ptype = p.required_text("aoi"), p.integer("year"), p.required_text("pid"), p.text("ptype")
+    tstype, tsformat = p.choice("tstype") or "s2", p.choice("tsformat") or "json"
+    bands = p.bands("band", skip_empty=False) or None
+    scl = p.boolean("scl") and tstype == "s2"
+    ref = p.boolean("ref")
     return _SeriesQuery(aoi, year, pid, ptype, tstype, bands, scl, ref, tsformat)
 
 
-async def series_fast(request: Request) -> Response | None:
+async def series_fast(request: Request, p: Params) -> Response | None:
     """The common ``parcelTimeSeries`` request (password login, JSON, no ptype) in one database
     round trip, on the event loop (api/aiodb.py).
 
@@ -189,7 +216,7 @@ async def series_fast(request: Request) -> Response | None:
     and a password not verified recently (argon2 must not run on the event loop).
     """
     try:
-        q = _series_query(Params(request.query_params))
+        q = _series_query(p)
     except InvalidInputError:
         return None  # reported after authentication, by the general path
     creds = password_credentials(request.headers.get("authorization"))
@@ -219,14 +246,13 @@ async def series_fast(request: Request) -> Response | None:
     return Response(str(row[5]).encode("utf-8"), media_type="application/json")
 
 
-def parcel_time_series(request: Request) -> Response:
+def parcel_time_series(request: Request, p: Params) -> Response:
     """Per-scene, per-band statistics of one parcel (JRC ``parcelTimeSeries``).
 
     ``date_part`` is named explicitly (the JRC client reads it; PostgreSQL ≥ 14 would call it
     ``extract``). With ``scl`` (default for s2, forced off for bs/c6) each row carries its
     scene's SCL histogram; rows without one are kept with ``hist`` ``{}`` (JRC dropped them).
     """
-    p = Params(request.query_params)
     with authenticated(request) as call:
         q = _series_query(p)
         ds = _dataset(call, q.aoi, q.year)
@@ -246,7 +272,7 @@ def parcel_time_series(request: Request) -> Response:
         return ApiJSONResponse(cols)
 
 
-def health(request: Request) -> Response:
+def health(request: Request, p: Params) -> Response:
     """Liveness for load balancers: unauthenticated, touches no dataset, only checks the pool."""
     with state_of(request).pool.cursor(wait_s=5.0) as cur:
         cur.execute("SELECT 1")
@@ -254,29 +280,35 @@ def health(request: Request) -> Response:
     return ApiJSONResponse({"status": "ok"})
 
 
-ROUTES: list[tuple[str, Callable[[Request], Response]]] = [
-    ("/health", health),
-    ("/healthz", v1.healthz),
-    ("/metrics", v1.metrics),
-    ("/api/v1/openapi.json", v1.openapi),
-    ("/api/v1/datasets", v1.datasets),
-    ("/api/v1/datasets/{aoi}/{year}/parcel", v1.parcel),
-    ("/api/v1/datasets/{aoi}/{year}/timeseries", v1.timeseries),
-    ("/api/v1/datasets/{aoi}/{year}/index", v1.index),
-    ("/api/v1/datasets/{aoi}/{year}/plot.png", v1.plot),
-    ("/api/v1/scenes", v1.scenes),
-    ("/query/info", info),
-    ("/query/parcelByID", parcel_by_id),
-    ("/query/parcelByLocation", parcel_by_location),
-    ("/query/parcelsByPolygon", parcels_by_polygon),
-    ("/query/parcelPeers", parcel_peers),
-    ("/query/parcelTimeSeries", parcel_time_series),
-    ("/query/rawChipByLocation", chips.raw_chip_by_location),
-    ("/query/chipsByLocation", chips.chips_by_location),
-    ("/chips/{token}/{name}", chips.chip),
-]
+def routes() -> list[Endpoint]:
+    """The JRC router: ``/query/*`` as the ``cbm`` client calls them, and the liveness probe."""
 
-FAST_PATHS: dict[str, Callable[[Request], Awaitable[Response | None]]] = {
-    "/query/parcelTimeSeries": series_fast,
-}
-"""Routes with an event-loop path for their common request (see ``api.app._route``)."""
+    def jrc(path: str, handler: Any, summary: str, params: tuple[Param, ...], content: dict[str, Any]) -> Endpoint:
+        return Endpoint(f"/query/{path}", handler, summary, content, params, tag="jrc")
+
+    columns = json_content(COLUMNS)
+    return [
+        Endpoint(
+            "/health", health, "liveness (no credentials)", json_content(OBJECT), auth=False, found=False, tag="ops"
+        ),
+        jrc("info", info, "datasets visible to the caller (JRC)", INFO, json_content(OBJECT)),
+        jrc("parcelByID", parcel_by_id, "one parcel (JRC)", PARCEL_BY_ID, columns),
+        jrc("parcelByLocation", parcel_by_location, "parcels at a WGS84 point (JRC)", PARCEL_BY_LOCATION, columns),
+        jrc(
+            "parcelsByPolygon",
+            parcels_by_polygon,
+            "parcels intersecting an area; exactly one of polygon, geojson, wkt (JRC + extension)",
+            PARCELS_BY_POLYGON,
+            columns,
+        ),
+        jrc("parcelPeers", parcel_peers, "nearest parcels with the same crop (JRC)", PARCEL_PEERS, columns),
+        Endpoint(
+            "/query/parcelTimeSeries",
+            parcel_time_series,
+            "per-scene band statistics of a parcel; key date_part = epoch seconds (JRC)",
+            {**columns, "text/csv": {"schema": STR}},
+            TIME_SERIES,
+            tag="jrc",
+            fast=series_fast,
+        ),
+    ]

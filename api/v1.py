@@ -2,7 +2,7 @@
 
 Parcel ids travel in the query string (``?pid=``), never in the path: real ids contain ``/`` and
 ``%``, which path routing would decode and split. Each handler keeps the order of the JRC routes:
-authenticate (401), parse (400), grant (403), look up (404), query.
+authenticate (401), parse (400), grant (403), look up (404), query. :func:`routes` builds the router.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api import queries
-from api.app import ApiJSONResponse, Call, authenticated, state_of
-from api.auth import AOI_RE, authorize
-from api.params import BAND_ALIASES, BAND_RE, Params
+from api.auth import authorize
+from api.infra import Call, Endpoint, authenticated, state_of
+from api.openapi import BINARY, NULLNUM, OBJECT, STR, json_content
+from api.params import BAND_LIST_PATTERN, OPTIONAL_AOI, PATH_AOI, PATH_YEAR, PID, PTYPE, Param, Params
+from api.responses import ApiJSONResponse
 from cbmflow.db import Dataset
 from cbmflow.errors import InvalidInputError, NotFoundError
 from cbmflow.vocab import SCENE_STATUSES
@@ -40,18 +42,52 @@ DEFAULT_SCL_MASK = (0, 1, 3, 8, 9, 10)
 MAX_SCENES_PAGE = 1000
 SERIES_COLUMNS = ("acquired", "scene_id", "band", "count", "mean", "std", "min", "p25", "p50", "p75", "max")
 
+BANDS = Param("bands", pattern=BAND_LIST_PATTERN, max_len=200, description="e.g. B04,B08")
+FROM = Param("from", "date", max_len=40, description="first day (UTC), or an ISO 8601 date-time")
+TO = Param("to", "date", max_len=40, description="last day included (UTC), or an ISO 8601 date-time")
+PARCEL = (PATH_AOI, PATH_YEAR, PID, PTYPE)
+TIMESERIES = (
+    *PARCEL,
+    Param("card", enum=tuple(queries.CARDS), default="s2", case="lower", max_len=4),
+    BANDS,
+    FROM,
+    TO,
+    Param("format", enum=("json", "csv", "parquet"), default="json", case="lower", max_len=10),
+)
+INDEX_PARAMS = (
+    Param(
+        "index",
+        enum=(*INDICES, "nd"),
+        default="ndvi",
+        case="lower",
+        max_len=10,
+        description="nd: give two bands in 'bands'",
+    ),
+    BANDS,
+    Param("max_cloud", "number", default=0.1, minimum=0, maximum=1, description="largest masked fraction kept (0.1)"),
+    Param(
+        "mask",
+        pattern="^([0-9]|1[01])(,([0-9]|1[01]))*$",
+        description="SCL classes counted as masked, default " + ",".join(map(str, DEFAULT_SCL_MASK)),
+    ),
+    FROM,
+    TO,
+)
+INDEX = (*PARCEL, *INDEX_PARAMS, Param("format", enum=("json", "csv"), default="json", case="lower", max_len=10))
+PLOT = (*PARCEL, *INDEX_PARAMS)
+SCENES = (
+    OPTIONAL_AOI,
+    Param("status", enum=SCENE_STATUSES, max_len=20),
+    Param("card", enum=tuple(queries.CARDS), max_len=4),
+    FROM,
+    TO,
+    Param("limit", "integer", default=100, minimum=1, maximum=MAX_SCENES_PAGE),
+    Param("offset", "integer", default=0, minimum=0, maximum=10_000_000),
+)
 
-def _path_dataset(call: Call) -> Dataset:
-    params = call.request.path_params
-    aoi = str(params.get("aoi", "")).lower()
-    if not AOI_RE.match(aoi):
-        raise InvalidInputError("path segment 'aoi' must be a dataset name (lower-case letters, digits, _)")
-    try:
-        year = int(str(params.get("year", "")))
-    except ValueError as exc:
-        raise InvalidInputError("path segment 'year' must be an integer") from exc
-    if not 1990 <= year <= 2100:
-        raise InvalidInputError("path segment 'year' must be between 1990 and 2100")
+
+def _path_dataset(call: Call, p: Params) -> Dataset:
+    aoi, year = p.required_text("aoi"), p.integer("year")
     authorize(call.user, aoi)
     ds = call.state.datasets.get(call.cur, aoi, year)
     if ds is None:
@@ -61,7 +97,7 @@ def _path_dataset(call: Call) -> Dataset:
 
 def _when(p: Params, name: str, *, end: bool) -> datetime | None:
     """``YYYY-MM-DD`` (a whole UTC day, so ``to`` includes its day) or an ISO 8601 date-time."""
-    value = p.text(name, max_len=40)
+    value = p.text(name)
     if value is None:
         return None
     try:
@@ -89,28 +125,6 @@ def _period_filter(start: datetime | None, end: datetime | None) -> list[sql.Com
     if end:
         where.append(sql.SQL("s.acquired_at < %(end)s"))
     return where
-
-
-def _band_list(p: Params, name: str) -> list[str]:
-    value = p.text(name, max_len=200)
-    out: list[str] = []
-    for part in (value or "").split(","):
-        band = part.strip()
-        if not band:
-            continue
-        if not BAND_RE.match(band):
-            raise InvalidInputError(f"parameter {name!r} must be band names such as B04 or B04,B08")
-        canonical = BAND_ALIASES.get(band.upper(), band)
-        if canonical not in out:
-            out.append(canonical)
-    return out
-
-
-def _format(p: Params, allowed: tuple[str, ...]) -> str:
-    fmt = (p.text("format", max_len=10) or allowed[0]).lower()
-    if fmt not in allowed:
-        raise InvalidInputError(f"parameter 'format' must be one of {', '.join(allowed)}")
-    return fmt
 
 
 def _iso(value: datetime) -> str:
@@ -153,10 +167,9 @@ def _safe(text: str) -> str:
 # ---------------------------------------------------------------- routes
 
 
-def datasets(request: Request) -> Response:
+def datasets(request: Request, p: Params) -> Response:
     """The datasets the caller is granted, with their SRID and description."""
     with authenticated(request) as call:
-        Params(request.query_params)  # no parameters; still rejects control characters uniformly
         call.cur.execute("SELECT aoi, year, srid, description FROM datasets ORDER BY aoi, year")
         rows = [
             {"aoi": str(a), "year": int(y), "srid": int(s), "description": str(d)}
@@ -166,12 +179,11 @@ def datasets(request: Request) -> Response:
         return ApiJSONResponse({"datasets": rows})
 
 
-def parcel(request: Request) -> Response:
+def parcel(request: Request, p: Params) -> Response:
     """One parcel as a GeoJSON Feature in WGS84 (RFC 7946), area in m² (EPSG:3035)."""
     with authenticated(request) as call:
-        p = Params(request.query_params)
-        pid, ptype = p.pid(), p.ptype()
-        ds = _path_dataset(call)
+        pid, ptype = p.required_text("pid"), p.text("ptype")
+        ds = _path_dataset(call, p)
         table = queries.parcel_table(call.cur, ds, ptype)
         call.cur.execute(
             sql.SQL(
@@ -201,18 +213,15 @@ def parcel(request: Request) -> Response:
         return ApiJSONResponse(feature, media_type="application/geo+json")
 
 
-def timeseries(request: Request) -> Response:
+def timeseries(request: Request, p: Params) -> Response:
     """Per-scene statistics of one parcel, filtered by period and bands, as JSON, CSV or Parquet."""
     with authenticated(request) as call:
-        p = Params(request.query_params)
-        pid, ptype = p.pid(), p.ptype()
-        card = (p.text("card", max_len=4) or "s2").lower()
-        if card not in queries.CARDS:
-            raise InvalidInputError(f"parameter 'card' must be one of {', '.join(queries.CARDS)}")
-        bands = _band_list(p, "bands")
+        pid, ptype = p.required_text("pid"), p.text("ptype")
+        card = p.choice("card") or "s2"
+        bands = p.bands("bands")
         start, end = _period(p)
-        fmt = _format(p, ("json", "csv", "parquet"))
-        ds = _path_dataset(call)
+        fmt = p.choice("format") or "json"
+        ds = _path_dataset(call, p)
         pk = queries.parcel_pk(call.cur, queries.parcel_table(call.cur, ds, ptype), pid)
         where = [sql.SQL("g.pid = %(pk)s"), sql.SQL("s.card = %(card)s")]
         if bands:
@@ -236,19 +245,17 @@ def timeseries(request: Request) -> Response:
 
 
 def _index_spec(p: Params) -> tuple[str, str, str]:
-    name = (p.text("index", max_len=10) or "ndvi").lower()
+    name = p.choice("index") or "ndvi"
     if name == "nd":
-        bands = _band_list(p, "bands")
+        bands = p.bands("bands")
         if len(bands) != 2:
             raise InvalidInputError("index 'nd' needs parameter 'bands' with two bands, e.g. B08,B04")
         return name, bands[0], bands[1]
-    if name not in INDICES:
-        raise InvalidInputError(f"parameter 'index' must be one of {', '.join([*INDICES, 'nd'])}")
     return name, *INDICES[name]
 
 
 def _mask(p: Params) -> list[int]:
-    value = p.text("mask", max_len=100)
+    value = p.text("mask")
     if value is None:
         return list(DEFAULT_SCL_MASK)
     try:
@@ -269,7 +276,7 @@ def index_observations(call: Call, ds: Dataset, pk: int, p: Params) -> dict[str,
     histogram (their cloudiness is unknown), are dropped unless ``max_cloud`` is 1.
     """
     name, a, b = _index_spec(p)
-    max_cloud = p.number("max_cloud", default=0.1, lo=0.0, hi=1.0)
+    max_cloud = p.number("max_cloud")
     mask = _mask(p)
     start, end = _period(p)
     where = [sql.SQL("s.card = 's2'")]
@@ -309,17 +316,16 @@ def index_observations(call: Call, ds: Dataset, pk: int, p: Params) -> dict[str,
     }
 
 
-def index(request: Request) -> Response:
+def index(request: Request, p: Params) -> Response:
     """NDVI (or another normalised difference) per clear scene, SCL cloud filtering server-side."""
     with authenticated(request) as call:
-        p = Params(request.query_params)
-        pid, ptype = p.pid(), p.ptype()
-        fmt = _format(p, ("json", "csv"))
+        pid, ptype = p.required_text("pid"), p.text("ptype")
+        fmt = p.choice("format") or "json"
         _index_spec(p)
         _mask(p)
-        p.number("max_cloud", default=0.1, lo=0.0, hi=1.0)
+        p.number("max_cloud")
         _period(p)
-        ds = _path_dataset(call)
+        ds = _path_dataset(call, p)
         pk = queries.parcel_pk(call.cur, queries.parcel_table(call.cur, ds, ptype), pid)
         body = index_observations(call, ds, pk, p)
         if fmt == "csv":
@@ -332,16 +338,15 @@ def index(request: Request) -> Response:
         return ApiJSONResponse({"pid": pid, "aoi": ds.aoi, "year": ds.year, **body})
 
 
-def plot(request: Request) -> Response:
+def plot(request: Request, p: Params) -> Response:
     """A PNG of the parcel's index series (clear scenes as dots, masked ones as crosses)."""
     with authenticated(request) as call:
-        p = Params(request.query_params)
-        pid, ptype = p.pid(), p.ptype()
+        pid, ptype = p.required_text("pid"), p.text("ptype")
         _index_spec(p)
         _mask(p)
         _period(p)
-        max_cloud = p.number("max_cloud", default=0.1, lo=0.0, hi=1.0)
-        ds = _path_dataset(call)
+        max_cloud = p.number("max_cloud")
+        ds = _path_dataset(call, p)
         pk = queries.parcel_pk(call.cur, queries.parcel_table(call.cur, ds, ptype), pid)
         clear = index_observations(call, ds, pk, p)
         everything = index_observations(call, ds, pk, p.replaced(max_cloud="1"))
@@ -382,24 +387,16 @@ def render_plot(title: str, clear: dict[str, Any], all_obs: list[dict[str, Any]]
         plt.close(fig)
 
 
-def scenes(request: Request) -> Response:
+def scenes(request: Request, p: Params) -> Response:
     """The scene catalogue with processing status, limited to scenes over the caller's datasets.
 
     A scene is visible when its footprint intersects an AOI the caller is granted (admins see
     all), so a tenant learns nothing about acquisitions elsewhere.
     """
     with authenticated(request) as call:
-        p = Params(request.query_params)
-        aoi = p.optional_aoi()
-        status = p.text("status", max_len=20)
-        if status is not None and status not in SCENE_STATUSES:
-            raise InvalidInputError(f"parameter 'status' must be one of {', '.join(SCENE_STATUSES)}")
-        card = p.text("card", max_len=4)
-        if card is not None and card not in queries.CARDS:
-            raise InvalidInputError(f"parameter 'card' must be one of {', '.join(queries.CARDS)}")
+        aoi, status, card = p.text("aoi"), p.choice("status"), p.choice("card")
         start, end = _period(p)
-        limit = p.integer("limit", default=100, lo=1, hi=MAX_SCENES_PAGE)
-        offset = p.integer("offset", default=0, lo=0, hi=10_000_000)
+        limit, offset = p.integer("limit"), p.integer("offset")
         where: list[sql.Composable] = [sql.SQL("true")]
         args: dict[str, Any] = {"status": status, "card": card, "start": start, "end": end}
         if aoi is not None:
@@ -446,7 +443,7 @@ def scenes(request: Request) -> Response:
         return ApiJSONResponse({"scenes": rows, "limit": limit, "offset": offset})
 
 
-def healthz(request: Request) -> Response:
+def healthz(request: Request, p: Params) -> Response:
     """Readiness without credentials: the pool hands out a working connection within 5 s."""
     with state_of(request).pool.cursor(wait_s=5.0) as cur:
         cur.execute("SELECT 1")
@@ -454,14 +451,107 @@ def healthz(request: Request) -> Response:
     return ApiJSONResponse({"status": "ok", "database": "ok"})
 
 
-def metrics(request: Request) -> Response:
+def metrics(request: Request, p: Params) -> Response:
     """Prometheus exposition of request counts and latencies by route template (no tenant data)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-def openapi(request: Request) -> Response:
-    from api.openapi import document
-
-    return ApiJSONResponse(document(str(request.base_url).rstrip("/")))
+def routes() -> list[Endpoint]:
+    """The ``/api/v1`` router, with the readiness and metrics probes."""
+    base = "/api/v1/datasets/{aoi}/{year}"
+    obs = {
+        "type": "object",
+        "properties": {
+            "acquired": {"type": "string", "format": "date-time"},
+            "scene_id": {"type": "integer"},
+            "band": STR,
+            "count": {"type": "integer"},
+            **{k: NULLNUM for k in ("mean", "std", "min", "p25", "p50", "p75", "max")},
+        },
+    }
+    index_obs = {
+        "type": "object",
+        "properties": {
+            "acquired": {"type": "string", "format": "date-time"},
+            "scene_id": {"type": "integer"},
+            "value": NULLNUM,
+            "cloud": NULLNUM,
+        },
+    }
+    dataset = {
+        "type": "object",
+        "properties": {"aoi": STR, "year": {"type": "integer"}, "srid": {"type": "integer"}, "description": STR},
+    }
+    return [
+        Endpoint(
+            "/healthz", healthz, "readiness (no credentials)", json_content(OBJECT), auth=False, found=False, tag="ops"
+        ),
+        Endpoint(
+            "/metrics",
+            metrics,
+            "Prometheus metrics (no credentials; route templates only)",
+            {"text/plain": {"schema": STR}},
+            auth=False,
+            found=False,
+            tag="ops",
+        ),
+        Endpoint(
+            "/api/v1/datasets",
+            datasets,
+            "datasets granted to the caller",
+            json_content({"type": "object", "properties": {"datasets": {"type": "array", "items": dataset}}}),
+            found=False,
+        ),
+        Endpoint(
+            f"{base}/parcel",
+            parcel,
+            "one parcel as a GeoJSON Feature in WGS84",
+            {"application/geo+json": {"schema": {"type": "object", "required": ["type", "geometry", "properties"]}}},
+            PARCEL,
+        ),
+        Endpoint(
+            f"{base}/timeseries",
+            timeseries,
+            "band statistics per scene, by period and bands",
+            {
+                **json_content({"type": "object", "properties": {"observations": {"type": "array", "items": obs}}}),
+                "text/csv": {"schema": STR},
+                "application/vnd.apache.parquet": {"schema": BINARY},
+            },
+            TIMESERIES,
+        ),
+        Endpoint(
+            f"{base}/index",
+            index,
+            "a normalised difference (NDVI, ...) per clear scene; SCL cloud filtering on the server",
+            {
+                **json_content(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "dropped": {"type": "integer"},
+                            "observations": {"type": "array", "items": index_obs},
+                        },
+                    }
+                ),
+                "text/csv": {"schema": STR},
+            },
+            INDEX,
+        ),
+        Endpoint(
+            f"{base}/plot.png",
+            plot,
+            "PNG plot of the parcel's index series",
+            {"image/png": {"schema": BINARY}},
+            PLOT,
+        ),
+        Endpoint(
+            "/api/v1/scenes",
+            scenes,
+            "scene catalogue with processing status, over the caller's datasets",
+            json_content({"type": "object", "properties": {"scenes": {"type": "array", "items": OBJECT}}}),
+            SCENES,
+        ),
+    ]

@@ -609,6 +609,20 @@ def test_unexpected_errors_are_generic_json_500(seed: Seed) -> None:
         assert err["message"] == "internal server error" and "hists" not in resp.text
 
 
+def test_fractional_statement_timeout_reaches_postgresql(seed: Seed) -> None:
+    """0.5 s is 500 ms on every pooled session (it was truncated to 0, "no timeout"), and a slower
+    query is cancelled and answered as a timeout."""
+    app = create_app(seed.dsn, ApiSettings(statement_timeout_s=0.5))
+    with TestClient(app):
+        with app.state.cbmflow.pool.cursor() as cur:
+            cur.execute("SHOW statement_timeout")
+            assert cur.fetchone()[0] == "500ms"
+            started = time.monotonic()
+            with pytest.raises(psycopg2.errors.QueryCanceled):
+                cur.execute("SELECT pg_sleep(2)")
+            assert time.monotonic() - started < 1.5
+
+
 def test_api_cannot_write(seed: Seed) -> None:
     """The pool's connections are read-only: defence in depth behind the bound parameters."""
     app = create_app(seed.dsn)
@@ -690,12 +704,6 @@ def test_prepared_series_survives_table_changes(seed: Seed) -> None:
         after = client.get(url, auth=ALICE).json()
         assert after["band"] == before["band"]
         assert after["mean"] == [m + 1000 for m in before["mean"]]
-
-
-def test_hash_and_verify() -> None:
-    h = hash_password("s3cret-pass")
-    assert h.startswith("$argon2id$") and "s3cret" not in h
-    assert verify(h, "s3cret-pass") and not verify(h, "s3cret-pasS") and not verify("not-a-hash", "x")
 
 
 # ---------------------------------------------------------------- CLI and a real server

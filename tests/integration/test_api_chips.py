@@ -7,10 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import re
-import time
 from collections.abc import Iterator
 from datetime import UTC
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +20,6 @@ from rasterio.windows import from_bounds
 from starlette.testclient import TestClient
 from test_api import ALICE, BOB, ROOT, _error, _hash, _json
 
-from api import chips
 from api.app import create_app
 from card.s2 import open_s2_product
 from card.testworld import WorldSummary, generate
@@ -171,24 +168,6 @@ def test_grants_hold_on_location_and_on_chip_urls(client: TestClient, world: Wor
     with db.transaction(pg_dsn) as cur:
         cur.execute("DELETE FROM user_grants WHERE user_name = %s", (ALICE[0],))
     _error(client.get(url), 404, "not_found")  # a revoke also kills links already handed out
-
-
-def test_tokens_expire_and_bind_their_secret() -> None:
-    ref = chips.ChipRef("alice", 1, "B04", 11.0, 48.0, 1280.0, int(time.time()) + 60)
-    token = chips.sign(b"k" * 32, ref)
-    assert chips.verify_token(b"k" * 32, token) == ref
-    with pytest.raises(chips.NotFoundError):
-        chips.verify_token(b"other" * 8, token)
-    with pytest.raises(chips.NotFoundError):
-        chips.verify_token(b"k" * 32, token, now=time.time() + 61)
-
-
-def test_generated_secret_is_shared_through_the_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CBMFLOW_STATE_DIR", str(tmp_path))
-    first = chips.load_secret(ApiSettings())
-    assert chips.load_secret(ApiSettings()) == first  # a second worker process reads the same file
-    assert (tmp_path / chips.SECRET_FILE).stat().st_mode & 0o077 == 0
-    assert chips.load_secret(ApiSettings(chip_secret="configured")) != first
 
 
 def test_rgb_chips_page(client: TestClient, world: WorldSummary) -> None:
