@@ -40,6 +40,8 @@ from typing import Any
 import rasterio
 import rasterio.errors
 
+from card.geobox import GeoBox
+
 POLARISATIONS: tuple[str, ...] = ("VV", "VH")
 DIMAP_DEFAULT_NODATA = 0.0
 """No-data of a DIMAP band that declares none: SNAP's Terrain-Correction fills with 0.0."""
@@ -279,7 +281,7 @@ def _open_dimap(path: Path, pols: tuple[str, ...]) -> S1CardProduct:
         raise FileNotFoundError(errno.ENOENT, "no such DIMAP data directory", str(data_dir))
     product_name = data_dir.name[: -len(".data")] if data_dir.name.endswith(".data") else data_dir.name
     bands: list[PolarisationBand] = []
-    grid: tuple[Any, ...] | None = None
+    grid: GeoBox | None = None
     crs_text, epsg = "", None
     for pol in pols:
         chosen = _pick(candidates, pol, data_dir)
@@ -291,7 +293,7 @@ def _open_dimap(path: Path, pols: tuple[str, ...]) -> S1CardProduct:
         try:
             with rasterio.open(chosen.img) as src:
                 count, dtype, gdal_nodata = src.count, src.dtypes[0], src.nodatavals[0]
-                this_grid = (tuple(src.transform)[:6], src.width, src.height, str(src.crs))
+                this_grid = GeoBox.from_dataset(src)
                 this_crs = _crs(src.crs, str(chosen.img))
         except rasterio.errors.RasterioIOError as exc:
             raise ValueError(f"cannot read raster {chosen.img}: {exc}") from exc

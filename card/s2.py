@@ -35,6 +35,9 @@ from types import MappingProxyType
 from typing import Protocol
 
 import shapely
+from affine import Affine
+
+from card.geobox import GeoBox
 
 NATIVE_RESOLUTION_M: Mapping[str, int] = MappingProxyType(
     {
@@ -134,24 +137,6 @@ class LocalProductFiles:
 
 
 @dataclass(frozen=True)
-class TileGrid:
-    """One resolution's pixel grid from MTD_TL.xml ``Tile_Geocoding`` (Size + Geoposition)."""
-
-    resolution_m: int
-    ulx: float
-    uly: float
-    xdim_m: float
-    ydim_m: float
-    nrows: int
-    ncols: int
-
-    @property
-    def affine(self) -> tuple[float, float, float, float, float, float]:
-        """GDAL/affine order (a, b, c, d, e, f), comparable with ``rasterio`` ``transform[:6]``."""
-        return (self.xdim_m, 0.0, self.ulx, 0.0, self.ydim_m, self.uly)
-
-
-@dataclass(frozen=True)
 class S2Product:
     """Metadata of one L2A product, enough to locate bands and convert DN to reflectance."""
 
@@ -167,7 +152,8 @@ class S2Product:
     footprint: shapely.Polygon
     nodata_dn: int
     granule_path: Path
-    grids: dict[int, TileGrid] = field(hash=False, repr=False)
+    grids: dict[int, GeoBox] = field(hash=False, repr=False)
+    """Pixel grid per resolution (m), from MTD_TL.xml ``Tile_Geocoding`` (Size + Geoposition)."""
     image_files: dict[tuple[str, int], PurePosixPath] = field(hash=False, repr=False)
     files: ProductFiles = field(hash=False, repr=False, compare=False)
 
@@ -204,7 +190,8 @@ class S2Product:
             return 0
         return self.boa_add_offset.get(name, 0)
 
-    def tile_grid(self, resolution_m: int) -> TileGrid:
+    def tile_grid(self, resolution_m: int) -> GeoBox:
+        """The band grid at ``resolution_m`` as the metadata declares it (a band file must match it)."""
         try:
             return self.grids[resolution_m]
         except KeyError:
@@ -442,7 +429,7 @@ def _footprint(mtd: ET.Element, where: Path) -> shapely.Polygon:
     return shapely.Polygon(ring)
 
 
-def _tile_geocoding(files: ProductFiles, rel: str) -> tuple[int, dict[int, TileGrid]]:
+def _tile_geocoding(files: ProductFiles, rel: str) -> tuple[int, dict[int, GeoBox]]:
     mtd_tl = files.root / rel
     if not files.exists(rel):
         raise FileNotFoundError(errno.ENOENT, "no granule MTD_TL.xml", str(mtd_tl))
@@ -456,19 +443,14 @@ def _tile_geocoding(files: ProductFiles, rel: str) -> tuple[int, dict[int, TileG
     for e in _iter_named(geo, ("Size",)):
         res = int(e.get("resolution") or 0)
         sizes[res] = (int(_text_of(e, ("NROWS",), mtd_tl)), int(_text_of(e, ("NCOLS",), mtd_tl)))
-    grids: dict[int, TileGrid] = {}
+    epsg = int(m.group(1))
+    grids: dict[int, GeoBox] = {}
     for e in _iter_named(geo, ("Geoposition",)):
         res = int(e.get("resolution") or 0)
         if res not in sizes:
             raise ValueError(f"{mtd_tl}: Geoposition {res} m without a matching Size")
-        nrows, ncols = sizes[res]
-        grids[res] = TileGrid(
-            resolution_m=res,
-            ulx=float(_text_of(e, ("ULX",), mtd_tl)),
-            uly=float(_text_of(e, ("ULY",), mtd_tl)),
-            xdim_m=float(_text_of(e, ("XDIM",), mtd_tl)),
-            ydim_m=float(_text_of(e, ("YDIM",), mtd_tl)),
-            nrows=nrows,
-            ncols=ncols,
-        )
-    return int(m.group(1)), grids
+        ulx, uly = float(_text_of(e, ("ULX",), mtd_tl)), float(_text_of(e, ("ULY",), mtd_tl))
+        xdim, ydim = float(_text_of(e, ("XDIM",), mtd_tl)), float(_text_of(e, ("YDIM",), mtd_tl))
+        # ULX/ULY is the outer corner of the top-left pixel; YDIM is negative (rows run south).
+        grids[res] = GeoBox(sizes[res], Affine(xdim, 0.0, ulx, 0.0, ydim, uly), epsg)
+    return epsg, grids

@@ -52,6 +52,8 @@ from pyproj import Transformer
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 
+from card.geobox import GeoBox
+
 FloatArray = npt.NDArray[np.float64]
 Float32Array = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -209,25 +211,6 @@ class WorldSummary:
 # --- internal model -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Grid:
-    x0_m: float
-    y0_m: float
-    pixel_size_m: int
-    width: int
-    height: int
-
-    @property
-    def transform(self) -> Affine:
-        return Affine(self.pixel_size_m, 0.0, self.x0_m, 0.0, -self.pixel_size_m, self.y0_m)
-
-    def col_centres_m(self) -> FloatArray:
-        return self.x0_m + (np.arange(self.width, dtype=np.float64) + 0.5) * self.pixel_size_m
-
-    def row_centres_m(self, r0: int, r1: int) -> FloatArray:
-        return self.y0_m - (np.arange(r0, r1, dtype=np.float64) + 0.5) * self.pixel_size_m
-
-
 @dataclass
 class _Parcels:
     ids: list[str]
@@ -250,7 +233,7 @@ class _World:
     parcels: _Parcels
     valid_index: IntArray
     """Parcel index (into ``parcels``) of label value k+1."""
-    grids: dict[int, _Grid]
+    grids: dict[int, GeoBox]
     labels: dict[int, npt.NDArray[np.int32]]
     background_phase: FloatArray
     lakes: FloatArray
@@ -312,7 +295,7 @@ class _S1Plan:
     unique: int
     moisture_db: float
     """Backscatter: the date's soil-moisture offset, added to every VV/VH level (dB)."""
-    grid: _Grid
+    grid: GeoBox
     nodata_patch: tuple[float, float, float, float] | None
 
     @property
@@ -579,7 +562,7 @@ def _reproject(geom: Any, transformer: Transformer) -> Any:
 
 
 def _settle_and_label(
-    parcels: _Parcels, grids: dict[int, _Grid], to_utm: Transformer, rng: np.random.Generator
+    parcels: _Parcels, grids: dict[int, GeoBox], to_utm: Transformer, rng: np.random.Generator
 ) -> dict[int, npt.NDArray[np.int32]]:
     """Nudge parcels until no pixel centre is ambiguous, then label pixels by centre-in-polygon.
 
@@ -615,7 +598,7 @@ def _settle_and_label(
     return labels
 
 
-def _near_boundary(geoms: npt.NDArray[np.object_], grid: _Grid) -> BoolArray:
+def _near_boundary(geoms: npt.NDArray[np.object_], grid: GeoBox) -> BoolArray:
     """Which geometries have a pixel centre within EDGE_GUARD_M of their boundary (holes included)."""
     outer = shapely.buffer(geoms, EDGE_GUARD_M, join_style="mitre")
     inner = shapely.buffer(geoms, -EDGE_GUARD_M, join_style="mitre")
@@ -630,18 +613,19 @@ def _near_boundary(geoms: npt.NDArray[np.object_], grid: _Grid) -> BoolArray:
 
 
 def _bbox_pixels(
-    geoms: npt.NDArray[np.object_], grid: _Grid, max_points: int = 4_000_000
+    geoms: npt.NDArray[np.object_], grid: GeoBox, max_points: int = 4_000_000
 ) -> Iterator[tuple[IntArray, IntArray, IntArray]]:
     """(geometry index, row, col) of every pixel whose centre lies in a geometry's bounding box.
 
     Chunked, so that 100 000 parcels never materialise tens of millions of points at once.
     """
     bounds = shapely.bounds(geoms)
-    res = grid.pixel_size_m
-    c0 = np.clip(np.floor((bounds[:, 0] - grid.x0_m) / res - 0.5), 0, grid.width).astype(np.int64)
-    c1 = np.clip(np.ceil((bounds[:, 2] - grid.x0_m) / res - 0.5) + 1, 0, grid.width).astype(np.int64)
-    r0 = np.clip(np.floor((grid.y0_m - bounds[:, 3]) / res - 0.5), 0, grid.height).astype(np.int64)
-    r1 = np.clip(np.ceil((grid.y0_m - bounds[:, 1]) / res - 0.5) + 1, 0, grid.height).astype(np.int64)
+    top, left = grid.fractional_rowcol(bounds[:, 0], bounds[:, 3])
+    bottom, right = grid.fractional_rowcol(bounds[:, 2], bounds[:, 1])
+    c0 = np.clip(np.floor(left - 0.5), 0, grid.width).astype(np.int64)
+    c1 = np.clip(np.ceil(right - 0.5) + 1, 0, grid.width).astype(np.int64)
+    r0 = np.clip(np.floor(top - 0.5), 0, grid.height).astype(np.int64)
+    r1 = np.clip(np.ceil(bottom - 0.5) + 1, 0, grid.height).astype(np.int64)
     nx, ny = np.maximum(c1 - c0, 0), np.maximum(r1 - r0, 0)
     counts = nx * ny
     start = 0
@@ -659,17 +643,19 @@ def _bbox_pixels(
         start = stop
 
 
-def _centres(grid: _Grid, rows: IntArray, cols: IntArray) -> tuple[FloatArray, FloatArray]:
-    res = float(grid.pixel_size_m)
-    x = grid.x0_m + (cols.astype(np.float64) + 0.5) * res
-    y = grid.y0_m - (rows.astype(np.float64) + 0.5) * res
-    return x, y
+def _centres(grid: GeoBox, rows: IntArray, cols: IntArray) -> tuple[FloatArray, FloatArray]:
+    return grid.x_centres(cols), grid.y_centres(rows)
+
+
+def _res_m(grid: GeoBox) -> int:
+    """The pixel size in whole metres: a key of ``_World.grids`` and ``labels``, and ``gsd``."""
+    return int(grid.resolution.x)
 
 
 # --- grids --------------------------------------------------------------------------------------
 
 
-def _crop_grid(aoi_utm: Any) -> _Grid:
+def _crop_grid(aoi_utm: Any) -> GeoBox:
     """The 10 m grid of the cropped product: AOI plus margin, aligned to the tile's 60 m lattice."""
     minx, miny, maxx, maxy = aoi_utm.bounds
     col0 = math.floor((minx - EXTENT_MARGIN_M - TILE_ULX_M) / GRID_ALIGN_M)
@@ -682,12 +668,11 @@ def _crop_grid(aoi_utm: Any) -> _Grid:
     x0 = TILE_ULX_M + col0 * GRID_ALIGN_M
     y0 = TILE_ULY_M - row0 * GRID_ALIGN_M
     k = GRID_ALIGN_M // 10
-    return _Grid(x0_m=x0, y0_m=y0, pixel_size_m=10, width=(col1 - col0) * k, height=(row1 - row0) * k)
+    return GeoBox(((row1 - row0) * k, (col1 - col0) * k), Affine(10, 0.0, x0, 0.0, -10, y0), TILE_EPSG)
 
 
-def _scaled_grid(grid10: _Grid, res: int) -> _Grid:
-    factor = res // grid10.pixel_size_m
-    return _Grid(grid10.x0_m, grid10.y0_m, res, grid10.width // factor, grid10.height // factor)
+def _scaled_grid(grid10: GeoBox, res: int) -> GeoBox:
+    return grid10.zoomed_out(res // _res_m(grid10))
 
 
 def _random_box(
@@ -700,21 +685,16 @@ def _random_box(
     return (px, py, px + fx * (xmax - xmin), py + fy * (ymax - ymin))
 
 
-def _extent_m(grid: _Grid) -> tuple[float, float, float, float]:
-    w, h = grid.width * grid.pixel_size_m, grid.height * grid.pixel_size_m
-    return grid.x0_m, grid.y0_m - h, grid.x0_m + w, grid.y0_m
-
-
-def _footprint_wgs84(grid: _Grid) -> Any:
-    xmin, ymin, xmax, ymax = _extent_m(grid)
+def _footprint_wgs84(grid: GeoBox) -> Any:
+    xmin, ymin, xmax, ymax = grid.bounds
     to_wgs84 = Transformer.from_crs(TILE_EPSG, 4326, always_xy=True)
     corners = [(xmin, ymax), (xmax, ymax), (xmax, ymin), (xmin, ymin), (xmin, ymax)]
     lon, lat = to_wgs84.transform([c[0] for c in corners], [c[1] for c in corners])
     return shapely.Polygon(list(zip(lon, lat, strict=True)))
 
 
-def _lakes(grid: _Grid, rng: np.random.Generator) -> FloatArray:
-    xmin, ymin, xmax, ymax = _extent_m(grid)
+def _lakes(grid: GeoBox, rng: np.random.Generator) -> FloatArray:
+    xmin, ymin, xmax, ymax = grid.bounds
     n = max(1, round((xmax - xmin) * (ymax - ymin) / 25e6))
     return np.column_stack(
         [rng.uniform(xmin, xmax, n), rng.uniform(ymin, ymax, n), rng.uniform(80, 250, n), rng.uniform(60, 180, n)]
@@ -724,10 +704,10 @@ def _lakes(grid: _Grid, rng: np.random.Generator) -> FloatArray:
 # --- products: plan -----------------------------------------------------------------------------
 
 
-def _plan_products(scenes: int, year: int, grid: _Grid, rng: np.random.Generator) -> list[_ProductPlan]:
+def _plan_products(scenes: int, year: int, grid: GeoBox, rng: np.random.Generator) -> list[_ProductPlan]:
     """Acquisition dates spread over April-September, with a fixed rhythm of clear, cloudy and
     partly-nodata products so that even a 4-scene world exercises every code path."""
-    xmin, ymin, xmax, ymax = _extent_m(grid)
+    xmin, ymin, xmax, ymax = grid.bounds
     area_km2 = (xmax - xmin) * (ymax - ymin) / 1e6
     start = datetime(year, *SEASON_START, 10, 20, 19, 24000, tzinfo=UTC)
     lon, lat = Transformer.from_crs(TILE_EPSG, 4326, always_xy=True).transform((xmin + xmax) / 2, (ymin + ymax) / 2)
@@ -815,7 +795,7 @@ def _render_product(plan: _ProductPlan, world: _World, img_dir: Path) -> _Truth:
     for res, bands in BANDS_BY_RESOLUTION_M.items():
         grid = world.grids[res]
         arrays = {b: np.empty((grid.height, grid.width), dtype=np.uint8 if b == "SCL" else np.uint16) for b in bands}
-        xs = grid.col_centres_m()
+        xs = grid.x_centres()
         for r0 in range(0, grid.height, BLOCK_ROWS):
             r1 = min(grid.height, r0 + BLOCK_ROWS)
             f = _fields(plan, world, grid, xs, r0, r1, cover_by_label, brightness_by_label)
@@ -869,15 +849,15 @@ def _parcel_cover(day_of_year: float, world: _World) -> Float32Array:
 def _fields(
     plan: _ProductPlan,
     world: _World,
-    grid: _Grid,
+    grid: GeoBox,
     xs: FloatArray,
     r0: int,
     r1: int,
     cover_by_label: Float32Array,
     brightness_by_label: Float32Array,
 ) -> _Fields:
-    ys = grid.row_centres_m(r0, r1)
-    label = world.labels[grid.pixel_size_m][r0:r1]
+    ys = grid.y_centres(np.arange(r0, r1))
+    label = world.labels[_res_m(grid)][r0:r1]
     parcel = label > 0
     p1, p2 = world.background_phase
     seasonal = 0.1 * math.sin(2 * math.pi * (plan.doy - 120) / 365)
@@ -940,11 +920,11 @@ def _ellipses(shapes: FloatArray, xs: FloatArray, ys: FloatArray) -> BoolArray:
     return inside
 
 
-def _nodata(plan: _ProductPlan, grid: _Grid, xs: FloatArray, ys: FloatArray) -> BoolArray:
+def _nodata(plan: _ProductPlan, grid: GeoBox, xs: FloatArray, ys: FloatArray) -> BoolArray:
     """A swath edge (a slanted strip on the west side) and/or a missing block, in map units so
     that the 10 m and 20 m rasters agree."""
     nodata = np.zeros((len(ys), len(xs)), dtype=bool)
-    xmin, ymin, xmax, ymax = _extent_m(grid)
+    xmin, ymin, xmax, ymax = grid.bounds
     if plan.nodata_strip:
         width_top, width_bottom = 0.2 * (xmax - xmin), 0.04 * (xmax - xmin)
         edge = xmin + width_bottom + (width_top - width_bottom) * (ys - ymin) / (ymax - ymin)
@@ -984,7 +964,7 @@ def _scl(f: _Fields, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
     return scl
 
 
-def _write_jp2(path: Path, array: npt.NDArray[Any], grid: _Grid) -> None:
+def _write_jp2(path: Path, array: npt.NDArray[Any], grid: GeoBox) -> None:
     """Lossless JPEG2000 (reversible 5/3 wavelet), as ESA's are; tiled for windowed reads."""
     with rasterio.open(
         path,
@@ -1012,7 +992,7 @@ def _iso(when: datetime, digits: int = 3) -> str:
     return f"{when:%Y-%m-%dT%H:%M:%S}.{frac}Z"
 
 
-def _write_safe_metadata(safe: Path, plan: _ProductPlan, grid10: _Grid, footprint: Any, truth: _Truth) -> None:
+def _write_safe_metadata(safe: Path, plan: _ProductPlan, grid10: GeoBox, footprint: Any, truth: _Truth) -> None:
     granule = safe / "GRANULE" / plan.granule
     (granule / "MTD_TL.xml").write_text(_mtd_tl(plan, grid10))
     (safe / "MTD_MSIL2A.xml").write_text(_mtd_msil2a(plan, footprint, truth))
@@ -1171,17 +1151,19 @@ xsi:schemaLocation="https://psd-14.sentinel2.eo.esa.int/PSD/User_Product_Level-2
 """
 
 
-def _mtd_tl(plan: _ProductPlan, grid10: _Grid) -> str:
+def _mtd_tl(plan: _ProductPlan, grid10: GeoBox) -> str:
     sizes, positions = [], []
+    # The crop starts on the tile's 60 m lattice, so its origin is whole metres, written as ESA does.
+    ulx, uly = int(grid10.bounds.left), int(grid10.bounds.top)
     for res in (10, 20, 60):
-        factor = res // grid10.pixel_size_m
+        factor = res // _res_m(grid10)
         sizes.append(
             f'      <Size resolution="{res}">\n        <NROWS>{grid10.height // factor}</NROWS>\n'
             f"        <NCOLS>{grid10.width // factor}</NCOLS>\n      </Size>"
         )
         positions.append(
-            f'      <Geoposition resolution="{res}">\n        <ULX>{grid10.x0_m}</ULX>\n'
-            f"        <ULY>{grid10.y0_m}</ULY>\n        <XDIM>{res}</XDIM>\n        <YDIM>-{res}</YDIM>\n"
+            f'      <Geoposition resolution="{res}">\n        <ULX>{ulx}</ULX>\n'
+            f"        <ULY>{uly}</ULY>\n        <XDIM>{res}</XDIM>\n        <YDIM>-{res}</YDIM>\n"
             f"      </Geoposition>"
         )
     size_xml, position_xml = "\n".join(sizes), "\n".join(positions)
@@ -1279,15 +1261,15 @@ dmdID="acquisitionPeriod platform">
 # --- Sentinel-1 CARD products ------------------------------------------------------------------
 
 
-def _s1_grid(card: str, world: _World) -> _Grid:
+def _s1_grid(card: str, world: _World) -> GeoBox:
     """The product's grid: the AOI grid at the card's resolution, less a swath edge (whole pixels,
     so every pixel centre is one the parcels were settled against)."""
     base = world.grids[S1_RESOLUTION_M[card]]
     if card == "bs":
         cut = round(S1_EDGE_FRACTION * base.width)
-        return _Grid(base.x0_m + cut * base.pixel_size_m, base.y0_m, base.pixel_size_m, base.width - cut, base.height)
+        return base[:, cut:]
     cut = round(S1_EDGE_FRACTION * base.height)
-    return _Grid(base.x0_m, base.y0_m, base.pixel_size_m, base.width, base.height - cut)
+    return base[: base.height - cut, :]
 
 
 def _plan_s1(bs: int, c6: int, year: int, world: _World, rng: np.random.Generator) -> list[_S1Plan]:
@@ -1299,7 +1281,7 @@ def _plan_s1(bs: int, c6: int, year: int, world: _World, rng: np.random.Generato
     plans: list[_S1Plan] = []
     for card, n, shift in (("bs", bs, 0), ("c6", c6, 1)):
         grid = _s1_grid(card, world)
-        xmin, ymin, xmax, ymax = _extent_m(grid)
+        xmin, ymin, xmax, ymax = grid.bounds
         for i in range(n):
             cycle = min(S1_MAX_SCENES - 1, (i * S1_MAX_SCENES) // n + shift * (S1_MAX_SCENES // (2 * n)))
             start = first + timedelta(days=cycle * S1_REPEAT_DAYS, seconds=int(rng.integers(0, 4)))
@@ -1349,20 +1331,18 @@ _S1_WATER = {"VVb": 10 ** (-2.2), "VHb": 10 ** (-2.8), "VVc": 0.05, "VHc": 0.04}
 def _render_s1(plan: _S1Plan, world: _World, path: Path) -> _Truth:
     """Write the product's COG and return the truth accumulated from the very values written."""
     grid = plan.grid
-    base = world.grids[grid.pixel_size_m]
-    col0 = round((grid.x0_m - base.x0_m) / grid.pixel_size_m)
-    row0 = round((base.y0_m - grid.y0_m) / grid.pixel_size_m)
-    labels = world.labels[grid.pixel_size_m][row0 : row0 + grid.height, col0 : col0 + grid.width]
+    res = _res_m(grid)
+    labels = world.labels[res][world.grids[res].window_of(grid)]
     n_labels = len(world.valid_index) + 1
     levels = _s1_levels(plan, world)
     bands = S1_BANDS[plan.card]
     array = np.empty((len(bands), grid.height, grid.width), dtype=np.float32)
     truth = _Truth()
-    xs = grid.col_centres_m()
+    xs = grid.x_centres()
     card_no = 1 if plan.card == "bs" else 6
     for r0 in range(0, grid.height, BLOCK_ROWS):
         r1 = min(grid.height, r0 + BLOCK_ROWS)
-        ys = grid.row_centres_m(r0, r1)
+        ys = grid.y_centres(np.arange(r0, r1))
         label = labels[r0:r1]
         parcel = label > 0
         water = ~parcel & _ellipses(world.lakes, xs, ys)
@@ -1619,7 +1599,7 @@ def _s1_collection(card: str, products: list[tuple[_S1Plan, Path]]) -> pystac.Co
                 media_type=pystac.MediaType.COG,
                 roles=["data"],
                 extra_fields={
-                    "gsd": plan.grid.pixel_size_m,
+                    "gsd": _res_m(plan.grid),
                     "raster:bands": [
                         {"name": pol, "data_type": "float32", "nodata": "nan", "unit": unit}
                         for pol, _ in S1_BANDS[card]

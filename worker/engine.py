@@ -56,6 +56,7 @@ import rasterio.windows
 import shapely
 from affine import Affine
 
+from card.geobox import GeoBox
 from worker import kernels
 
 # Strips are read once, in order: a large GDAL block cache (default 5 % of RAM) would only hold
@@ -68,16 +69,6 @@ _EPS_PX = 1e-6
 _POLYGONAL = (shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON)
 
 
-@dataclass(frozen=True)
-class Grid:
-    """A raster grid: north-up ``transform``, size, and CRS (part of cache keys, hence hashable)."""
-
-    transform: Affine
-    width: int
-    height: int
-    crs: str | int
-
-
 @dataclass(frozen=True, eq=False)
 class ParcelIndex:
     """The pixels of every parcel of one parcel set on one grid, reusable for every scene.
@@ -88,7 +79,7 @@ class ParcelIndex:
     that from each band.
     """
 
-    grid: Grid
+    grid: GeoBox
     pids: npt.NDArray[np.int64]
     offsets: npt.NDArray[np.int64]
     run_row: npt.NDArray[np.int32]
@@ -128,6 +119,7 @@ class ParcelIndex:
                 run_len=self.run_len,
                 window=np.array(self.window, np.int64),
                 transform=np.array([t.a, t.b, t.c, t.d, t.e, t.f], np.float64),
+                # (width, height), x first: the order of the files already cached on disk.
                 shape=np.array([self.grid.width, self.grid.height], np.int64),
                 crs=np.array(str(crs)),
                 crs_is_int=np.array(isinstance(crs, int)),
@@ -138,10 +130,10 @@ class ParcelIndex:
     def load(cls, path: str | Path) -> ParcelIndex:
         with np.load(path, allow_pickle=False) as z:
             crs_text = str(z["crs"])
-            grid = Grid(
+            nx, ny = (int(v) for v in z["shape"])
+            grid = GeoBox(
+                shape=(ny, nx),
                 transform=Affine(*(float(v) for v in z["transform"])),
-                width=int(z["shape"][0]),
-                height=int(z["shape"][1]),
                 crs=int(crs_text) if bool(z["crs_is_int"]) else crs_text,
             )
             row_off, col_off, height, width = (int(v) for v in z["window"])
@@ -188,7 +180,7 @@ class ClassHist:
 
 
 def _make_index(
-    grid: Grid,
+    grid: GeoBox,
     pids: npt.NDArray[Any],
     offsets: npt.NDArray[Any],
     run_row: npt.NDArray[Any],
@@ -216,36 +208,21 @@ def _make_index(
     )
 
 
-def window_transform(t: Affine, row_off: int, col_off: int) -> Affine:
-    """The transform of a window whose top-left pixel is (row_off, col_off) of the grid of ``t``.
-
-    The corner is computed with affine's own operation order (``t * (col, row)``, which is how
-    rasterstats places its per-feature windows), so both hand GDAL the same numbers; spelt out
-    because affine deprecates ``*`` and older releases lack ``@``.
-    """
-    c = col_off * t.a + row_off * t.b + t.c
-    f = col_off * t.d + row_off * t.e + t.f
-    return Affine(t.a, t.b, c, t.d, t.e, f)
-
-
-def _check_north_up(t: Affine) -> None:
-    if t.b != 0 or t.d != 0 or t.a <= 0 or t.e >= 0:
-        raise ValueError(f"only north-up grids are supported, got transform {tuple(t)[:6]}")
+def _check_north_up(grid: GeoBox) -> None:
+    if not grid.north_up:
+        raise ValueError(f"only north-up grids are supported, got transform {tuple(grid.transform)[:6]}")
 
 
 def _centre_windows(
-    bounds: npt.NDArray[np.float64], grid: Grid
+    bounds: npt.NDArray[np.float64], grid: GeoBox
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Inclusive row/column ranges of pixels whose centre lies in each bounding box, clipped to the grid.
 
     No pixel outside this range can be burnt (its centre is outside the polygon's bounding box), so
     two parcels whose ranges do not intersect can share a rasterization layer.
     """
-    t = grid.transform
-    x0 = (bounds[:, 0] - t.c) / t.a
-    x1 = (bounds[:, 2] - t.c) / t.a
-    y0 = (bounds[:, 3] - t.f) / t.e  # north edge: smaller row
-    y1 = (bounds[:, 1] - t.f) / t.e
+    y0, x0 = grid.fractional_rowcol(bounds[:, 0], bounds[:, 3])  # north-west corner: smaller row and column
+    y1, x1 = grid.fractional_rowcol(bounds[:, 2], bounds[:, 1])
     c_lo = np.maximum(np.ceil(x0 - 0.5 - _EPS_PX), 0).astype(np.int64)
     c_hi = np.minimum(np.floor(x1 - 0.5 + _EPS_PX), grid.width - 1).astype(np.int64)
     r_lo = np.maximum(np.ceil(y0 - 0.5 - _EPS_PX), 0).astype(np.int64)
@@ -294,7 +271,7 @@ class _Rasterizer:
     ``part_off``, the polygon parts in ``parts``.
     """
 
-    grid: Grid
+    grid: GeoBox
     parts: list[dict[str, Any]]
     part_off: npt.NDArray[np.int64]
     r_lo: npt.NDArray[np.int64]
@@ -342,7 +319,7 @@ class _Rasterizer:
             burnt = rasterio.features.rasterize(
                 shapes,
                 out=np.zeros((w_r1 - w_r0 + 1, w_c1 - w_c0 + 1), dtype),
-                transform=window_transform(self.grid.transform, w_r0, w_c0),
+                transform=self.grid[w_r0 : w_r1 + 1, w_c0 : w_c1 + 1].transform,
                 all_touched=False,
                 merge_alg=merge,
             )
@@ -362,7 +339,7 @@ class _Rasterizer:
 def build_index(
     geoms: Sequence[Any] | npt.NDArray[Any],
     pids: npt.ArrayLike,
-    grid: Grid,
+    grid: GeoBox,
     buffer_m: float = 0.0,
 ) -> ParcelIndex:
     """Pixels of every parcel on ``grid`` by GDAL's pixel-centre rule, exactly as rasterstats sees them.
@@ -377,7 +354,7 @@ def build_index(
     only). The few parcels near a doubly-burnt pixel are burnt again in layers of parcels whose
     pixel-centre windows are disjoint, which is exact by construction.
     """
-    _check_north_up(grid.transform)
+    _check_north_up(grid)
     geom_arr = np.asarray(geoms, dtype=object)
     pid_arr = np.asarray(pids, dtype=np.int64)
     if geom_arr.ndim != 1 or geom_arr.shape != pid_arr.shape:
@@ -426,7 +403,7 @@ def build_index(
     return _make_index(grid, pid_arr[cand[has]], offsets, run_row, run_col, run_len, window, buffer_m)
 
 
-def _empty_index(grid: Grid, buffer_m: float) -> ParcelIndex:
+def _empty_index(grid: GeoBox, buffer_m: float) -> ParcelIndex:
     z32 = np.zeros(0, np.int32)
     return _make_index(grid, np.zeros(0, np.int64), np.zeros(1, np.int64), z32, z32, z32, (0, 0, 0, 0), buffer_m)
 

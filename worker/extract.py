@@ -214,23 +214,23 @@ def extract(
     """
     import rasterio
 
+    from card.geobox import GeoBox
     from worker import engine
 
     strip = strip_rows or engine.DEFAULT_STRIP_ROWS
     positions = np.arange(len(parcels.ids), dtype=np.int64)
-    indexes: dict[tuple[Any, ...], engine.StripPlan] = {}
+    indexes: dict[GeoBox, engine.StripPlan] = {}
     stats: dict[str, list[Any]] = {k: [] for k in ("pid", "product", "band", *STAT_COLUMNS)}
     classes: dict[str, list[Any]] = {k: [] for k in ("pid", "product", "class", "count")}
     with _gdal_env([b.path for p in products for b in p.bands]):
         for product in products:
             for band in product.bands:
                 with rasterio.open(band.path) as src:
-                    grid = engine.Grid(src.transform, int(src.width), int(src.height), str(src.crs))
-                    key = (grid.crs, tuple(grid.transform)[:6], grid.width, grid.height)
-                    plan = indexes.get(key)
+                    grid = GeoBox.from_dataset(src)
+                    plan = indexes.get(grid)
                     if plan is None:
                         index = engine.build_index(parcels.in_crs(src.crs), positions, grid, buffer_m=buffer_m)
-                        plan = indexes[key] = engine.plan_strips(index, strip)
+                        plan = indexes[grid] = engine.plan_strips(index, strip)
                     read = in_read_env(band.path, engine.window_reader(src, plan.index, band.bidx))
                     if band.classes:
                         nd = None if band.nodata is None else int(band.nodata)

@@ -24,6 +24,7 @@ import rasterio.errors
 import shapely
 from psycopg2 import sql
 
+from card.geobox import GeoBox
 from card.s1 import S1CardProduct, open_s1_card
 from card.s2 import MissingBandError, S2Product, open_s2_product
 from cbmflow import store
@@ -186,12 +187,12 @@ def datasets_for_scene(cur: psycopg2.extensions.cursor, scene_id: int) -> list[D
     return [Dataset(*row) for row in cur.fetchall()]
 
 
-def grid_of(src: Any) -> engine.Grid:
-    return engine.Grid(transform=src.transform, width=int(src.width), height=int(src.height), crs=str(src.crs))
+def grid_of(src: Any) -> GeoBox:
+    return GeoBox.from_dataset(src)
 
 
 def parcels_on_grid(
-    cur: psycopg2.extensions.cursor, ds: Dataset, grid: engine.Grid, epsg: int
+    cur: psycopg2.extensions.cursor, ds: Dataset, grid: GeoBox, epsg: int
 ) -> tuple[np.ndarray[Any, Any], list[Any]]:
     """Parcels intersecting the grid extent, transformed to the raster CRS in PostGIS."""
     left, top = grid.transform @ (0, 0)
@@ -218,7 +219,7 @@ def parcels_on_grid(
 
 
 def parcel_index(
-    cur: psycopg2.extensions.cursor, cache: IndexCache, ds: Dataset, grid: engine.Grid, epsg: int
+    cur: psycopg2.extensions.cursor, cache: IndexCache, ds: Dataset, grid: GeoBox, epsg: int
 ) -> engine.ParcelIndex:
     """The dataset's parcel index on ``grid``, from the cache or built (and cached) from PostGIS."""
     key = (ds.id, ds.parcels_version, ds.buffer_m, epsg, tuple(grid.transform)[:6], grid.width, grid.height)

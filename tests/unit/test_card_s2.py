@@ -70,14 +70,14 @@ def test_band_files_match_tile_geocoding(product: S2Product) -> None:
             with rasterio.open(path) as src:
                 assert src.driver == "JP2OpenJPEG"
                 assert src.crs.to_epsg() == product.epsg
-                assert (src.height, src.width) == (grid.nrows, grid.ncols)
-                assert tuple(src.transform)[:6] == grid.affine
+                assert (src.height, src.width) == grid.shape
+                assert tuple(src.transform)[:6] == tuple(grid.transform)[:6]
                 assert src.dtypes[0] == ("uint8" if band == "SCL" else "uint16")
-    g60 = product.tile_grid(60)
-    assert (g60.ulx, g60.uly) == (product.tile_grid(10).ulx, product.tile_grid(10).uly)
-    assert g60.ncols * 6 == product.tile_grid(10).ncols
+    g60, g10 = product.tile_grid(60), product.tile_grid(10)
+    assert (g60.bounds.left, g60.bounds.top) == (g10.bounds.left, g10.bounds.top)
+    assert g60.width * 6 == g10.width
     # Crops sit on the real tile's 60 m lattice (T32UPU: ULX 600000, ULY 5400020).
-    assert (g60.ulx - 600000) % 60 == 0 and (5400020 - g60.uly) % 60 == 0
+    assert (g60.bounds.left - 600000) % 60 == 0 and (5400020 - g60.bounds.top) % 60 == 0
 
 
 def test_footprint_contains_the_aoi(world: WorldSummary, product: S2Product) -> None:
@@ -93,7 +93,7 @@ def test_gdal_sentinel2_driver_agrees(product: S2Product) -> None:
     with rasterio.open(f"SENTINEL2_L2A:{mtd}:10m:EPSG_{product.epsg}") as sub:
         assert sub.descriptions[0].startswith("B4,") and sub.descriptions[3].startswith("B8,")
         via_gdal = sub.read(1)
-        assert tuple(sub.transform)[:6] == product.tile_grid(10).affine
+        assert tuple(sub.transform)[:6] == tuple(product.tile_grid(10).transform)[:6]
     with rasterio.open(product.band_path("B04")) as src:
         assert np.array_equal(src.read(1), via_gdal)
 
@@ -201,7 +201,7 @@ def test_pre_04_baseline_has_no_offset(tmp_path: Path) -> None:
         32632,
     )
     assert p.sensing_time == datetime(2019, 9, 27, 10, 20, 29, 24000, tzinfo=UTC)
-    assert p.tile_grid(10).affine == (10.0, 0.0, 600000.0, 0.0, -10.0, 5400020.0)
+    assert tuple(p.tile_grid(10).transform)[:6] == (10.0, 0.0, 600000.0, 0.0, -10.0, 5400020.0)
     assert p.footprint.bounds == (10.3, 47.7, 11.8, 48.7)  # EXT_POS_LIST is lat, lon
     assert p.band_path("B04").name == "T32UPU_20190927T102021_B04_10m.jp2"  # native 10 m, not the 20 m copy
     with pytest.raises(MissingBandError, match="listed in MTD_MSIL2A.xml but its file is missing"):

@@ -20,10 +20,12 @@ import pytest
 import rasterio
 import shapely
 import shapely.geometry
+from affine import Affine
 from rasterstats import zonal_stats
 
+from card.geobox import GeoBox
 from card.s2 import open_s2_product
-from card.testworld import CROPS, WorldSummary, _Grid, _write_jp2, generate
+from card.testworld import CROPS, WorldSummary, _write_jp2, generate
 
 # rasterstats still multiplies affine matrices with "*".
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
@@ -125,16 +127,17 @@ def test_pixel_centre_rule_is_unambiguous(world: WorldSummary, parcels: gpd.GeoD
         grid = product.tile_grid(res)
         for geom in good.geometry:
             minx, miny, maxx, maxy = geom.bounds
-            cols = np.arange(np.floor((minx - grid.ulx) / res), np.ceil((maxx - grid.ulx) / res))
-            rows = np.arange(np.floor((grid.uly - maxy) / res), np.ceil((grid.uly - miny) / res))
-            x, y = np.meshgrid(grid.ulx + (cols + 0.5) * res, grid.uly - (rows + 0.5) * res)
+            ulx, uly = grid.bounds.left, grid.bounds.top
+            cols = np.arange(np.floor((minx - ulx) / res), np.ceil((maxx - ulx) / res))
+            rows = np.arange(np.floor((uly - maxy) / res), np.ceil((uly - miny) / res))
+            x, y = np.meshgrid(ulx + (cols + 0.5) * res, uly - (rows + 0.5) * res)
             distance = shapely.distance(geom.boundary, shapely.points(x.ravel(), y.ravel()))
             assert distance.min() >= 0.01
 
 
 def test_jp2_roundtrip_is_lossless(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    grid = _Grid(x0_m=652200.0, y0_m=5347700.0, pixel_size_m=10, width=301, height=257)
+    grid = GeoBox((257, 301), Affine(10, 0.0, 652200.0, 0.0, -10, 5347700.0), 32632)
     reflectance = rng.integers(0, 65536, (257, 301), dtype=np.uint16)
     scl = rng.integers(0, 12, (257, 301), dtype=np.uint8)
     for name, array in (("b.jp2", reflectance), ("scl.jp2", scl)):

@@ -22,6 +22,7 @@ from affine import Affine
 from rasterstats import zonal_stats
 from shapely.geometry import MultiPolygon, Polygon, box
 
+from card.geobox import GeoBox
 from worker import engine
 
 CRS = "EPSG:32735"
@@ -29,7 +30,7 @@ RES = 10.0
 X0, Y0 = 399960.0, 8000020.0  # north-west corner
 HEIGHT, WIDTH = 120, 160  # rows (y), columns (x)
 TRANSFORM = Affine(RES, 0.0, X0, 0.0, -RES, Y0)
-GRID = engine.Grid(TRANSFORM, WIDTH, HEIGHT, CRS)
+GRID = GeoBox((HEIGHT, WIDTH), TRANSFORM, CRS)
 STATS = "count mean std min max percentile_25 percentile_50 percentile_75"
 FIELDS = {
     "mean": "mean",
@@ -287,7 +288,7 @@ def test_window_rasterization_equals_full_grid() -> None:
         minx, miny, maxx, maxy = geom.bounds
         c0, r0 = int(np.floor((minx - X0) / RES)) - 3, int(np.floor((Y0 - maxy) / RES)) - 2
         c1, r1 = int(np.ceil((maxx - X0) / RES)) + 1, int(np.ceil((Y0 - miny) / RES)) + 4
-        window = burn_alone(geom, engine.window_transform(TRANSFORM, r0, c0), (r1 - r0, c1 - c0))
+        window = burn_alone(geom, GRID.shifted(rows=r0, cols=c0).transform, (r1 - r0, c1 - c0))
         rows, cols = np.nonzero(window)
         rows, cols = rows + r0, cols + c0
         inside = (rows >= 0) & (rows < HEIGHT) & (cols >= 0) & (cols < WIDTH)
@@ -370,7 +371,7 @@ def test_windowed_values_and_read_window(tmp_path: Path) -> None:
 def test_save_load_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(23)
     geoms = random_polygons(rng, 60)
-    index = engine.build_index(geoms, np.arange(60), engine.Grid(TRANSFORM, WIDTH, HEIGHT, 32735), buffer_m=-3.0)
+    index = engine.build_index(geoms, np.arange(60), GeoBox((HEIGHT, WIDTH), TRANSFORM, 32735), buffer_m=-3.0)
     index.save(tmp_path / "index.bin")  # any name: not silently renamed to .npz
     loaded = engine.ParcelIndex.load(tmp_path / "index.bin")
     unpickled = pickle.loads(pickle.dumps(index))
@@ -395,7 +396,7 @@ def test_empty_and_invalid_inputs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pids"):
         engine.build_index([square(5, 5, 2)], np.array([1, 2]), GRID)
     with pytest.raises(ValueError, match="north-up"):
-        engine.build_index([square(5, 5, 2)], np.array([1]), engine.Grid(Affine(10, 0, 0, 0, 10, 0), 10, 10, CRS))
+        engine.build_index([square(5, 5, 2)], np.array([1]), GeoBox((10, 10), Affine(10, 0, 0, 0, 10, 0), CRS))
     index = engine.build_index([square(5, 5, 2)], np.array([1]), GRID)
     with pytest.raises(ValueError, match="uint8"):
         engine.class_histograms(index, band)

@@ -131,10 +131,10 @@ def _load_parcels(path: Path) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
 
 
 def _grid(path: Path) -> Any:
-    from worker import engine
+    from card.geobox import GeoBox
 
     with rasterio.open(path) as src:
-        return engine.Grid(src.transform, src.width, src.height, str(src.crs))
+        return GeoBox.from_dataset(src)
 
 
 def _index(parcels: Path, band: Path, cache: Path) -> tuple[Any, float]:
