@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from api.auth import AOI_RE, USER_NAME_RE, hash_password, new_token
+from cbmflow.db import Cursor
 from cbmflow.errors import InvalidInputError, NotFoundError
 
 MIN_PASSWORD_CHARS = 8
@@ -54,12 +54,12 @@ def parse_datasets(text: str) -> list[str]:
     return out
 
 
-def _exists(cur: Any, name: str) -> bool:
+def _exists(cur: Cursor, name: str) -> bool:
     cur.execute("SELECT 1 FROM users WHERE name = %s", (name,))
     return cur.fetchone() is not None
 
 
-def _grant_all(cur: Any, name: str, datasets: Iterable[str]) -> None:
+def _grant_all(cur: Cursor, name: str, datasets: Iterable[str]) -> None:
     for aoi in datasets:
         cur.execute(
             "INSERT INTO user_grants (user_name, aoi) VALUES (%s, %s) ON CONFLICT DO NOTHING",
@@ -67,7 +67,7 @@ def _grant_all(cur: Any, name: str, datasets: Iterable[str]) -> None:
         )
 
 
-def add_user(cur: Any, name: str, password: str, datasets: Iterable[str] = (), admin: bool = False) -> None:
+def add_user(cur: Cursor, name: str, password: str, datasets: Iterable[str] = (), admin: bool = False) -> None:
     """Create a user; refuses to overwrite an existing one (use ``upsert_user`` for that)."""
     check_name(name)
     check_password(password)
@@ -80,7 +80,7 @@ def add_user(cur: Any, name: str, password: str, datasets: Iterable[str] = (), a
     _grant_all(cur, name, datasets)
 
 
-def upsert_user(cur: Any, name: str, password: str, datasets: Iterable[str] = (), admin: bool = False) -> None:
+def upsert_user(cur: Cursor, name: str, password: str, datasets: Iterable[str] = (), admin: bool = False) -> None:
     """Create or reset a user (password and admin flag); grants are added, never removed.
 
     The demo calls this on every run with the same password, so it must be idempotent.
@@ -95,14 +95,14 @@ def upsert_user(cur: Any, name: str, password: str, datasets: Iterable[str] = ()
     _grant_all(cur, name, datasets)
 
 
-def set_password(cur: Any, name: str, password: str) -> None:
+def set_password(cur: Cursor, name: str, password: str) -> None:
     check_password(password)
     cur.execute("UPDATE users SET password_hash = %s WHERE name = %s", (hash_password(password), check_name(name)))
     if cur.rowcount == 0:
         raise NotFoundError(f"no user {name!r}")
 
 
-def grant(cur: Any, name: str, aoi: str) -> bool:
+def grant(cur: Cursor, name: str, aoi: str) -> bool:
     """True when the grant is new."""
     if not _exists(cur, check_name(name)):
         raise NotFoundError(f"no user {name!r}")
@@ -113,7 +113,7 @@ def grant(cur: Any, name: str, aoi: str) -> bool:
     return bool(cur.rowcount)
 
 
-def revoke(cur: Any, name: str, aoi: str) -> bool:
+def revoke(cur: Cursor, name: str, aoi: str) -> bool:
     """True when a grant was removed."""
     if not _exists(cur, check_name(name)):
         raise NotFoundError(f"no user {name!r}")
@@ -121,13 +121,13 @@ def revoke(cur: Any, name: str, aoi: str) -> bool:
     return bool(cur.rowcount)
 
 
-def delete_user(cur: Any, name: str) -> bool:
+def delete_user(cur: Cursor, name: str) -> bool:
     """True when the user existed; their grants go with them (ON DELETE CASCADE)."""
     cur.execute("DELETE FROM users WHERE name = %s", (check_name(name),))
     return bool(cur.rowcount)
 
 
-def list_users(cur: Any) -> list[UserInfo]:
+def list_users(cur: Cursor) -> list[UserInfo]:
     cur.execute(
         "SELECT u.name, u.is_admin,"
         " coalesce(array_agg(g.aoi ORDER BY g.aoi) FILTER (WHERE g.aoi IS NOT NULL), '{}'::text[])"
@@ -137,7 +137,7 @@ def list_users(cur: Any) -> list[UserInfo]:
     return [UserInfo(str(n), bool(a), [str(x) for x in g]) for n, a, g in cur.fetchall()]
 
 
-def known_datasets(cur: Any) -> set[str]:
+def known_datasets(cur: Cursor) -> set[str]:
     """AOIs that have at least one dataset, so the CLI can warn about grants to nothing (yet)."""
     cur.execute("SELECT DISTINCT aoi FROM datasets")
     return {str(r[0]) for r in cur.fetchall()}
@@ -150,7 +150,7 @@ class TokenInfo:
     created_at: str
 
 
-def create_token(cur: Any, name: str) -> str:
+def create_token(cur: Cursor, name: str) -> str:
     """A new API token for ``name``; the token itself is returned once and never stored."""
     if not _exists(cur, check_name(name)):
         raise NotFoundError(f"no user {name!r}")
@@ -159,13 +159,13 @@ def create_token(cur: Any, name: str) -> str:
     return token
 
 
-def revoke_token(cur: Any, name: str, token_id: str) -> bool:
+def revoke_token(cur: Cursor, name: str, token_id: str) -> bool:
     """True when the user had this token (by its id, the 12 hex digits after ``cbmf_``)."""
     cur.execute("DELETE FROM api_tokens WHERE user_name = %s AND id = %s", (check_name(name), token_id))
     return bool(cur.rowcount)
 
 
-def list_tokens(cur: Any, name: str) -> list[TokenInfo]:
+def list_tokens(cur: Cursor, name: str) -> list[TokenInfo]:
     cur.execute(
         "SELECT id, user_name, to_char(created_at, 'YYYY-MM-DD\"T\"HH24:MI:SSOF') FROM api_tokens"
         " WHERE user_name = %s ORDER BY created_at, id",

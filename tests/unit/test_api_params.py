@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 from openapi_spec_validator import validate
 from starlette.datastructures import QueryParams
@@ -71,7 +71,7 @@ def test_reading_an_undeclared_parameter_is_a_programming_error() -> None:
 
 def test_document_is_valid_and_lists_exactly_the_routes() -> None:
     doc = document(endpoints())
-    validate(doc)  # type: ignore[arg-type]
+    validate(doc)
     app = create_app("postgresql://nowhere.invalid/db")  # building an app opens no connection
     assert set(doc["paths"]) == {r.path for r in app.routes}  # type: ignore[attr-defined]
 
