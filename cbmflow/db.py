@@ -7,10 +7,12 @@ Identifiers (schemas, tables) only ever come from the ``datasets`` table and are
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
+from importlib.abc import Traversable
 from typing import Any, TypeAlias
 
 import psycopg2
@@ -23,7 +25,11 @@ from cbmflow.settings import DbSettings
 Cursor: TypeAlias = psycopg2.extensions.cursor
 """The cursor type every function that runs SQL on a caller's transaction takes."""
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+MIGRATIONS_PACKAGE = "cbmflow.migrations"
+"""The repository's ``sql/`` folder, installed under this name (``package-dir`` in pyproject.toml), so
+one lookup finds the migrations in a wheel install and in an editable checkout alike."""
+
+_MIGRATION_RE = re.compile(r"^[0-9]{3}_.+\.sql$")
 
 
 def connect(dsn: str | None = None, **kwargs: Any) -> psycopg2.extensions.connection:
@@ -42,12 +48,32 @@ def transaction(dsn: str | None = None) -> Iterator[psycopg2.extensions.cursor]:
         conn.close()
 
 
-def migrate(dsn: str | None = None, sql_dir: Path = SQL_DIR) -> list[str]:
+def migration_files(sql_dir: Traversable | None = None) -> list[Traversable]:
+    """The ``NNN_*.sql`` files in order; none at all is an error.
+
+    An install without its migrations (a wheel built without the package data) would otherwise
+    report "none pending" against an empty database, which looks like success.
+    """
+    from cbmflow.errors import ConfigError
+
+    if sql_dir is None:
+        try:
+            sql_dir = resources.files(MIGRATIONS_PACKAGE)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"no {MIGRATIONS_PACKAGE} package: cbmflow is not installed (pip install -e .)") from exc
+    files = sorted((f for f in sql_dir.iterdir() if _MIGRATION_RE.match(f.name) and f.is_file()), key=lambda f: f.name)
+    if not files:
+        raise ConfigError(f"no NNN_*.sql migration files in {sql_dir}: the cbmflow install is incomplete")
+    return files
+
+
+def migrate(dsn: str | None = None, sql_dir: Traversable | None = None) -> list[str]:
     """Apply ``sql/NNN_*.sql`` files not yet recorded; returns the names applied.
 
     A checksum is kept per file so that editing an applied migration is caught instead of being
     silently ignored. An advisory lock serialises concurrent migrators.
     """
+    files = migration_files(sql_dir)
     applied: list[str] = []
     conn = connect(dsn)
     try:
@@ -59,8 +85,8 @@ def migrate(dsn: str | None = None, sql_dir: Path = SQL_DIR) -> list[str]:
             )
             cur.execute("SELECT name, sha256 FROM schema_migrations")
             done = dict(cur.fetchall())
-            for path in sorted(sql_dir.glob("[0-9][0-9][0-9]_*.sql")):
-                text = path.read_text()
+            for path in files:
+                text = path.read_text(encoding="utf-8")
                 digest = hashlib.sha256(text.encode()).hexdigest()
                 if path.name in done:
                     if done[path.name] != digest:

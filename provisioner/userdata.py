@@ -26,6 +26,7 @@ import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -48,6 +49,9 @@ STOP_TIMEOUT_SLACK_S = 60
 FORWARDED_PREFIXES = ("CBMFLOW_WORKER_", "CBMFLOW_BUS_", "CBMFLOW_STORE_", "CBMFLOW_DB_")
 FORWARDED_NAMES = ("CBMFLOW_LOG_LEVEL",)
 PER_WORKER_NAMES = ("CBMFLOW_WORKER_ID",)
+
+# What a worker VM installs: the worker's libraries only, none of the API's, cloud's or SSH's.
+WORKER_REQUIREMENT = "cbmflow[worker]"
 
 Install = Literal["preinstalled", "wheel", "index"]
 INSTALL_MODES: tuple[Install, ...] = ("preinstalled", "wheel", "index")
@@ -155,7 +159,13 @@ def _install_commands(
     if install == "wheel":
         if not wheel_url:
             raise ConfigError("install=wheel needs a wheel URL (CBMFLOW_PROVISION_WHEEL_URL)")
-        target = [wheel_url]
+        # A PEP 508 direct reference is how pip takes extras with a wheel URL; it needs a URL, so
+        # an absolute path (a wheel the image or a mount provides) becomes a file:// URL.
+        if "://" not in wheel_url:
+            if not wheel_url.startswith("/"):
+                raise ConfigError(f"wheel URL {wheel_url!r} is neither a URL nor an absolute path")
+            wheel_url = PurePosixPath(wheel_url).as_uri()
+        target = [f"{package} @ {wheel_url}"]
     else:
         target = (["--index-url", index_url] if index_url else []) + [package]
     return [["python3", "-m", "venv", VENV_DIR], pip + target]
@@ -211,7 +221,7 @@ def render_userdata(
     wheel_url: str = "",
     worker_command: Sequence[str] | None = None,
     index_url: str = "",
-    package: str = "cbmflow",
+    package: str = WORKER_REQUIREMENT,
     stop_timeout_s: int | None = None,
     base_config: Mapping[str, Any] | None = None,
 ) -> str:
@@ -220,7 +230,9 @@ def render_userdata(
     ``base_config`` is an operator's own cloud-config (users, CA certificates, apt mirrors) that the
     worker pieces are appended to, so site customisation never means editing this module.
     ``stop_timeout_s`` defaults to the worker's stop deadline plus slack, so systemd waits for a
-    drain instead of killing a job it has been told to finish.
+    drain instead of killing a job it has been told to finish. ``package`` is the requirement pip
+    installs (in wheel mode, with the wheel URL as its direct reference); its ``[worker]`` extra
+    keeps the API, cloud and SSH libraries off the VM.
     """
     if install not in INSTALL_MODES:
         raise ConfigError(f"install must be one of {', '.join(INSTALL_MODES)}, got {install!r}")

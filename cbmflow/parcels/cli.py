@@ -10,7 +10,9 @@ from psycopg2 import sql
 
 from cbmflow import db
 from cbmflow.errors import CbmflowError, InvalidInputError
-from cbmflow.parcels.ingest import add_aoi, aoi_name, import_parcels
+
+# cbmflow.parcels.ingest (geopandas, the `parcels` extra) is imported inside the commands, so that
+# registering these commands works on an install without that extra.
 
 parcels_app = typer.Typer(help="Import and list parcels.", no_args_is_help=True)
 aoi_app = typer.Typer(help="Areas of interest.", no_args_is_help=True)
@@ -43,6 +45,8 @@ def import_cmd(
     """
     from rich.console import Console
     from rich.table import Table
+
+    from cbmflow.parcels.ingest import aoi_name, import_parcels
 
     try:
         conn = db.connect()
@@ -96,6 +100,8 @@ def list_cmd(
     from rich.console import Console
     from rich.table import Table
 
+    from cbmflow.parcels.ingest import aoi_name
+
     console = Console()
     try:
         conn = db.connect()
@@ -143,6 +149,8 @@ def aoi_add_cmd(
     layer: str | None = typer.Option(None, "--layer"),
 ) -> None:
     """Create or replace an AOI (stored as a MultiPolygon in EPSG:4326)."""
+    from cbmflow.parcels.ingest import add_aoi, aoi_name
+
     try:
         conn = db.connect()
         try:

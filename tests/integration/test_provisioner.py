@@ -106,7 +106,15 @@ def test_rendered_document_layout() -> None:
     assert doc["runcmd"][-1].startswith("if [ -d /run/systemd/system ]")
     assert "packages" not in yaml.safe_load(_render("preinstalled"))
     index = yaml.safe_load(_render("index", index_url="https://pypi.internal/simple"))
-    assert index["runcmd"][-2][-3:] == ["--index-url", "https://pypi.internal/simple", "cbmflow"]
+    assert index["runcmd"][-2][-3:] == ["--index-url", "https://pypi.internal/simple", "cbmflow[worker]"]
+    # a VM gets the worker extra only: pip takes extras with a wheel URL as a direct reference
+    assert doc["runcmd"][-2][-1] == "cbmflow[worker] @ https://repo.internal/cbmflow-0.1.0-py3-none-any.whl"
+    local = yaml.safe_load(
+        render_userdata(ENV, install="wheel", wheel_url="/srv/wheels/cbmflow-0.1.0-py3-none-any.whl")
+    )
+    assert local["runcmd"][-2][-1] == "cbmflow[worker] @ file:///srv/wheels/cbmflow-0.1.0-py3-none-any.whl"
+    with pytest.raises(ConfigError, match="neither a URL nor an absolute path"):
+        render_userdata(ENV, install="wheel", wheel_url="dist/cbmflow-0.1.0-py3-none-any.whl")
     with pytest.raises(ConfigError, match="wheel URL"):
         render_userdata(ENV, install="wheel")
     with pytest.raises(ConfigError, match="install must be"):
