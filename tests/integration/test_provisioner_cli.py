@@ -155,7 +155,13 @@ def vm_fleet(monkeypatch: pytest.MonkeyPatch) -> list[FakeConnection]:
     vm = WorkerView(id="cbmflow-default-0000beef", state="busy", server_status="ACTIVE", server_id="srv-1",
                     address="10.0.0.12")  # fmt: skip
     booting = WorkerView(id="cbmflow-default-0000cafe", state="starting", server_status="BUILD", server_id="srv-2")
-    monkeypatch.setattr(service_mod, "make_driver", lambda settings: FakeFleet([vm, booting]))
+
+    def fleet(settings: ProvisionSettings) -> FakeFleet:
+        return FakeFleet([vm, booting])
+
+    # provisioner.cli calls the make_driver it imported from provisioner.service: patch both names
+    monkeypatch.setattr(service_mod, "make_driver", fleet)
+    monkeypatch.setattr(cli_mod, "make_driver", fleet)
     made: list[FakeConnection] = []
 
     def connection(settings: ProvisionSettings, host: str) -> FakeConnection:
