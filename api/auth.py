@@ -37,6 +37,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from cbmflow.db import Cursor
 from cbmflow.errors import CbmflowError, PermissionDeniedError
 from cbmflow.logging import get_logger
+from cbmflow.vocab import AOI_NAME_PATTERN
 
 log = get_logger("api.auth")
 
@@ -44,7 +45,7 @@ log = get_logger("api.auth")
 # before the query keeps NUL and control characters away from the database driver.
 USER_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 # Mirrors the CHECK constraint on aois.name: what a grant, and the ``aoi`` parameter, may name.
-AOI_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
+AOI_PATTERN = AOI_NAME_PATTERN
 AOI_RE = re.compile(AOI_PATTERN)
 _MAX_PASSWORD_CHARS = 1024
 # cbmf_<12 hex id>_<43 url-safe characters = 256 random bits>

@@ -17,3 +17,7 @@ SceneStatus = Literal["discovered", "queued", "processing", "extracted", "failed
 """A scene's life: found by the watcher, its job published, claimed by a worker under a lease,
 then done (``extracted``, or ``no_parcels`` when no parcel falls on it) or ``failed`` with a reason."""
 SCENE_STATUSES: tuple[SceneStatus, ...] = get_args(SceneStatus)
+
+AOI_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
+"""An AOI (member state) name: it becomes the dataset's PostgreSQL schema, so a lower-case letter,
+then letters, digits or ``_``, at most 31 characters (the CHECK on ``aois.name`` in sql/001_core.sql)."""

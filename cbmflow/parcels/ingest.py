@@ -30,10 +30,11 @@ from shapely.geometry import MultiPolygon, box
 from cbmflow import db
 from cbmflow.errors import InvalidInputError
 from cbmflow.logging import get_logger
+from cbmflow.vocab import AOI_NAME_PATTERN
 
 log = get_logger("parcels")
 
-AOI_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+AOI_NAME_RE = re.compile(AOI_NAME_PATTERN)
 # The AOI name becomes the dataset's schema; these would collide with PostgreSQL's or PostGIS's own.
 RESERVED_AOI_NAMES = frozenset({"public", "information_schema", "topology", "tiger", "tiger_data"})
 ID_COLUMN_CANDIDATES = ("parcel_id", "pid", "id")

@@ -160,6 +160,9 @@ class LocalDriver:
                 "CBMFLOW_WORKER_THREADS": "1",
                 **os.environ,
                 **file_env,
+                # Their stderr is a log file that tools (and the fault tests) read line by line as
+                # JSON, whatever format the provisioner's own terminal asked for.
+                "CBMFLOW_LOG_FORMAT": "json",
                 "CBMFLOW_WORKER_ID": worker_id,
                 "CBMFLOW_STATE_DIR": str(state_dir()),
             }
