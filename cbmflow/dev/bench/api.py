@@ -55,13 +55,13 @@ def _progress(msg: str) -> None:
     print(f"[bench-api {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _loaded(cur: Any, rows: int, parcels: int, scenes: int) -> bool:
+def _loaded(cur: db.Cursor, rows: int, parcels: int, scenes: int) -> bool:
     cur.execute("CREATE TABLE IF NOT EXISTS bench_api_meta (rows bigint, parcels int, scenes int)")
     cur.execute("SELECT rows, parcels, scenes FROM bench_api_meta")
     return bool(cur.fetchone() == (rows, parcels, scenes))
 
 
-def _rebuild_statements(cur: Any, table: str) -> list[str]:
+def _rebuild_statements(cur: db.Cursor, table: str) -> list[str]:
     """The DDL that recreates every index and key of ``table`` as it is defined now."""
     cur.execute(
         "SELECT c.conname, pg_get_constraintdef(c.oid) FROM pg_constraint c"

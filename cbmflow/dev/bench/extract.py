@@ -29,6 +29,8 @@ import rasterio.windows
 import shapely
 from affine import Affine
 
+from card.geobox import GeoBox
+
 SIZE = 10980
 EPSG = 32632
 T10 = Affine(10.0, 0.0, 600000.0, 0.0, -10.0, 5400020.0)
@@ -130,9 +132,7 @@ def _load_parcels(path: Path) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
     return np.asarray(gdf.geometry.values, dtype=object), gdf["pid"].to_numpy(np.int64)
 
 
-def _grid(path: Path) -> Any:
-    from card.geobox import GeoBox
-
+def _grid(path: Path) -> GeoBox:
     with rasterio.open(path) as src:
         return GeoBox.from_dataset(src)
 
