@@ -1,6 +1,8 @@
-"""Operator commands: ``db migrate``, ``settings``, ``status`` and ``jobs retry``."""
+"""Operator commands: ``db migrate``, ``db backup``/``db restore``, ``settings``, ``status`` and ``jobs retry``."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
@@ -15,6 +17,73 @@ def migrate() -> None:
 
     applied = db.migrate()
     typer.echo(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+
+
+@db_app.command("backup")
+def db_backup(
+    directory: Path = typer.Argument(..., help="New (or empty) directory for the dump and its manifest."),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="Tables dumped in parallel (pg_dump --jobs)."),
+) -> None:
+    """Back up the whole database (pg_dump directory format + manifest.json with checksums).
+    Not included: cluster roles and passwords, queued messages, the object store's products."""
+    from cbmflow.errors import CbmflowError
+    from cbmflow.ops.backup import backup
+    from cbmflow.settings import DbSettings
+
+    try:
+        m = backup(DbSettings().resolved_dsn(), directory, jobs=jobs)
+    except CbmflowError as exc:
+        typer.echo(f"backup failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(
+        f"backed up {m['database']} (PostgreSQL {m['server_version']}, {len(m['migrations'])} migrations,"
+        f" {m['counts']}) into {directory}: {m['dump_bytes']} bytes in {len(m['files'])} files"
+    )
+
+
+@db_app.command("restore")
+def db_restore(
+    directory: Path = typer.Argument(..., help="A directory written by `cbmflow db backup`."),
+    force: bool = typer.Option(False, "--force", help="Drop the target database's contents first."),
+    keep_grants: bool = typer.Option(
+        False, "--keep-grants", help="Restore GRANTs too (their roles must exist on this cluster)."
+    ),
+) -> None:
+    """Restore a backup into an empty database (checksums verified first; one transaction).
+    Afterwards `cbmflow db migrate` has nothing to apply unless the code is newer than the backup."""
+    from cbmflow.errors import CbmflowError
+    from cbmflow.ops.backup import restore
+    from cbmflow.settings import DbSettings
+
+    try:
+        r = restore(DbSettings().resolved_dsn(), directory, force=force, keep_grants=keep_grants)
+    except CbmflowError as exc:
+        typer.echo(f"restore refused or failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(
+        f"restored {directory} into {r.database}{' (replaced its contents)' if r.forced else ''}:"
+        f" {len(r.migrations)} migrations, {r.counts}"
+    )
+
+
+@db_app.command("role-dsn")
+def role_dsn(
+    role: str = typer.Argument(..., help="worker, api or watcher."),
+) -> None:
+    """Create or rotate the LOGIN role of a component and print its DSN (the only copy of the password).
+
+    Run as the database owner (CBMFLOW_DB_DSN). Rotating invalidates the DSN printed before for new
+    connections; hand the new one to CBMFLOW_PROVISION_WORKER_DSN, CBMFLOW_API_DSN or the watcher's
+    CBMFLOW_DB_DSN."""
+    from cbmflow import db
+    from cbmflow.errors import CbmflowError
+    from cbmflow.settings import DbSettings
+
+    try:
+        typer.echo(db.role_dsn(DbSettings().resolved_dsn(), role))
+    except CbmflowError as exc:
+        typer.echo(f"db role-dsn: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 @jobs_app.command("retry")
