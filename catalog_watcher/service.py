@@ -48,7 +48,9 @@ def upsert_scene(cur: psycopg2.extensions.cursor, rec: SceneRecord) -> tuple[int
     """Insert or refresh one scene; returns (scene id, 'new' | 'changed' | 'same').
 
     A changed product (its ``updated`` stamp moved) is reset to ``discovered`` so it is
-    re-extracted; an unchanged one is left exactly as it is.
+    re-extracted; an unchanged one is left exactly as it is. The reset bumps the scene's
+    ``generation`` and clears its lease: a worker still extracting the previous version then has
+    its commit refused (it claimed the old generation) instead of marking the new version done.
     """
     cur.execute(
         """
@@ -58,6 +60,7 @@ def upsert_scene(cur: psycopg2.extensions.cursor, rec: SceneRecord) -> tuple[int
         ON CONFLICT (product_id) DO UPDATE
            SET location = EXCLUDED.location, footprint = EXCLUDED.footprint,
                source_updated = EXCLUDED.source_updated, status = 'discovered', reason = NULL,
+               generation = scenes.generation + 1, lease_owner = NULL, lease_until = NULL,
                updated_at = now()
          WHERE scenes.source_updated IS DISTINCT FROM EXCLUDED.source_updated
         RETURNING id, (xmax = 0) AS inserted
