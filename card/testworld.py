@@ -206,6 +206,10 @@ class WorldSummary:
     s1_products: tuple[str, ...] = ()
     """Sentinel-1 CARD products (``bs`` then ``c6``), by name; empty unless asked for."""
     s1_product_paths: tuple[Path, ...] = ()
+    earth_search_item_paths: tuple[Path, ...] = ()
+    """With ``earth_search_items``: per SAFE (in order), its ``sentinel-2-l2a`` then ``sentinel-2-c1-l2a`` Item."""
+    s1_rtc_item_paths: tuple[Path, ...] = ()
+    """With ``earth_search_items``: per CARD ``bs`` product, a ``sentinel-1-rtc``-shaped Item."""
 
 
 # --- internal model -----------------------------------------------------------------------------
@@ -325,12 +329,18 @@ def generate(
     year: int = 2024,
     s1_scenes: int = 0,
     c6_scenes: int = 0,
+    earth_search_items: bool = False,
 ) -> WorldSummary:
     """Write a complete test world under ``out`` (see the module docstring); same seed, same bytes.
 
     ``s1_scenes`` Sentinel-1 CARD backscatter and ``c6_scenes`` coherence products are added on
     the same parcels (none by default). The S2 products, parcels and truth rows of a seed do not
     depend on them.
+
+    ``earth_search_items`` also writes every S2 acquisition as per-band COGs with an earth-search
+    Item in both flavours, and every ``bs`` product as per-polarisation COGs with a
+    ``sentinel-1-rtc`` Item, under ``out/products/earth-search`` (:func:`write_earth_search_item`,
+    :func:`write_s1_rtc_item`); nothing else changes (same bytes without it).
 
     ``out/products`` and ``out/stac`` are replaced, so that products of an earlier, larger world
     cannot linger in the catalogue.
@@ -401,6 +411,12 @@ def generate(
     )
     truth_rows = _write_truth(out / "truth.csv", out / "truth_scl.csv", world, plans, truths)
     truth_rows += _append_s1_truth(out / "truth.csv", world, s1_plans, s1_truths)
+    es_items: list[Path] = []
+    rtc_items: list[Path] = []
+    if earth_search_items:
+        es_dir = products_dir / "earth-search"
+        es_items = [write_earth_search_item(p, es_dir, f) for p in safe_dirs for f in EARTH_SEARCH_FLAVOURS]
+        rtc_items = [write_s1_rtc_item(f, es_dir) for p, f in zip(s1_plans, s1_files, strict=True) if p.card == "bs"]
     west, south, east, north = (float(v) for v in aoi_wgs84.bounds)
     return WorldSummary(
         out=out,
@@ -421,6 +437,8 @@ def generate(
         truth_rows=truth_rows,
         s1_products=tuple(p.name for p in s1_plans),
         s1_product_paths=tuple(s1_files),
+        earth_search_item_paths=tuple(es_items),
+        s1_rtc_item_paths=tuple(rtc_items),
     )
 
 
@@ -1637,3 +1655,191 @@ def _write_truth(
                     if cls and n:
                         scl_writer.writerow([pid, name, cls, n])
     return rows
+
+
+# --- earth-search-shaped COG products (opt-in) --------------------------------------------------
+
+EARTH_SEARCH_FLAVOURS = ("sentinel-2-l2a", "sentinel-2-c1-l2a")
+"""``sentinel-2-l2a``: COG DN with the BOA offset already applied (``earthsearch:boa_offset_applied``
+true); ``sentinel-2-c1-l2a``: ESA's DN unchanged, offset to apply. Both declare ``offset: -0.1``."""
+
+_ES_ASSET_OF_BAND = {
+    "B01": "coastal", "B02": "blue", "B03": "green", "B04": "red", "B05": "rededge1", "B06": "rededge2",
+    "B07": "rededge3", "B08": "nir", "B8A": "nir08", "B09": "nir09", "B11": "swir16", "B12": "swir22", "SCL": "scl",
+}  # fmt: skip
+_COG_MEDIA = "image/tiff; application=geotiff; profile=cloud-optimized"
+
+
+def write_earth_search_item(safe: Path, out: Path, flavour: str, href_base: str | None = None) -> Path:
+    """Write the acquisition of a generated ``.SAFE`` as earth-search publishes it: one COG per band
+    and a STAC Item shaped like a real ``flavour`` Item (shapes from a recorded earth-search v1
+    response, ``tests/data/earth_search_s2_l2a_item.json``). Returns the Item's path.
+
+    The pixels are the SAFE's, losslessly (JPEG2000 reversible → DEFLATE COG); in the
+    ``sentinel-2-l2a`` flavour the offset is applied as Element84 does (DN − 1000), where a valid
+    DN would drop to 0 or below it is clipped to 1, since 0 is no-data and uint16 has no negative
+    values (such pixels therefore differ from the SAFE; the generated worlds have none in parcels,
+    see the tests). ``href_base`` (e.g. ``s3://bucket/prefix`` or ``http://127.0.0.1:port``) replaces
+    the local directory in the asset hrefs, for products served from elsewhere.
+    """
+    from card.s2 import NATIVE_RESOLUTION_M, open_s2_product
+
+    if flavour not in EARTH_SEARCH_FLAVOURS:
+        raise ValueError(f"flavour must be one of {EARTH_SEARCH_FLAVOURS}")
+    product = open_s2_product(safe)
+    applied = flavour == "sentinel-2-l2a"
+    day = product.sensing_time
+    if applied:
+        item_id = f"{product.mission}_{product.tile_id}_{day:%Y%m%d}_0_L2A"
+    else:
+        item_id = f"{product.mission}_T{product.tile_id}_{day:%Y%m%dT%H%M%S}_L2A"
+    folder = Path(out) / flavour / item_id
+    folder.mkdir(parents=True, exist_ok=True)
+    base = f"{href_base.rstrip('/')}/{flavour}/{item_id}" if href_base else str(folder.resolve())
+    assets: dict[str, Any] = {}
+    for (band, res), _rel in sorted(product.image_files.items()):
+        if NATIVE_RESOLUTION_M.get(band) != res or band not in _ES_ASSET_OF_BAND:
+            continue
+        jp2 = product.band_path(band)
+        with rasterio.open(jp2) as src:
+            dn = src.read(1)
+            profile = {"crs": src.crs, "transform": src.transform, "width": src.width, "height": src.height}
+        if applied and band != "SCL":
+            valid = dn != 0
+            shifted = dn.astype(np.int32) + product.reflectance_offset(band)
+            dn = np.where(valid, np.clip(shifted, 1, MAX_DN), 0).astype(np.uint16)
+        name = f"{band}.tif"
+        with rasterio.open(
+            folder / name, "w", driver="COG", count=1, dtype=dn.dtype, nodata=0, compress="DEFLATE",
+            blocksize=512, overviews="NONE", **profile,
+        ) as dst:  # fmt: skip
+            dst.write(dn, 1)
+        t = profile["transform"]
+        rb: dict[str, Any] = {"nodata": 0, "data_type": str(dn.dtype), "spatial_resolution": res}
+        if band != "SCL":
+            rb.update({"bits_per_sample": 15, "scale": 0.0001, "offset": -0.1})
+        asset: dict[str, Any] = {
+            "href": f"{base}/{name}",
+            "type": _COG_MEDIA,
+            "title": f"{band} - {res}m",
+            "proj:shape": [profile["height"], profile["width"]],
+            "proj:transform": [t.a, t.b, t.c, t.d, t.e, t.f],
+            "raster:bands": [rb],
+            "roles": ["data"] if band == "SCL" else ["data", "reflectance"],
+        }
+        if band != "SCL":
+            asset["gsd"] = res
+        assets[_ES_ASSET_OF_BAND[band]] = asset
+        if applied:  # sentinel-2-l2a items also list the original JP2s, with the same raster:bands
+            assets[f"{_ES_ASSET_OF_BAND[band]}-jp2"] = {**asset, "href": str(jp2.resolve()), "type": "image/jp2"}
+    props: dict[str, Any] = {
+        "datetime": _iso(day),
+        "platform": f"sentinel-2{product.mission[-1].lower()}",
+        "constellation": "sentinel-2",
+        "instruments": ["msi"],
+        "proj:epsg": product.epsg,
+        "mgrs:utm_zone": int(product.tile_id[:2]),
+        "mgrs:latitude_band": product.tile_id[2],
+        "mgrs:grid_square": product.tile_id[3:],
+        "grid:code": f"MGRS-{product.tile_id}",
+        "s2:product_type": "S2MSI2A",
+        "s2:processing_baseline": product.processing_baseline,
+        "s2:product_uri": f"{product.product_name}.SAFE",
+        "s2:sequence": "0",
+    }
+    if applied:
+        props["earthsearch:boa_offset_applied"] = True
+    footprint = product.footprint
+    item = {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "stac_extensions": [
+            "https://stac-extensions.github.io/eo/v1.1.0/schema.json",
+            "https://stac-extensions.github.io/projection/v1.1.0/schema.json",
+            "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
+            "https://stac-extensions.github.io/mgrs/v1.0.0/schema.json",
+            "https://stac-extensions.github.io/grid/v1.0.0/schema.json",
+        ],
+        "id": item_id,
+        "collection": flavour,
+        "bbox": list(footprint.bounds),
+        "geometry": shapely.geometry.mapping(footprint),
+        "properties": props,
+        "links": [{"rel": "self", "href": f"{base}/{item_id}.json", "type": "application/geo+json"}],
+        "assets": assets,
+    }
+    path = folder / f"{item_id}.json"
+    path.write_text(json.dumps(item, indent=2) + "\n")
+    return path
+
+
+RTC_NODATA = -32768.0
+"""No-data of Planetary Computer ``sentinel-1-rtc`` COGs (float32)."""
+
+
+def write_s1_rtc_item(card_cog: Path, out: Path, href_base: str | None = None) -> Path:
+    """Write a generated CARD ``bs`` COG as analysis-ready backscatter is published elsewhere: one
+    float32 COG per polarisation (linear gamma0, no-data -32768 instead of NaN) and a STAC Item
+    shaped like Planetary Computer's ``sentinel-1-rtc`` (assets ``vv``, ``vh``). Returns its path.
+    The pixels are the CARD product's, so its truth rows hold for the Item too.
+    """
+    card_cog = Path(card_cog)
+    name = card_cog.stem
+    folder = Path(out) / "sentinel-1-rtc" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    base = f"{href_base.rstrip('/')}/sentinel-1-rtc/{name}" if href_base else str(folder.resolve())
+    assets: dict[str, Any] = {}
+    with rasterio.open(card_cog) as src:
+        profile = {"crs": src.crs, "transform": src.transform, "width": src.width, "height": src.height}
+        epsg = src.crs.to_epsg()
+        bounds = src.bounds
+        for k, desc in enumerate(src.descriptions, start=1):
+            pol = str(desc).upper()
+            data = src.read(k)
+            data = np.where(np.isnan(data), np.float32(RTC_NODATA), data).astype(np.float32)
+            file = f"{name}_{pol.lower()}.tif"
+            with rasterio.open(
+                folder / file, "w", driver="COG", count=1, dtype="float32", nodata=RTC_NODATA,
+                compress="DEFLATE", blocksize=512, overviews="NONE", **profile,
+            ) as dst:  # fmt: skip
+                dst.write(data, 1)
+            assets[pol.lower()] = {
+                "href": f"{base}/{file}",
+                "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                "title": f"{pol}: {'vertical' if pol[0] == 'V' else 'horizontal'} transmit, "
+                f"{'vertical' if pol[1] == 'V' else 'horizontal'} receive",
+                "roles": ["data"],
+                "raster:bands": [
+                    {"nodata": RTC_NODATA, "data_type": "float32", "spatial_resolution": abs(profile["transform"].a)}
+                ],
+            }
+    footprint = _reproject(shapely.geometry.box(*bounds), Transformer.from_crs(epsg, 4326, always_xy=True))
+    parts = name.split("_")
+    start = datetime.strptime(parts[4], "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    item = {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "stac_extensions": [
+            "https://stac-extensions.github.io/sar/v1.0.0/schema.json",
+            "https://stac-extensions.github.io/projection/v1.0.0/schema.json",
+            "https://stac-extensions.github.io/raster/v1.0.0/schema.json",
+        ],
+        "id": name,
+        "collection": "sentinel-1-rtc",
+        "bbox": list(footprint.bounds),
+        "geometry": shapely.geometry.mapping(footprint),
+        "properties": {
+            "datetime": _iso(start, 6),
+            "platform": f"SENTINEL-1{parts[0][-1]}",
+            "constellation": "Sentinel-1",
+            "sar:instrument_mode": "IW",
+            "sar:polarizations": sorted(p.upper() for p in assets),
+            "sar:product_type": "GRD",
+            "proj:epsg": epsg,
+        },
+        "links": [{"rel": "self", "href": f"{base}/{name}.json", "type": "application/geo+json"}],
+        "assets": assets,
+    }
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(item, indent=2) + "\n")
+    return path

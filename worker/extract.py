@@ -154,8 +154,43 @@ def _raster_product(source: str, bands: Sequence[str] | None, nodata: float | No
     return Product(stem.rsplit(".", 1)[0] if "." in stem else stem, tuple(out))
 
 
+def _item_product(source: str, bands: Sequence[str] | None) -> Product:
+    """An S2 L2A STAC Item of per-band COGs (earth-search): the same bands, offsets and names as its SAFE."""
+    from card.s2 import MissingBandError, normalize_band
+    from card.s2cog import open_s2_cog_item
+    from worker.items import asset_gdal_path, read_item
+
+    try:
+        product = open_s2_cog_item(read_item(source), source)
+    except (OSError, ValueError) as exc:
+        raise ExtractError(f"{source}: {exc}") from exc
+    names = [normalize_band(b) for b in bands] if bands else sorted(product.bands)
+    out = []
+    for name in names:
+        try:
+            href = product.band_href(name)
+        except MissingBandError as exc:
+            raise ExtractError(f"{product.product_name}: {exc}") from exc
+        out.append(
+            BandSource(
+                name=name,
+                path=asset_gdal_path(href),
+                bidx=1,
+                nodata=float(product.nodata(name)),
+                offset=float(product.reflectance_offset(name)),
+                classes=name in CLASS_BANDS,
+            )
+        )
+    return Product(product.product_name, tuple(out))
+
+
 def resolve_product(source: str, bands: Sequence[str] | None = None, nodata: float | None = None) -> Product:
-    """A SAFE product or any GDAL raster (GeoTIFF, COG), local or s3://, as bands to reduce."""
+    """A SAFE product, an S2 L2A STAC Item of COG assets, or any GDAL raster (GeoTIFF, COG), local
+    or s3://, as bands to reduce."""
+    from card.s2cog import is_item_location
+
+    if is_item_location(source):
+        return _item_product(source, bands)
     if _is_safe(source):
         return _safe_product(source, bands)
     return _raster_product(source, bands, nodata)
