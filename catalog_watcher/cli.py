@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import typer
 
 
@@ -15,8 +17,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Poll the catalogue, record new scenes and publish one ExtractParcels job per new scene."""
         from rich.console import Console
+        from rich.markup import escape
 
-        from catalog_watcher.service import watch_forever, watch_once
+        from catalog_watcher.daemon import install_stop_handlers, watch_forever
+        from catalog_watcher.service import ScanFailed, watch_once
         from cbmflow.settings import WatchSettings
 
         overrides: dict[str, object] = {}
@@ -25,13 +29,32 @@ def register(app: typer.Typer) -> None:
         if lookback_days >= 0:
             overrides["lookback_days"] = lookback_days
         settings = WatchSettings(**overrides)  # type: ignore[arg-type]
-        if not settings.catalog_url:
-            raise typer.BadParameter("no catalogue: pass --catalog or set CBMFLOW_WATCH_CATALOG_URL")
-        if once:
-            report = watch_once(settings=settings)
-            Console().print(
-                f"[bold]watch[/bold]: {report.seen} scenes over the AOIs, {report.new} new, "
-                f"{report.changed} changed, {report.published} jobs published, {report.pending} pending"
+        if not settings.all_sources():
+            raise typer.BadParameter(
+                "no catalogue: pass --catalog or set CBMFLOW_WATCH_CATALOG_URL or CBMFLOW_WATCH_SOURCES"
             )
+        if once:
+            failed = False
+            try:
+                report = watch_once(settings=settings)
+            except ScanFailed as exc:
+                report, failed = exc.report, True
+            console = Console()
+            console.print(
+                f"[bold]watch[/bold]: {report.seen} items over the AOIs, {report.new} new, "
+                f"{report.changed} changed, {report.superseded} superseded, {report.duplicates} duplicates, "
+                f"{len(report.rejected)} rejected, {report.offline} offline, "
+                f"{report.published} jobs published, {report.pending} pending"
+            )
+            for line in report.rejected[:20]:
+                console.print(f"[yellow]rejected[/yellow] {escape(line)}")
+            if len(report.rejected) > 20:
+                console.print(f"… and {len(report.rejected) - 20} more (cbmflow status)")
+            for line in report.errors:
+                console.print(f"[red]scan failed[/red] {escape(line)}")
+            if failed:
+                raise typer.Exit(1)
             return
-        watch_forever(interval_s or settings.interval_s, settings=settings)
+        stop = threading.Event()
+        install_stop_handlers(stop)
+        watch_forever(interval_s or settings.interval_s, settings=settings, stop=stop)

@@ -8,16 +8,21 @@ because the message id is the scene id and workers claim scenes in the database.
 
 from __future__ import annotations
 
-import time
+import hashlib
+import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import psycopg2
 import psycopg2.extensions
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from catalog_watcher.stac import SceneRecord, iter_scenes
+from catalog_watcher.http import WatchStopped
+from catalog_watcher.sources import Source, make_sources
+from catalog_watcher.stac import Offline, Rejected, SceneRecord
 from cbmflow import db
+from cbmflow.errors import CbmflowError
 from cbmflow.logging import get_logger
 from cbmflow.messages import ExtractParcels
 from cbmflow.outbox import enqueue, flush_outbox, pending_outbox
@@ -26,14 +31,35 @@ from cbmflow.settings import BusSettings, DbSettings, WatchSettings
 log = get_logger("watch")
 
 
+class ScanFailed(CbmflowError):
+    """At least one (source, collection) scan ended early; the others ran and the outbox was flushed.
+
+    Raised at the end of the cycle, carrying its report, so that one catalogue being down neither
+    hides the others' scenes nor passes for a clean cycle.
+    """
+
+    def __init__(self, report: WatchReport) -> None:
+        super().__init__("; ".join(report.errors))
+        self.report = report
+
+
 @dataclass
 class WatchReport:
     seen: int = 0
     new: int = 0
     changed: int = 0
+    superseded: int = 0
+    duplicates: int = 0
+    offline: int = 0
     published: int = 0
     pending: int = 0
     rejected: list[str] = field(default_factory=list)
+    """``source/collection/item id: reason`` of each item that could not be normalised."""
+    errors: list[str] = field(default_factory=list)
+    """``source/collection: error`` of each scan that ended early (its cursor keeps what it read)."""
+    requests: dict[str, int] = field(default_factory=dict)
+    cursor_lag_s: dict[str, float] = field(default_factory=dict)
+    """Per source: seconds between now and its oldest cursor (a stuck source grows this)."""
 
 
 def load_aoi_union(cur: psycopg2.extensions.cursor) -> BaseGeometry | None:
@@ -44,57 +70,209 @@ def load_aoi_union(cur: psycopg2.extensions.cursor) -> BaseGeometry | None:
     return shapely.from_wkb(bytes(row[0]))
 
 
-def upsert_scene(cur: psycopg2.extensions.cursor, rec: SceneRecord) -> tuple[int, str]:
-    """Insert or refresh one scene; returns (scene id, 'new' | 'changed' | 'same').
+def _requeue(cur: psycopg2.extensions.cursor, scene_id: int) -> None:
+    """The scene's data changed: extract it again (the worker replaces its rows in one transaction).
 
-    A changed product (its ``updated`` stamp moved) is reset to ``discovered`` so it is
-    re-extracted; an unchanged one is left exactly as it is. The reset bumps the scene's
-    ``generation`` and clears its lease: a worker still extracting the previous version then has
-    its commit refused (it claimed the old generation) instead of marking the new version done.
+    The generation bump and the cleared lease make a worker still extracting the previous version
+    have its commit refused (it claimed the old generation) instead of marking the new one done.
     """
     cur.execute(
-        """
-        INSERT INTO scenes (product_id, product_name, mission, sensor, card, acquired_at, footprint,
-                            location, source_updated)
-        VALUES (%s, %s, %s, %s, %s, %s, ST_Multi(ST_GeomFromWKB(%s, 4326)), %s, %s)
-        ON CONFLICT (product_id) DO UPDATE
-           SET location = EXCLUDED.location, footprint = EXCLUDED.footprint,
-               source_updated = EXCLUDED.source_updated, status = 'discovered', reason = NULL,
-               generation = scenes.generation + 1, lease_owner = NULL, lease_until = NULL,
-               updated_at = now()
-         WHERE scenes.source_updated IS DISTINCT FROM EXCLUDED.source_updated
-        RETURNING id, (xmax = 0) AS inserted
-        """,
-        (
-            rec.product_id,
-            rec.product_name,
-            rec.mission,
-            rec.sensor,
-            rec.card,
-            rec.acquired_at,
-            psycopg2.Binary(shapely.to_wkb(rec.footprint)),
-            rec.location,
-            rec.updated,
-        ),
+        "UPDATE scenes SET status = 'discovered', reason = NULL, generation = generation + 1,"
+        " lease_owner = NULL, lease_until = NULL, updated_at = now() WHERE id = %s",
+        (scene_id,),
+    )
+
+
+def upsert_scene(cur: psycopg2.extensions.cursor, rec: SceneRecord, source: str = "") -> tuple[int, str]:
+    """Record one catalogue product against its acquisition; returns (scene id, outcome).
+
+    Outcomes: ``new`` (first product of this acquisition), ``superseded`` (a higher processing
+    baseline: the same row is re-pointed at it and re-queued), ``changed`` (same product, its
+    checksum changed), ``same`` (same product; a moved ``updated`` alone changes nothing) and
+    ``duplicate`` (the acquisition is already held by a product of an equal or higher baseline,
+    e.g. the same product seen in a second collection or source). Only ``new``, ``superseded``
+    and ``changed`` write an outbox row. The row lock (``FOR UPDATE``) serialises two watchers.
+    """
+    cur.execute(
+        "SELECT id, product_id, coalesce(baseline, 0), coalesce(checksum, '') FROM scenes"
+        " WHERE acq_key = %s OR product_id = %s ORDER BY (acq_key = %s) DESC LIMIT 1 FOR UPDATE",
+        (rec.key, rec.product_id, rec.key),
     )
     row = cur.fetchone()
+    footprint = psycopg2.Binary(shapely.to_wkb(rec.footprint))
     if row is None:
-        cur.execute("SELECT id FROM scenes WHERE product_id = %s", (rec.product_id,))
-        found = cur.fetchone()
-        assert found is not None
-        return int(found[0]), "same"
-    scene_id, inserted = int(row[0]), bool(row[1])
+        cur.execute(
+            """
+            INSERT INTO scenes (product_id, product_name, mission, sensor, card, acquired_at, footprint,
+                                location, source_updated, acq_key, baseline, checksum, source, collection,
+                                published_at)
+            VALUES (%s, %s, %s, %s, %s, %s, ST_Multi(ST_GeomFromWKB(%s, 4326)), %s, %s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT DO NOTHING
+            RETURNING id
+            """,
+            (
+                rec.product_id,
+                rec.product_name,
+                rec.mission,
+                rec.sensor,
+                rec.card,
+                rec.acquired_at,
+                footprint,
+                rec.location,
+                rec.updated,
+                rec.key,
+                rec.baseline,
+                rec.checksum or None,
+                source or None,
+                rec.collection or None,
+                rec.published,
+            ),
+        )
+        inserted = cur.fetchone()
+        if inserted is None:  # another watcher inserted it since our SELECT: take the locked path
+            return upsert_scene(cur, rec, source)
+        scene_id, outcome = int(inserted[0]), "new"
+    else:
+        scene_id, product_id, baseline, checksum = int(row[0]), str(row[1]), int(row[2]), str(row[3])
+        if product_id == rec.product_id:
+            if not (rec.checksum and checksum and rec.checksum != checksum):
+                cur.execute(
+                    "UPDATE scenes SET source_updated = %s, published_at = coalesce(published_at, %s) WHERE id = %s",
+                    (rec.updated, rec.published, scene_id),
+                )
+                return scene_id, "same"
+            outcome = "changed"
+        elif rec.baseline > baseline:
+            outcome = "superseded"
+        else:
+            return scene_id, "duplicate"
+        cur.execute(
+            """
+            UPDATE scenes
+               SET product_id = %s, product_name = %s, location = %s, footprint = ST_Multi(ST_GeomFromWKB(%s, 4326)),
+                   source_updated = %s, baseline = %s, checksum = %s, source = %s, collection = %s,
+                   published_at = %s, deleted_at = NULL,
+                   superseded_ids = CASE WHEN product_id = %s THEN superseded_ids
+                                         ELSE array_append(superseded_ids, product_id) END
+             WHERE id = %s
+            """,
+            (
+                rec.product_id,
+                rec.product_name,
+                rec.location,
+                footprint,
+                rec.updated,
+                rec.baseline,
+                rec.checksum or None,
+                source or None,
+                rec.collection or None,
+                rec.published,
+                rec.product_id,
+                scene_id,
+            ),
+        )
+        _requeue(cur, scene_id)
     enqueue(cur, ExtractParcels(scene_id=scene_id, product_id=rec.product_id, card=rec.card, location=rec.location))
-    return scene_id, "new" if inserted else "changed"
+    return scene_id, outcome
+
+
+def record_rejected(cur: psycopg2.extensions.cursor, source: str, item: Rejected) -> None:
+    cur.execute(
+        """
+        INSERT INTO rejected_items (source, collection, item_id, reason) VALUES (%s, %s, %s, %s)
+        ON CONFLICT (source, collection, item_id) DO UPDATE
+           SET reason = EXCLUDED.reason, last_seen = now(), seen_count = rejected_items.seen_count + 1
+        """,
+        (source, item.collection, item.item_id, item.reason),
+    )
+
+
+def aoi_key(aoi: BaseGeometry) -> str:
+    """Cursors are per AOI union: a new or changed AOI starts from the acquisition lookback."""
+    return hashlib.sha256(shapely.to_wkb(shapely.normalize(aoi))).hexdigest()[:16]
+
+
+def read_cursor(cur: psycopg2.extensions.cursor, source: str, collection: str, aoi: str) -> datetime | None:
+    cur.execute(
+        "SELECT published_hwm FROM watch_cursors WHERE source = %s AND collection = %s AND aoi_key = %s",
+        (source, collection, aoi),
+    )
+    row = cur.fetchone()
+    return row[0] if row else None
+
+
+def advance_cursor(cur: psycopg2.extensions.cursor, source: str, collection: str, aoi: str, to: datetime) -> None:
+    cur.execute(
+        """
+        INSERT INTO watch_cursors (source, collection, aoi_key, published_hwm) VALUES (%s, %s, %s, %s)
+        ON CONFLICT (source, collection, aoi_key) DO UPDATE
+           SET published_hwm = GREATEST(watch_cursors.published_hwm, EXCLUDED.published_hwm), updated_at = now()
+        """,
+        (source, collection, aoi, to),
+    )
+
+
+def _scan(
+    conn: psycopg2.extensions.connection,
+    src: Source,
+    collection: str,
+    aoi: BaseGeometry,
+    settings: WatchSettings,
+    report: WatchReport,
+    now: datetime,
+) -> None:
+    """One (source, collection) scan: each candidate in its own transaction with the cursor.
+
+    The cursor moves to a candidate's publication time in the transaction that records it, so a
+    crash or a budget stop resumes at the last committed item (minus the overlap). It never moves
+    past an offline product: that one is re-read every poll until it comes online.
+    """
+    key = aoi_key(aoi)
+    with conn, conn.cursor() as cur:
+        hwm = read_cursor(cur, src.name, collection, key) if src.incremental else None
+    since = hwm - timedelta(seconds=settings.overlap_s) if hwm is not None else None
+    acquired_since = now - timedelta(days=settings.lookback_days) if settings.lookback_days > 0 else None
+    held = False
+    for cand in src.poll(collection, aoi, since, acquired_since):
+        report.seen += 1
+        with conn, conn.cursor() as cur:
+            if isinstance(cand, Rejected):
+                record_rejected(cur, src.name, cand)
+                report.rejected.append(f"{src.name}/{collection}/{cand.item_id}: {cand.reason}")
+                log.warning(
+                    "watch.item_rejected",
+                    source=src.name,
+                    collection=collection,
+                    item_id=cand.item_id,
+                    reason=cand.reason,
+                )
+            elif isinstance(cand, Offline):
+                held = True
+                report.offline += 1
+                log.info("watch.item_offline", source=src.name, collection=collection, item_id=cand.item_id)
+            else:
+                scene_id, what = upsert_scene(cur, cand, src.name)
+                if what in ("new", "changed", "superseded"):
+                    setattr(report, what, getattr(report, what) + 1)
+                    log.info(f"watch.scene_{what}", scene_id=scene_id, product_id=cand.product_id, source=src.name)
+                elif what == "duplicate":
+                    report.duplicates += 1
+            if src.incremental and not held and cand.published is not None:
+                advance_cursor(cur, src.name, collection, key, cand.published)
 
 
 def watch_once(
-    dsn: str | None = None, bus: BusSettings | None = None, settings: WatchSettings | None = None
+    dsn: str | None = None,
+    bus: BusSettings | None = None,
+    settings: WatchSettings | None = None,
+    stop: threading.Event | None = None,
+    sources: list[Source] | None = None,
 ) -> WatchReport:
     bus = bus or BusSettings()
     settings = settings or WatchSettings()
     dsn = dsn or DbSettings().resolved_dsn()
     report = WatchReport()
+    now = datetime.now(UTC)
     with db.transaction(dsn) as cur:
         aoi = load_aoi_union(cur)
     try:
@@ -103,18 +281,34 @@ def watch_once(
         else:
             conn = db.connect(dsn)
             try:
-                for rec in iter_scenes(
-                    settings.catalog_url, settings.collections, aoi, settings.lookback_days, settings.page_size
-                ):
-                    report.seen += 1
+                for src in sources if sources is not None else make_sources(settings, stop):
+                    for collection in src.collections:
+                        try:
+                            _scan(conn, src, collection, aoi, settings, report, now)
+                        except (psycopg2.Error, WatchStopped):
+                            raise
+                        except Exception as exc:  # noqa: BLE001 - one source down must not stop the others
+                            if stop is not None and stop.is_set():
+                                raise WatchStopped("stopped") from exc
+                            report.errors.append(f"{src.name}/{collection}: {type(exc).__name__}: {exc}")
+                            log.error(
+                                "watch.scan_failed",
+                                source=src.name,
+                                collection=collection,
+                                error=str(exc),
+                                error_type=type(exc).__name__,
+                            )
+                    if src.session is not None:
+                        report.requests[src.name] = src.session.requests_sent
                     with conn, conn.cursor() as cur:
-                        scene_id, what = upsert_scene(cur, rec)
-                    if what == "new":
-                        report.new += 1
-                        log.info("watch.scene_new", scene_id=scene_id, product_id=rec.product_id)
-                    elif what == "changed":
-                        report.changed += 1
-                        log.info("watch.scene_changed", scene_id=scene_id, product_id=rec.product_id)
+                        cur.execute(
+                            "SELECT extract(epoch FROM now() - min(published_hwm)) FROM watch_cursors"
+                            " WHERE source = %s",
+                            (src.name,),
+                        )
+                        lag = cur.fetchone()
+                        if lag is not None and lag[0] is not None:
+                            report.cursor_lag_s[src.name] = float(lag[0])
             finally:
                 conn.close()
     finally:
@@ -127,18 +321,15 @@ def watch_once(
         seen=report.seen,
         new=report.new,
         changed=report.changed,
+        superseded=report.superseded,
+        duplicates=report.duplicates,
+        rejected=len(report.rejected),
+        offline=report.offline,
         published=report.published,
         pending=report.pending,
+        errors=len(report.errors),
+        requests=report.requests,
     )
+    if report.errors:
+        raise ScanFailed(report)
     return report
-
-
-def watch_forever(interval_s: float, **kwargs: object) -> None:
-    """Poll at a fixed interval; a failed cycle is logged and retried at the next tick."""
-    while True:
-        started = time.monotonic()
-        try:
-            watch_once(**kwargs)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 - a daemon loop must survive one bad cycle
-            log.error("watch.cycle_failed", error=str(exc), error_type=type(exc).__name__)
-        time.sleep(max(0.0, interval_s - (time.monotonic() - started)))

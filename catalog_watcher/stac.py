@@ -28,7 +28,35 @@ _COLLECTION_CARD = {
     "sentinel-1-card-bs": "bs",
     "sentinel-1-card-c6": "c6",
 }
-_PRODUCT_RE = re.compile(r"^(S[12][ABCD])_([A-Z0-9]+)_")
+PRODUCT_RE = re.compile(r"^(S[12][ABCD])_([A-Z0-9]+)_")
+_S2_NAME_RE = re.compile(r"^(S2[ABCD])_(MSIL[12][AC])_(\d{8}T\d{6})_N(\d{4})_R(\d{3})_T(\w{5})_\d{8}T\d{6}$")
+
+
+def acquisition_key(name: str, card: str, mission: str, when: datetime, properties: dict[str, Any]) -> tuple[str, int]:
+    """The data identity of a product and its processing baseline.
+
+    The key names the acquisition, not the catalogue entry: CDSE gives a reprocessed product a new
+    id and path, earth-search lists one acquisition in two collections, and ``updated`` moves
+    without the data changing, so none of those may make a second scene. For Sentinel-2 the SAFE
+    name carries everything (mission, level, datatake sensing time, relative orbit, tile) and the
+    baseline is dropped from the key; other products are keyed on mission, card, relative orbit
+    (or tile) and acquisition time to the second.
+    """
+    m = _S2_NAME_RE.match(name)
+    if m:
+        mission_, level, sensing, baseline, orbit, tile = m.groups()
+        return f"{mission_}_{level}_{sensing}_R{orbit}_T{tile}", int(baseline)
+    raw = str(properties.get("s2:processing_baseline") or properties.get("processing:baseline") or "")
+    try:
+        baseline_n = int(round(float(raw) * 100)) if raw else 0
+    except ValueError:
+        baseline_n = 0
+    where = properties.get("s2:mgrs_tile") or properties.get("grid:code")
+    if not where and properties.get("sat:relative_orbit") is not None:
+        where = f"R{int(properties['sat:relative_orbit']):03d}"
+    if not where:
+        return name, baseline_n
+    return f"{mission}_{card}_{where}_{when.astimezone(UTC):%Y%m%dT%H%M%S}", baseline_n
 
 
 @dataclass(frozen=True)
@@ -42,6 +70,39 @@ class SceneRecord:
     footprint: BaseGeometry
     location: str
     updated: str
+    acq_key: str = ""
+    """Data identity (see :func:`acquisition_key`); empty = derived from ``product_id``."""
+    baseline: int = 0
+    """Processing baseline as an integer (``N0510`` / ``05.10`` → 510); 0 = unknown."""
+    checksum: str = ""
+    """The catalogue's content checksum when it gives one (OData ``Checksum``)."""
+    published: datetime | None = None
+    """When the catalogue published the product (the incremental cursor's time)."""
+    collection: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.acq_key or self.product_id
+
+
+@dataclass(frozen=True)
+class Rejected:
+    item_id: str
+    collection: str
+    reason: str
+    published: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Offline:
+    """A product the catalogue lists but cannot serve yet (OData ``Online: false``)."""
+
+    item_id: str
+    collection: str
+    published: datetime | None = None
+
+
+Candidate = SceneRecord | Rejected | Offline
 
 
 def _href_location(item: pystac.Item) -> str:
@@ -76,10 +137,12 @@ def to_record(item: pystac.Item, collection: str | None = None) -> SceneRecord:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     name = str(item.properties.get("s2:product_uri") or item.id).removesuffix(".SAFE")
-    m = _PRODUCT_RE.match(name)
+    m = PRODUCT_RE.match(name)
     mission = m.group(1) if m else str(item.properties.get("platform", "")).upper()[:3]
     sensor = m.group(2) if m else str(item.properties.get("instruments", [""])[0]).upper()
     updated = str(item.properties.get("updated") or item.properties.get("created") or "")
+    key, baseline = acquisition_key(name, card, mission, when, item.properties)
+    published = parse_time(item.properties.get("published") or item.properties.get("created"))
     return SceneRecord(
         product_id=item.id.removesuffix(".SAFE"),
         product_name=name,
@@ -90,7 +153,22 @@ def to_record(item: pystac.Item, collection: str | None = None) -> SceneRecord:
         footprint=shapely.geometry.shape(item.geometry),
         location=_href_location(item),
         updated=updated,
+        acq_key=key,
+        baseline=baseline,
+        checksum=str(item.properties.get("file:checksum") or ""),
+        published=published,
+        collection=coll,
     )
+
+
+def parse_time(value: object) -> datetime | None:
+    if not value:
+        return None
+    try:
+        t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _is_static(url: str) -> bool:
@@ -130,11 +208,15 @@ def iter_scenes(
         yield to_record(item)
 
 
-def _iter_static(url: str, collections: list[str], aoi: BaseGeometry, start: datetime | None) -> Iterator[SceneRecord]:
+def iter_static_items(url: str) -> Iterator[pystac.Item]:
     root = pystac.read_file(url)
     if not isinstance(root, pystac.Catalog):
         raise InvalidInputError(f"{url} is not a STAC catalog or collection")
-    for item in root.get_items(recursive=True):
+    yield from root.get_items(recursive=True)
+
+
+def _iter_static(url: str, collections: list[str], aoi: BaseGeometry, start: datetime | None) -> Iterator[SceneRecord]:
+    for item in iter_static_items(url):
         coll = item.collection_id or ""
         if collections and coll not in collections:
             continue

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -149,6 +149,28 @@ class StoreSettings(BaseSettings):
     )
 
 
+class SourceSettings(BaseModel):
+    """One catalogue the watcher polls (an entry of ``CBMFLOW_WATCH_SOURCES``, a JSON list).
+
+    Object-store settings per source (CDSE ``eodata`` keys beside a public COG bucket) are not
+    here yet: the worker reads assets with the one ``CBMFLOW_STORE_*`` configuration.
+    """
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="stable name: cursors and rejections are keyed on it"
+    )
+    kind: Literal["stac", "odata", "static"] = "stac"
+    url: str
+    collections: list[str] = Field(default_factory=lambda: ["sentinel-2-l2a"])
+    cursor_property: str = Field(
+        "published", description="STAC item property the incremental cursor follows; empty = rescan the lookback"
+    )
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    rate_per_s: float = Field(4.0, gt=0, description="most requests per second to this source")
+    request_budget: int = Field(1000, ge=1, description="most HTTP requests to this source per cycle")
+
+
 class WatchSettings(BaseSettings):
     """Catalogue watcher."""
 
@@ -156,9 +178,27 @@ class WatchSettings(BaseSettings):
 
     catalog_url: str = Field("", description="STAC API URL or path of a static catalog.json")
     collections: list[str] = Field(default_factory=lambda: ["sentinel-2-l2a"], description="STAC collections to watch")
+    sources: list[SourceSettings] = Field(
+        default_factory=list, description="JSON list of sources (name, kind, url, collections…); adds to catalog_url"
+    )
     lookback_days: int = Field(60, description="acquisition window re-scanned each cycle; 0 = unbounded")
+    overlap_s: float = Field(7200.0, description="publication-time window re-read below each cursor (late arrivals)")
     interval_s: float = Field(300.0, description="seconds between watch cycles")
     page_size: int = Field(100, description="STAC search page size")
+    request_timeout_s: float = Field(30.0, description="connect and read timeout of one catalogue request")
+    max_retries: int = Field(5, description="retries of one request on 429/5xx or a network error")
+    retry_max_wait_s: float = Field(120.0, description="longest wait before a retry (caps Retry-After)")
+    metrics_port: int = Field(0, description="Prometheus /metrics port of `watch --interval`; 0 = off")
+
+    def all_sources(self) -> list[SourceSettings]:
+        """``sources`` plus, when set, ``catalog_url`` as the source named ``default``."""
+        out = list(self.sources)
+        if self.catalog_url:
+            parsed = self.catalog_url.split("://", 1)
+            static = len(parsed) == 1 or parsed[0] == "file" or self.catalog_url.endswith(".json")
+            kind: Literal["stac", "static"] = "static" if static else "stac"
+            out.insert(0, SourceSettings(name="default", kind=kind, url=self.catalog_url, collections=self.collections))
+        return out
 
 
 class WorkerSettings(BaseSettings):

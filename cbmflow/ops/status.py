@@ -58,12 +58,40 @@ def collect() -> dict[str, Any]:
                 "SELECT id, product_id, reason FROM scenes WHERE status = 'failed' ORDER BY updated_at DESC LIMIT 10"
             )
             out["failed"] = [{"scene_id": r[0], "product_id": r[1], "reason": r[2]} for r in cur.fetchall()]
+            out["rejected"] = _rejected(cur)
     except Exception as exc:  # noqa: BLE001 - status must show what it can
         out["database"] = {"error": str(exc).strip()}
         out.setdefault("scenes", {})
         out.setdefault("workers", [])
         out.setdefault("failed", [])
+        out.setdefault("rejected", {"count": 0, "latest": []})
     return out
+
+
+def _rejected(cur: db.Cursor) -> dict[str, Any]:
+    """Catalogue items the watcher could not read: how many, and the latest few with their reason."""
+    cur.execute("SELECT to_regclass('public.rejected_items')")
+    row = cur.fetchone()
+    if row is None or row[0] is None:  # a database not yet migrated to 006
+        return {"count": 0, "latest": []}
+    cur.execute("SELECT count(*) FROM rejected_items")
+    count = cur.fetchone()
+    cur.execute(
+        "SELECT source, collection, item_id, reason, seen_count, last_seen FROM rejected_items"
+        " ORDER BY last_seen DESC, item_id LIMIT 10"
+    )
+    latest = [
+        {
+            "source": r[0],
+            "collection": r[1],
+            "item_id": r[2],
+            "reason": r[3],
+            "seen_count": r[4],
+            "last_seen": r[5].isoformat(),
+        }
+        for r in cur.fetchall()
+    ]
+    return {"count": int(count[0]) if count else 0, "latest": latest}
 
 
 def print_status(as_json: bool = False) -> None:
@@ -105,5 +133,14 @@ def print_status(as_json: bool = False) -> None:
     console.print(workers)
     for f in data["failed"]:
         console.print(f"[red]failed[/red] scene {f['scene_id']} {f['product_id']}: {f['reason']}")
+    rejected = data["rejected"]
+    if rejected["count"]:
+        from rich.markup import escape
+
+        console.print(f"[yellow]rejected catalogue items {rejected['count']}[/yellow] (latest first)")
+        for r in rejected["latest"]:
+            console.print(
+                escape(f"  {r['source']}/{r['collection']}/{r['item_id']}: {r['reason']} (seen {r['seen_count']}x)")
+            )
     if q.get("dead_lettered"):
         console.print("fix the cause, then `cbmflow jobs retry --dead-lettered` re-publishes those jobs")
