@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -145,7 +146,10 @@ def resolve_href(href: str, item_href: str | None) -> str:
     """An asset href made absolute against the Item's own location (local path or URL)."""
     if urlparse(href).scheme or os.path.isabs(href) or not item_href:
         return href
-    if urlparse(item_href).scheme in ("http", "https", "s3", "file"):
+    scheme = urlparse(item_href).scheme
+    if scheme == "s3":  # urljoin does not resolve relative references for s3://
+        return f"{item_href.rsplit('/', 1)[0]}/{posixpath.normpath(href)}"
+    if scheme in ("http", "https", "file"):
         return urljoin(item_href, href)
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(item_href)), href))
 

@@ -102,6 +102,7 @@ def test_locations_and_hrefs(tmp_path: Path) -> None:
     assert resolve_href("./B04.tif", "https://h/items/a/item.json") == "https://h/items/a/B04.tif"
     assert resolve_href("B04.tif", str(tmp_path / "a" / "item.json")) == str(tmp_path / "a" / "B04.tif")
     assert resolve_href("s3://b/k.tif", "https://h/i.json") == "s3://b/k.tif"
+    assert resolve_href("./B04.tif", "s3://b/items/a/item.json") == "s3://b/items/a/B04.tif"
     (tmp_path / "not.json").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
     with pytest.raises(ValueError, match="not a STAC Item"):
         load_item(tmp_path / "not.json")
