@@ -25,13 +25,13 @@ import shapely
 from psycopg2 import sql
 
 from card.geobox import GeoBox
-from card.s1 import S1CardProduct, open_s1_card
+from card.s1 import S1CardProduct
 from card.s2 import MissingBandError, S2Product, open_s2_product
 from cbmflow import store
 from cbmflow.db import Dataset
 from cbmflow.errors import PermanentJobError
 from cbmflow.logging import get_logger
-from worker import engine, pgcopy
+from worker import engine, items, pgcopy
 
 log = get_logger("worker")
 
@@ -135,14 +135,17 @@ def local_path(location: str) -> Path:
     raise PermanentJobError(f"product location {location!r} is not a local path or file:// URL")
 
 
-def open_product(location: str, product_id: str) -> S2Product:
-    """The S2 L2A product at ``location``: a local path, ``file://`` or ``s3://bucket/key`` (read in place).
+def open_product(location: str, product_id: str) -> S2Product | items.S2Item:
+    """The S2 L2A product at ``location``: a local path, ``file://`` or ``s3://bucket/key`` (read in place),
+    or the href of a STAC Item of per-band COGs (earth-search: ``worker/items.py``).
 
     A product that can never be read (no metadata, bad metadata, an unknown scheme, no such
     bucket, access denied) is a :class:`PermanentJobError`; a store that cannot be reached right
     now (:class:`cbmflow.store.StoreUnavailable`, an ``OSError``) passes through, so the job is
     requeued and retried.
     """
+    if items.is_item_location(location):  # a STAC Item of per-band COGs (earth-search)
+        return items.open_s2_item(location, product_id)
     try:
         return open_s2_product(store.product_files(location))
     except store.StoreUnavailable:
@@ -278,7 +281,9 @@ def extract_s2(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: Inde
             for band, path in paths.items():
                 with _open_raster(path) as src:
                     if (src.width, src.height) != (grid.width, grid.height) or src.transform != grid.transform:
-                        raise PermanentJobError(f"{path.name}: grid differs from {paths[bands[0]].name}")
+                        raise PermanentJobError(
+                            f"{os.path.basename(path)}: grid differs from {os.path.basename(paths[bands[0]])}"
+                        )
                     read = store.in_read_env(path, engine.window_reader(src, index))  # S3: in the prefetch thread too
                     try:
                         if band == "SCL":
@@ -321,10 +326,10 @@ def extract_card(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: In
     names = S1_CARD_BANDS.get(scene.card)
     if names is None:
         raise PermanentJobError(f"card {scene.card!r} is not a Sentinel-1 CARD")
-    location = card_location(scene.location)
+    location = scene.location if items.is_item_location(scene.location) else card_location(scene.location)
     try:
         with store.gdal_env(location):
-            product: S1CardProduct = open_s1_card(location, tuple(names))
+            product: S1CardProduct = items.open_card_product(location, tuple(names))
     except (FileNotFoundError, ValueError) as exc:  # MissingPolarisationError is a FileNotFoundError
         raise PermanentJobError(f"unreadable product {scene.product_id}: {exc}") from exc
     if product.epsg is None:
