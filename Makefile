@@ -6,7 +6,7 @@ BIN   := $(VENV)/bin
 DEB_PACKAGES := postgresql-15 postgresql-15-postgis-3 rabbitmq-server cloud-init systemd
 SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages venv demo test test-unit lint typecheck bench bench-extract bench-api clean stack-down
+.PHONY: setup system-packages venv demo test test-unit lint typecheck bench bench-extract bench-api chaos clean stack-down
 
 setup: system-packages venv
 
@@ -56,6 +56,11 @@ bench-extract: setup
 bench-api: setup
 	@dpkg -s wrk >/dev/null 2>&1 || { $(SUDO) apt-get update -qq; DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends wrk; }
 	$(PY) -m cbmflow.dev.bench.api
+
+# Minutes, bounded: the chain at 50 scenes x 5,000 parcels under a seeded schedule of faults, on
+# servers of its own; prints the faults and the tally (docs/reliability.md). CHAOS_ARGS=--seed 7 ...
+chaos: setup
+	$(PY) -m cbmflow.dev.chaos $(CHAOS_ARGS)
 
 stack-down: venv
 	$(BIN)/cbmflow stack down
