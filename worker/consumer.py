@@ -11,8 +11,18 @@ job is still running.
 Verdicts: ``ack`` (done, or a duplicate of a finished scene), ``requeue`` (transient failure of
 this job, after a backoff) and ``dead_letter`` (permanent failure: ``basic_reject(requeue=False)``
 goes straight to the dead-letter exchange, with the reason recorded on the scene). A database
-that cannot be reached at all is not the job's fault: the job keeps its message and retries in
-place, so an outage never uses up the message's delivery limit.
+or an object store that cannot be reached at all is not the job's fault: the job keeps its
+message (and its lease) and retries in place, so an outage never uses up the message's delivery
+limit.
+
+A job holds no transaction while it reads and reduces rasters: the claim is one short
+transaction, the extraction reads in autocommit and spools its rows, and the write is one short
+transaction that re-checks the lease and the scene's generation before it commits (a product the
+watcher found changed meanwhile is extracted again, never marked done by the stale job).
+
+A job that kills its worker every time (out of memory) never reaches a verdict; the broker
+dead-letters it at its delivery limit. One worker per lease period (fleet-wide) reconciles the
+scenes of such letters (:mod:`worker.deadletters`), so the database and the dead-letter queue agree.
 
 At most one job runs per process, also across reconnects: after a lost connection the consumer
 waits for the job thread to finish (its lease keeps other workers off the scene meanwhile, and
@@ -42,13 +52,14 @@ import psycopg2.extensions
 import structlog
 
 from cbmflow import bus as busmod
-from cbmflow import db
+from cbmflow import db, store
 from cbmflow.errors import PermanentJobError
 from cbmflow.logging import get_logger
 from cbmflow.messages import ExtractParcels, parse_message
 from cbmflow.settings import BusSettings, DbSettings, WorkerSettings
+from worker.deadletters import reconcile_dead_letters
 from worker.metrics import WorkerMetrics
-from worker.scene import ClaimedScene, IndexCache, SceneResult, extract_card, extract_s2
+from worker.scene import ClaimedScene, IndexCache, RowSink, RowSpool, SceneResult, extract_card, extract_s2
 
 log = get_logger("worker")
 
@@ -83,6 +94,11 @@ class LeaseLost(LeaseHeld):
     """Our lease was taken over while we extracted; our rows are rolled back, the other writer wins."""
 
 
+class SceneChanged(Exception):
+    """The watcher found the product changed while we extracted it (its generation moved on): our
+    rows are rolled back, and the job claims the scene again to extract the new version."""
+
+
 class UnknownScene(PermanentJobError):
     """The job names a scene the database does not have (a foreign or stale message)."""
 
@@ -92,7 +108,7 @@ class UnsupportedCard(PermanentJobError):
 
 
 # How each card is extracted: Sentinel-2 L2A SAFE, Sentinel-1 CARD backscatter and 6-day coherence.
-EXTRACTORS: dict[str, Callable[[psycopg2.extensions.cursor, ClaimedScene, IndexCache], SceneResult]] = {
+EXTRACTORS: dict[str, Callable[[psycopg2.extensions.cursor, ClaimedScene, IndexCache, RowSink], SceneResult]] = {
     "s2": extract_s2,
     "bs": extract_card,
     "c6": extract_card,
@@ -140,12 +156,15 @@ class SceneJobs:
                 "       updated_at = now(), reason = NULL"
                 " WHERE id = %(id)s AND (status IN ('discovered', 'queued', 'failed')"
                 "       OR (status = 'processing' AND (lease_until < now() OR lease_owner = %(me)s)))"
-                " RETURNING product_id, card, location, extract(year FROM acquired_at AT TIME ZONE 'UTC')::int",
+                " RETURNING product_id, card, location, extract(year FROM acquired_at AT TIME ZONE 'UTC')::int,"
+                "           generation",
                 {"me": self.me, "lease": self.settings.lease_s, "id": msg.scene_id},
             )
             row = cur.fetchone()
             if row is not None:
-                return ClaimedScene(id=msg.scene_id, product_id=row[0], card=row[1], location=row[2], year=row[3])
+                return ClaimedScene(
+                    id=msg.scene_id, product_id=row[0], card=row[1], location=row[2], year=row[3], generation=row[4]
+                )
             cur.execute(
                 "SELECT status, extract(epoch FROM lease_until - now()) FROM scenes WHERE id = %s", (msg.scene_id,)
             )
@@ -167,29 +186,43 @@ class SceneJobs:
             return bool(cur.rowcount == 1)
 
     def run(self, conn: psycopg2.extensions.connection, scene: ClaimedScene) -> dict[str, Any]:
-        """Extract and mark the scene done in ONE transaction, committed only if we still hold the lease.
+        """Extract outside any transaction, then write the rows and mark the scene done in ONE short
+        transaction, committed only if we still hold the lease on the generation we claimed.
 
-        The scene row is locked (``FOR UPDATE``) only at the end, to check the lease and mark the
-        scene: locking it for the whole extraction would also block the heartbeat's lease renewal
-        (and with it the registry heartbeat and drain requests) for as long as the job runs. A
-        worker that lost its lease meanwhile (its heartbeat could not renew it, another worker took
-        over) rolls back its rows instead of committing them, so exactly one writer commits.
+        The extraction's few queries run in autocommit (each its own instant transaction) and its
+        rows are spooled (:class:`worker.scene.RowSpool`), so nothing is held open while rasters
+        are read and reduced: no snapshot holding back vacuum, nothing for
+        ``idle_in_transaction_session_timeout`` to kill. The write transaction checks the scene
+        before deleting anything (a stale job is refused cheaply) and again under ``FOR UPDATE``
+        just before its commit. The row is locked only then: locking it earlier would block the
+        heartbeat's lease renewal for as long as the COPY waits. A worker that lost its lease
+        (another took over) or whose scene changed (the watcher bumped its generation) rolls back
+        its rows, so exactly one writer commits, and it wrote the current version.
         """
         extract = EXTRACTORS.get(scene.card)
         if extract is None:
             raise UnsupportedCard(f"card {scene.card!r} is not supported by this worker yet")
-        with conn, conn.cursor() as cur:
-            result = extract(cur, scene, self.cache)
-            cur.execute("SELECT lease_owner FROM scenes WHERE id = %s FOR UPDATE", (scene.id,))
-            owner = cur.fetchone()
-            if owner is None or owner[0] != self.me:
-                raise LeaseLost(0.0)  # rolls back this transaction's rows
-            status = "extracted" if result.sig_rows or result.hist_rows else "no_parcels"
-            cur.execute(
-                "UPDATE scenes SET status = %s, rows_written = %s, lease_owner = NULL, lease_until = NULL,"
-                " updated_at = now() WHERE id = %s",
-                (status, result.sig_rows + result.hist_rows, scene.id),
-            )
+        spool = RowSpool()
+        try:
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cur:
+                    result = extract(cur, scene, self.cache, spool)
+            finally:
+                if not conn.closed:
+                    conn.autocommit = False
+            with conn, conn.cursor() as cur:
+                self._check_current(cur, scene, lock=False)
+                spool.write(cur, scene.id)
+                self._check_current(cur, scene, lock=True)
+                status = "extracted" if result.sig_rows or result.hist_rows else "no_parcels"
+                cur.execute(
+                    "UPDATE scenes SET status = %s, rows_written = %s, lease_owner = NULL, lease_until = NULL,"
+                    " reason = NULL, updated_at = now() WHERE id = %s",
+                    (status, result.sig_rows + result.hist_rows, scene.id),
+                )
+        finally:
+            spool.close()
         return {
             "status": status,
             "datasets": result.datasets,
@@ -198,13 +231,46 @@ class SceneJobs:
             "hist_rows": result.hist_rows,
         }
 
-    def fail(self, conn: psycopg2.extensions.connection, scene_id: int, reason: str, permanent: bool) -> None:
-        """Record the reason; ``failed`` for good, or back to ``queued`` for the next delivery."""
+    def _check_current(self, cur: psycopg2.extensions.cursor, scene: ClaimedScene, *, lock: bool) -> None:
+        """Raise unless the scene is still ours, at the generation we claimed."""
+        if lock:
+            cur.execute("SELECT lease_owner, generation FROM scenes WHERE id = %s FOR UPDATE", (scene.id,))
+        else:
+            cur.execute("SELECT lease_owner, generation FROM scenes WHERE id = %s", (scene.id,))
+        row = cur.fetchone()
+        if row is None or row[1] != scene.generation:
+            raise SceneChanged(f"scene {scene.id} changed (generation {scene.generation} -> {row and row[1]})")
+        if row[0] != self.me:
+            raise LeaseLost(0.0)  # rolls back this transaction's rows
+
+    def note(self, conn: psycopg2.extensions.connection, scene: ClaimedScene, reason: str) -> None:
+        """Show why a job we still hold is waiting (``scenes.reason``), without giving up the scene."""
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE scenes SET reason = %s, updated_at = now()"
+                " WHERE id = %s AND lease_owner = %s AND generation = %s AND status = 'processing'",
+                (reason[:2000], scene.id, self.me, scene.generation),
+            )
+
+    def fail(
+        self,
+        conn: psycopg2.extensions.connection,
+        scene_id: int,
+        reason: str,
+        permanent: bool,
+        generation: int | None = None,
+    ) -> None:
+        """Record the reason; ``failed`` for good, or back to ``queued`` for the next delivery.
+
+        With the claimed ``generation``, a scene the watcher reset meanwhile (a new version, with
+        its own job) is left alone: the failure was the old version's.
+        """
         with conn, conn.cursor() as cur:
             cur.execute(
                 "UPDATE scenes SET status = %s, reason = %s, lease_owner = NULL, lease_until = NULL,"
-                " updated_at = now() WHERE id = %s AND (lease_owner = %s OR lease_owner IS NULL)",
-                ("failed" if permanent else "queued", reason[:2000], scene_id, self.me),
+                " updated_at = now() WHERE id = %s AND (lease_owner = %s OR lease_owner IS NULL)"
+                " AND (%s::bigint IS NULL OR generation = %s)",
+                ("failed" if permanent else "queued", reason[:2000], scene_id, self.me, generation, generation),
             )
 
 
@@ -344,6 +410,45 @@ class Worker:
         if conn is not None:
             conn.close()
 
+    def _dead_letter_loop(self) -> None:
+        """Once per lease period, fleet-wide, mark the scenes of jobs the broker dead-lettered at
+        their delivery limit as failed (see :mod:`worker.deadletters`).
+
+        Every worker wakes up, but only the one that wins ``worker_tasks``' slot for the period does
+        the pass, so the dead-letter queue is read once per period however many workers run. The
+        lease period is the natural pace: a dead worker's scene can only be judged once its lease
+        has expired. Failures are logged and retried next period; they never touch the job.
+        """
+        structlog.contextvars.bind_contextvars(worker_id=self.me)
+        period_s = max(self.settings.lease_s, 1.0)
+        while not self.exited.wait(period_s * random.uniform(0.8, 1.0)):  # noqa: S311 - not crypto
+            try:
+                if not self._won_task("dead_letters", period_s):
+                    continue
+                report = reconcile_dead_letters(self.dsn, self.bus)
+            except Exception as exc:  # noqa: BLE001 - housekeeping must never stop the worker
+                log.warning("worker.dead_letters_failed", error=str(exc).strip()[:300] or type(exc).__name__)
+                continue
+            if report.failed or report.deferred:
+                log.info(
+                    "worker.dead_letters_reconciled",
+                    letters=report.letters,
+                    failed=report.failed,
+                    deferred=report.deferred,
+                )
+
+    def _won_task(self, task: str, period_s: float) -> bool:
+        """Whether this worker runs ``task`` now: true for the first to ask in each period."""
+        with db.transaction(self.dsn) as cur:
+            cur.execute(
+                "INSERT INTO worker_tasks (task, last_run_at) VALUES (%(task)s, now())"
+                " ON CONFLICT (task) DO UPDATE SET last_run_at = now()"
+                " WHERE worker_tasks.last_run_at < now() - make_interval(secs => %(min_s)s)"
+                " RETURNING task",
+                {"task": task, "min_s": 0.7 * period_s},
+            )
+            return cur.fetchone() is not None
+
     # ---- control --------------------------------------------------------------------------
     def request_stop(self, *_: Any) -> None:
         if not self.stopping.is_set():
@@ -445,6 +550,7 @@ class Worker:
             return Verdict("dead_letter", f"unexpected message kind {msg.kind}", "malformed")
         structlog.contextvars.bind_contextvars(scene_id=msg.scene_id, product_id=msg.product_id)
         db_attempt = 0
+        generation: int | None = None
         while True:
             conn: psycopg2.extensions.connection | None = None
             try:
@@ -453,12 +559,18 @@ class Worker:
                 if scene is None:
                     log.info("job.duplicate")
                     return Verdict("ack", "", "duplicate")
+                generation = scene.generation
                 self.current_scene = scene.id
                 self._mark(conn, "busy", scene.id)
                 started = time.monotonic()
-                outcome = self.jobs.run(conn, scene)
+                outcome = self._run_through_store_outages(conn, scene)
+                if outcome is None:
+                    return Verdict("requeue", "stopping while the object store is unavailable", "stopping")
                 log.info("job.done", duration_s=round(time.monotonic() - started, 3), **outcome)
                 return Verdict("ack", "", str(outcome["status"]))
+            except SceneChanged as exc:
+                # Our rows were rolled back; the scene is claimable again at its new generation.
+                log.warning("job.scene_changed", reason=str(exc))
             except LeaseHeld as exc:
                 wait_s = min(max(exc.remaining_s, 1.0), self.settings.lease_s) + 1.0
                 if isinstance(exc, LeaseLost):
@@ -471,11 +583,11 @@ class Worker:
                 label = "unknown_scene" if isinstance(exc, UnknownScene) else "product"
                 label = "unsupported" if isinstance(exc, UnsupportedCard) else label
                 log.error("job.failed_permanent", reason=str(exc)[:500], category=label)
-                self._fail(conn, msg.scene_id, str(exc), permanent=True)
+                self._fail(conn, msg.scene_id, str(exc), permanent=True, generation=generation)
                 return Verdict("dead_letter", str(exc), label)
             except psycopg2.Error as exc:
                 if not db_unavailable(exc, conn):
-                    return self._transient(job, msg, conn, exc, "database")
+                    return self._transient(job, msg, conn, exc, "database", generation)
                 # Nothing wrong with the job: keep the message (no delivery is used up) and retry.
                 self._note_db(reachable=False)
                 db_attempt += 1
@@ -489,15 +601,39 @@ class Worker:
                 if self.stopping.wait(delay_s):
                     return Verdict("requeue", "stopping while the database is unavailable", "stopping")
             except OSError as exc:
-                return self._transient(job, msg, conn, exc, "io")
+                return self._transient(job, msg, conn, exc, "io", generation)
             except Exception as exc:  # noqa: BLE001 - an unknown error must not kill the consumer
                 log.exception("job.failed_unexpected")
-                return self._transient(job, msg, conn, exc, "unexpected")
+                return self._transient(job, msg, conn, exc, "unexpected", generation)
             finally:
                 self.current_scene = None
                 if conn is not None:
                     self._mark_idle(conn)
                     conn.close()
+
+    def _run_through_store_outages(
+        self, conn: psycopg2.extensions.connection, scene: ClaimedScene
+    ) -> dict[str, Any] | None:
+        """Run the job, retrying in place while the object store cannot be reached.
+
+        An unreachable store is infrastructure, like an unreachable database: the message is kept
+        (no delivery is used up, so an outage can never dead-letter the backlog) and the lease stays
+        ours (``current_scene`` stays set, the heartbeat renews it). The wait shows on the scene
+        (``scenes.reason``). None when a stop was requested meanwhile.
+        """
+        attempt = 0
+        while True:
+            try:
+                return self.jobs.run(conn, scene)
+            except store.StoreUnavailable as exc:
+                attempt += 1
+                delay_s = backoff_s(attempt, self.settings.backoff_max_s)
+                log.warning(
+                    "job.store_unavailable", error=str(exc).strip()[:300], attempt=attempt, retry_in_s=round(delay_s, 1)
+                )
+                self.jobs.note(conn, scene, f"object store unavailable, retrying in place (attempt {attempt}): {exc}")
+                if self.stopping.wait(delay_s):
+                    return None
 
     def _mark_idle(self, conn: psycopg2.extensions.connection) -> None:
         if conn.closed:
@@ -514,6 +650,7 @@ class Worker:
         conn: psycopg2.extensions.connection | None,
         exc: Exception,
         label: str,
+        generation: int | None = None,
     ) -> Verdict:
         """Requeue after a backoff that grows with the delivery count; on the last delivery the
         broker allows, mark the scene failed first, since the broker is about to dead-letter it."""
@@ -522,22 +659,29 @@ class Worker:
             reason = f"gave up after {job.delivery_count + 1} deliveries (delivery limit {self.bus.delivery_limit}): "
             reason += f"{label}: {type(exc).__name__}: {exc}".strip()
             log.error("job.failed_delivery_limit", reason=reason[:500])
-            self._fail(conn, msg.scene_id, reason, permanent=True)
+            self._fail(conn, msg.scene_id, reason, permanent=True, generation=generation)
             return Verdict("requeue", reason, "delivery_limit")
         delay_s = backoff_s(job.delivery_count + 1, self.settings.backoff_max_s)
         log.warning("job.failed_transient", reason=reason[:500], retry_in_s=round(delay_s, 1))
-        self._fail(conn, msg.scene_id, reason, permanent=False)
+        self._fail(conn, msg.scene_id, reason, permanent=False, generation=generation)
         self.stopping.wait(delay_s)
         return Verdict("requeue", reason, label)
 
-    def _fail(self, conn: psycopg2.extensions.connection | None, scene_id: int, reason: str, permanent: bool) -> None:
+    def _fail(
+        self,
+        conn: psycopg2.extensions.connection | None,
+        scene_id: int,
+        reason: str,
+        permanent: bool,
+        generation: int | None = None,
+    ) -> None:
         fresh = conn is None or bool(conn.closed)
         try:
             if fresh:
                 conn = db.connect(self.dsn)
             assert conn is not None
             try:
-                self.jobs.fail(conn, scene_id, reason, permanent)
+                self.jobs.fail(conn, scene_id, reason, permanent, generation)
             finally:
                 if fresh:
                     conn.close()
@@ -701,6 +845,7 @@ class Worker:
         self._registry("starting")
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
+        threading.Thread(target=self._dead_letter_loop, name="dead-letters", daemon=True).start()
         self._last_job_end = time.monotonic()
         while not self.stopping.is_set():
             try:

@@ -1,4 +1,12 @@
-"""Reduce one claimed scene to parcel statistics and write them in one transaction.
+"""Reduce one claimed scene to parcel statistics and write them in one short transaction.
+
+The extractors read rasters and reduce them with no transaction of their own open: their few
+queries (datasets, parcels) run on whatever cursor the caller gives, and their rows go to a
+*sink*. The consumer passes a :class:`RowSpool` on an autocommit connection, so nothing is held
+open while rasters are read and reduced (no lock, no snapshot holding back vacuum, nothing for
+``idle_in_transaction_session_timeout`` to kill), and writes the spooled rows afterwards in one
+short transaction that re-checks its lease. Without a sink the rows are written through the
+caller's cursor at once (tools and tests that own their transaction).
 
 The parcel index of a (dataset, grid) pair is built once and reused for every later scene on
 that grid: parcels are selected by the *grid's* extent, not the scene footprint, so that every
@@ -9,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -51,6 +60,8 @@ class ClaimedScene:
     card: str
     location: str
     year: int
+    generation: int = 0
+    """The scene's generation when claimed: rows are committed only if it is still current."""
 
 
 @dataclass
@@ -59,6 +70,48 @@ class SceneResult:
     parcels: int = 0
     sig_rows: int = 0
     hist_rows: int = 0
+
+
+RowSink = Callable[[Dataset, list[bytes], list[bytes]], None]
+"""Receives one dataset's signature and histogram COPY rows (binary, without header/trailer)."""
+
+
+class RowSpool:
+    """A scene's rows kept until its write transaction: each dataset's COPY stream in a temporary
+    file (in memory up to ``memory_bytes``, then on disk), so memory stays bounded however many
+    datasets a scene covers, and the write is a plain COPY from the file."""
+
+    def __init__(self, memory_bytes: int = 16 << 20) -> None:
+        self.memory_bytes = memory_bytes
+        self.items: list[tuple[Dataset, IO[bytes] | None, IO[bytes] | None]] = []
+
+    def _spool(self, chunks: list[bytes]) -> IO[bytes] | None:
+        if not chunks:
+            return None
+        f: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=self.memory_bytes)  # noqa: SIM115 - closed by close()
+        f.write(pgcopy.HEADER)
+        for chunk in chunks:
+            f.write(chunk)
+        f.write(pgcopy.TRAILER)
+        return f
+
+    def __call__(self, ds: Dataset, sig_chunks: list[bytes], hist_chunks: list[bytes]) -> None:
+        self.items.append((ds, self._spool(sig_chunks), self._spool(hist_chunks)))
+
+    def write(self, cur: psycopg2.extensions.cursor, scene_id: int) -> None:
+        """Replace the scene's rows of every dataset, inside the caller's transaction."""
+        for ds, sigs, hists in self.items:
+            for f in (sigs, hists):
+                if f is not None:
+                    f.seek(0)
+            copy_scene_rows(cur, ds, scene_id, sigs, hists)
+
+    def close(self) -> None:
+        for _, sigs, hists in self.items:
+            for f in (sigs, hists):
+                if f is not None:
+                    f.close()
+        self.items.clear()
 
 
 class IndexCache:
@@ -254,12 +307,22 @@ def _add_sig_rows(
     return int(keep.sum())
 
 
-def extract_s2(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: IndexCache) -> SceneResult:
-    """Compute and write every dataset's statistics for one S2 L2A product.
+def _writer(cur: psycopg2.extensions.cursor, scene_id: int, sink: RowSink | None) -> RowSink:
+    if sink is not None:
+        return sink
+    return lambda ds, sigs, hists: write_scene_rows(cur, ds, scene_id, sigs, hists)
 
-    Runs inside the caller's transaction: the old rows of this scene are deleted and the new ones
-    COPY'd in, so a re-run replaces and a crash leaves the previous state untouched.
+
+def extract_s2(
+    cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: IndexCache, sink: RowSink | None = None
+) -> SceneResult:
+    """Compute every dataset's statistics for one S2 L2A product and hand them to ``sink``.
+
+    Without a sink they are written through ``cur`` (the old rows of this scene deleted, the new
+    ones COPY'd in), inside the caller's transaction, so a re-run replaces and a crash leaves the
+    previous state untouched.
     """
+    emit = _writer(cur, scene.id, sink)
     product = open_product(scene.location, scene.product_id)
     result = SceneResult()
     for ds in datasets_for_scene(cur, scene.id):
@@ -300,7 +363,7 @@ def extract_s2(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: Inde
                         result.hist_rows += len(hist.pid)
                     continue
                 result.sig_rows += _add_sig_rows(sig_chunks, n_parcels, stats, ds, scene.id, band)
-        write_scene_rows(cur, ds, scene.id, sig_chunks, hist_chunks)
+        emit(ds, sig_chunks, hist_chunks)
         result.parcels += len(n_parcels)
     return result
 
@@ -315,14 +378,17 @@ def card_location(location: str) -> str:
     return str(local_path(location))
 
 
-def extract_card(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: IndexCache) -> SceneResult:
+def extract_card(
+    cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: IndexCache, sink: RowSink | None = None
+) -> SceneResult:
     """Compute and write every dataset's statistics for one Sentinel-1 CARD scene (``bs``, ``c6``).
 
     The same machinery as :func:`extract_s2`: one parcel index per grid from the cache, strips
     read once, float statistics with NaN (and any finite no-data the product declares) excluded,
-    binary COPY in the caller's transaction. Band names: ``VVb``/``VHb`` (bs), ``VVc``/``VHc``
+    binary COPY to ``sink`` (or in the caller's transaction). Band names: ``VVb``/``VHb`` (bs), ``VVc``/``VHc``
     (c6). No SCL, hence no histograms.
     """
+    emit = _writer(cur, scene.id, sink)
     names = S1_CARD_BANDS.get(scene.card)
     if names is None:
         raise PermanentJobError(f"card {scene.card!r} is not a Sentinel-1 CARD")
@@ -353,7 +419,7 @@ def extract_card(cur: psycopg2.extensions.cursor, scene: ClaimedScene, cache: In
                 except rasterio.errors.RasterioIOError as exc:
                     raise _raster_error(source.path, exc, "corrupt raster") from exc
             result.sig_rows += _add_sig_rows(sig_chunks, n_parcels, stats, ds, scene.id, band)
-        write_scene_rows(cur, ds, scene.id, sig_chunks, [])
+        emit(ds, sig_chunks, [])
         result.parcels += len(n_parcels)
     return result
 
@@ -362,9 +428,22 @@ def write_scene_rows(
     cur: psycopg2.extensions.cursor, ds: Dataset, scene_id: int, sig_chunks: list[bytes], hist_chunks: list[bytes]
 ) -> None:
     """Replace the scene's rows of one dataset by binary COPY (idempotent re-extraction)."""
+    copy_scene_rows(
+        cur,
+        ds,
+        scene_id,
+        pgcopy.stream(sig_chunks) if sig_chunks else None,
+        pgcopy.stream(hist_chunks) if hist_chunks else None,
+    )
+
+
+def copy_scene_rows(
+    cur: psycopg2.extensions.cursor, ds: Dataset, scene_id: int, sigs: IO[bytes] | None, hists: IO[bytes] | None
+) -> None:
+    """Delete the scene's rows of one dataset and COPY the given binary streams in their place."""
     cur.execute(sql.SQL("DELETE FROM {} WHERE scene_id = %s").format(ds.sigs), (scene_id,))
     cur.execute(sql.SQL("DELETE FROM {} WHERE scene_id = %s").format(ds.hists), (scene_id,))
-    if sig_chunks:
+    if sigs is not None:
         cur.copy_expert(
             sql.SQL(
                 "COPY {} (pid, scene_id, band, count, mean, std, min, max, p25, p50, p75)"
@@ -372,12 +451,12 @@ def write_scene_rows(
             )
             .format(ds.sigs)
             .as_string(cur),
-            pgcopy.stream(sig_chunks),
+            sigs,
         )
-    if hist_chunks:
+    if hists is not None:
         cur.copy_expert(
             sql.SQL("COPY {} (pid, scene_id, class, count) FROM STDIN WITH (FORMAT binary)")
             .format(ds.hists)
             .as_string(cur),
-            pgcopy.stream(hist_chunks),
+            hists,
         )

@@ -6,6 +6,10 @@ from the dead-letter queue) only after the job replacing it was confirmed by the
 crash anywhere leaves either the dead letter or the new job, possibly both (a duplicate, which
 the workers' claim makes harmless), never neither.
 
+A reset bumps the scene's ``generation``, as the watcher's does for a changed product: a worker
+that still believes it extracts the scene (say, one whose lease expired during a network
+partition) then has its commit refused instead of marking the re-published job's scene done.
+
 The dead-letter queue ends up holding exactly what still needs attention: letters of scenes that
 are re-published or already finished are removed; malformed messages, unknown scenes, scenes a
 worker is processing right now and scenes not asked for are kept.
@@ -102,7 +106,7 @@ def retry(
                 msg = ExtractParcels(scene_id=sid, product_id=product_id, card=card, location=location)
                 cur.execute(
                     "UPDATE scenes SET status = 'discovered', reason = NULL, lease_owner = NULL, lease_until = NULL,"
-                    " updated_at = now() WHERE id = %s",
+                    " generation = generation + 1, updated_at = now() WHERE id = %s",
                     (sid,),
                 )
                 outbox_ids.append(enqueue(cur, msg))
