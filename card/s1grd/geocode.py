@@ -44,6 +44,8 @@ class RadarPosition:
 
     line: FloatArray
     pixel: FloatArray
+    pixel_smooth: FloatArray
+    """Pixel with the srgr polynomials interpolated in time: continuous, for the RTC area simulation."""
     azimuth_time: FloatArray
     slant_range: FloatArray
     look: FloatArray
@@ -75,17 +77,29 @@ class Geocoder:
                 break
         return t
 
-    def ground_range(self, t: FloatArray, slant_range: FloatArray) -> tuple[FloatArray, FloatArray]:
-        """Ground range (m) and dR/dgr from the srgr polynomial of the coordinateConversion entry nearest t.
+    def ground_range(
+        self, t: FloatArray, slant_range: FloatArray, *, interpolate: bool = False
+    ) -> tuple[FloatArray, FloatArray]:
+        """Ground range (m) and dR/dgr from the coordinateConversion srgr polynomials at time t.
 
-        Nearest, not interpolated: each entry holds for its own azimuth block, and the nearest entry
-        reproduces the annotation's geolocation grid pixels to 0.0014 px median (0.008 max) on the
-        sarsen GRD, where linear interpolation between entries is off by 0.08 px median, 0.52 max.
+        Default: the polynomial of the entry nearest t. Each entry holds for its own azimuth
+        block: the nearest entry reproduces the annotation's geolocation grid pixels to 0.0014 px
+        median (0.008 max) on the sarsen GRD, linear interpolation between entries is off by
+        0.08 px median, 0.52 max. The entries jump by up to ~1 px from one second to the next
+        (the IPF's terrain height steps), so ``interpolate=True`` gives the continuous version
+        that the RTC area simulation needs (a jump there would fold facets onto the seam).
         """
         cc = self.ann.conversion
-        k = np.clip(np.searchsorted(cc.t, t), 1, max(len(cc.t) - 1, 1)) if len(cc.t) > 1 else np.zeros(t.shape, int)
-        if len(cc.t) > 1:
-            k = np.where(np.abs(t - cc.t[k - 1]) <= np.abs(cc.t[k] - t), k - 1, k)
+        if len(cc.t) == 1:
+            gr1, dgr1 = _poly(cc.srgr[0], slant_range - cc.sr0[0])
+            return gr1, 1.0 / dgr1
+        k = np.clip(np.searchsorted(cc.t, t, side="right") - 1, 0, len(cc.t) - 2)
+        if interpolate:
+            w = np.clip((t - cc.t[k]) / (cc.t[k + 1] - cc.t[k]), 0.0, 1.0)
+            g0, d0 = _poly(cc.srgr[k], slant_range - cc.sr0[k])
+            g1, d1 = _poly(cc.srgr[k + 1], slant_range - cc.sr0[k + 1])
+            return (1 - w) * g0 + w * g1, 1.0 / ((1 - w) * d0 + w * d1)
+        k = np.where(np.abs(t - cc.t[k]) <= np.abs(cc.t[k + 1] - t), k, k + 1)
         gr, dgr_dr = _poly(cc.srgr[k], slant_range - cc.sr0[k])
         return gr, 1.0 / dgr_dr
 
@@ -95,12 +109,14 @@ class Geocoder:
         d = s - points
         r = np.sqrt(np.einsum("...k,...k->...", d, d))
         gr, dr_dgr = self.ground_range(t, r)
+        gr_smooth, _ = self.ground_range(t, r, interpolate=True)
         vv = np.einsum("...k,...k->...", v, v)
         ft = vv + np.einsum("...k,...k->...", d, a)  # −f′ with d = S − P
         return RadarPosition(
             line=(t - self.line_offset[0] - self.line_offset[1] * (2 * r / SPEED_OF_LIGHT) - self.ann.first_line_s)
             / self.ann.azimuth_time_interval_s,
             pixel=gr / self.ann.range_pixel_spacing_m,
+            pixel_smooth=gr_smooth / self.ann.range_pixel_spacing_m,
             azimuth_time=t,
             slant_range=r,
             look=d / r[..., None],

@@ -1,0 +1,292 @@
+"""GRD → CARD-BS on a map grid, block by block: the processing chain the CLI and the worker call.
+
+For each output block (default 512 × 512, plus a halo of ``halo_px`` map pixels for the facets
+and the RTC area simulation): DEM heights → ECEF → zero-Doppler (line, pixel) → read the DN
+window the block needs → calibrate/denoise in radar geometry → bilinear sample; for
+``gamma0-rtc`` divide β0 by the Small (2011) simulated β0 of the block + halo. Memory is bounded by
+the block size and the radar window of one block, never the scene.
+
+Quantities: ``beta0``, ``sigma0`` and ``gamma0`` (ellipsoid γ0, JRC's historical "Gamma0") from
+their LUTs, and ``gamma0-rtc`` (terrain-flattened γ0). Values are linear, float32, NaN = no data;
+removed noise is 0.0, not NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from pyproj import Transformer
+
+from card.geobox import GeoBox
+from card.s1grd.calibration import calibrate
+from card.s1grd.dem import Dem
+from card.s1grd.geocode import Geocoder, RadarPosition, ecef
+from card.s1grd.rtc import MASK_NODATA, bilinear, facets, splat
+from card.s1grd.safe import Polarisation
+
+FloatArray = npt.NDArray[np.float64]
+QUANTITIES = ("gamma0-rtc", "gamma0", "sigma0", "beta0")
+
+DnReader = Callable[[int, int, int, int], npt.NDArray[np.generic]]
+"""(row0, row1, col0, col1) → the measurement's DN window (half-open bounds inside the image)."""
+
+
+def rasterio_reader(path: str) -> DnReader:
+    import rasterio
+    from rasterio.windows import Window
+
+    def read(row0: int, row1: int, col0: int, col1: int) -> npt.NDArray[np.generic]:
+        with rasterio.open(path) as src:
+            data: npt.NDArray[np.generic] = src.read(1, window=Window(col0, row0, col1 - col0, row1 - row0))
+        return data
+
+    return read
+
+
+@dataclass
+class BlockResult:
+    rows: slice
+    cols: slice
+    values: dict[str, FloatArray]
+    """Per polarisation, the block's calibrated quantity."""
+    mask: npt.NDArray[np.uint8]
+    local_incidence_deg: FloatArray
+
+
+@dataclass
+class BsProcessor:
+    polarisations: dict[str, Polarisation]
+    grid: GeoBox
+    dem: Dem
+    quantity: str = "gamma0-rtc"
+    denoise: bool = True
+    block_px: int = 512
+    halo_px: int = 16
+    oversample: int = 3
+    """RTC: each facet's weight is spread over oversample² points of its footprint (locally linear
+    (line, pixel)), so that a radar bin's simulated area does not alias with the map grid's
+    sampling (1 × 1: 97 % of a flat 1.2 km block within 1 % of β0·tan θ, 2 × 2: 100 %; on a 15° back
+    slope 2 × 2 leaves a 95th percentile error of 3.5 %, 3 × 3 0.35 %)."""
+    readers: dict[str, DnReader] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.quantity not in QUANTITIES:
+            raise ValueError(f"quantity must be one of {QUANTITIES}, got {self.quantity!r}")
+        if not self.polarisations:
+            raise ValueError("no polarisation to process")
+        first = next(iter(self.polarisations.values()))
+        self.geocoder = Geocoder(first.annotation)
+        self.n_lines, self.n_samples = first.annotation.n_lines, first.annotation.n_samples
+        crs = self.grid.crs if isinstance(self.grid.crs, str) else f"EPSG:{self.grid.crs}"
+        self._to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+        for name, pol in self.polarisations.items():
+            self.readers.setdefault(name, rasterio_reader(pol.measurement))
+
+    def blocks(self) -> Iterator[tuple[slice, slice]]:
+        ny, nx = self.grid.shape
+        for r0 in range(0, ny, self.block_px):
+            for c0 in range(0, nx, self.block_px):
+                yield slice(r0, min(r0 + self.block_px, ny)), slice(c0, min(c0 + self.block_px, nx))
+
+    def process_block(self, rows: slice, cols: slice) -> BlockResult:
+        halo = self.halo_px if self.quantity == "gamma0-rtc" else 1
+        h, w = rows.stop - rows.start, cols.stop - cols.start
+        box = self.grid.shifted(rows=rows.start - halo, cols=cols.start - halo, shape=(h + 2 * halo, w + 2 * halo))
+        heights = self.dem.heights(box)
+        x = box.x_centres()
+        y = box.y_centres()
+        xx, yy = np.meshgrid(x, y)
+        lon, lat = self._to_lonlat.transform(xx, yy)
+        points = ecef(lon, lat, heights)
+        pos = self.geocoder.radar_position(points)
+        geo = facets(points, pos.look)
+        inner = (slice(halo, halo + h), slice(halo, halo + w))
+        line, pixel = pos.line[inner], pos.pixel[inner]
+        window = self._radar_window(line, pixel)
+        simulated = (
+            self._simulated_beta(pos, geo.area_m2, geo.cos_local, inner) if self.quantity == "gamma0-rtc" else None
+        )
+        values: dict[str, FloatArray] = {}
+        nodata = ~np.isfinite(heights[inner])
+        for name, pol in self.polarisations.items():
+            if window is None:
+                values[name] = np.full((h, w), np.nan)
+                continue
+            r0, r1, c0, c1 = window
+            dn = self.readers[name](r0, r1, c0, c1)
+            lut_quantity = "beta0" if self.quantity == "gamma0-rtc" else self.quantity
+            radar = calibrate(
+                dn, pol.calibration, pol.noise if self.denoise else None, quantity=lut_quantity, row0=r0, col0=c0
+            )
+            v = bilinear(radar, line, pixel, r0, c0)
+            if simulated is not None:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    v = np.where(simulated > 0, v / simulated, np.nan)
+            values[name] = v
+            nodata |= ~np.isfinite(v)
+        mask = geo.mask[inner].copy()
+        mask[nodata] |= MASK_NODATA
+        lia = geo.local_incidence_deg[inner]
+        return BlockResult(rows, cols, values, mask, np.where(nodata, np.nan, lia))
+
+    def _radar_window(self, line: FloatArray, pixel: FloatArray) -> tuple[int, int, int, int] | None:
+        ok = np.isfinite(line) & np.isfinite(pixel)
+        if not ok.any():
+            return None
+        r0 = max(int(math.floor(np.min(line[ok]))) - 1, 0)
+        r1 = min(int(math.ceil(np.max(line[ok]))) + 2, self.n_lines)
+        c0 = max(int(math.floor(np.min(pixel[ok]))) - 1, 0)
+        c1 = min(int(math.ceil(np.max(pixel[ok]))) + 2, self.n_samples)
+        if r0 >= r1 or c0 >= c1:
+            return None
+        return r0, r1, c0, c1
+
+    def _simulated_beta(
+        self, pos: RadarPosition, area: FloatArray, cos_local: FloatArray, inner: tuple[slice, slice]
+    ) -> FloatArray:
+        """Small (2011): Σ A_γ/A_β of the facets (block + halo) per radar bin, gathered at the block's pixels.
+
+        In the continuous geometry (``pixel_smooth``): the srgr seams would fold facets otherwise.
+        """
+        line, pixel = pos.line[inner], pos.pixel_smooth[inner]
+        weights = area * np.maximum(cos_local, 0.0) / (pos.azimuth_spacing_m * pos.slant_spacing_m)
+        ok = np.isfinite(pos.line) & np.isfinite(pos.pixel_smooth)
+        if not ok.any():
+            return np.full(line.shape, np.nan)
+        r0 = int(math.floor(np.min(pos.line[ok]))) - 1
+        c0 = int(math.floor(np.min(pos.pixel_smooth[ok]))) - 1
+        shape = (int(math.ceil(np.max(pos.line[ok]))) + 2 - r0, int(math.ceil(np.max(pos.pixel_smooth[ok]))) + 2 - c0)
+        k = self.oversample
+        dl_dc, dl_dr = _smooth_derivative(pos.line, 1), _smooth_derivative(pos.line, 0)
+        dp_dc, dp_dr = _smooth_derivative(pos.pixel_smooth, 1), _smooth_derivative(pos.pixel_smooth, 0)
+        acc = np.zeros(shape)
+        offsets = (np.arange(k) + 0.5) / k - 0.5
+        for a in offsets:
+            for b in offsets:
+                sub_line = pos.line + a * dl_dc + b * dl_dr
+                sub_pixel = pos.pixel_smooth + a * dp_dc + b * dp_dr
+                acc += splat(weights / (k * k), sub_line, sub_pixel, shape, r0, c0)
+        return bilinear(acc, line, pixel, r0, c0)
+
+
+def _smooth_derivative(a: FloatArray, axis: int) -> FloatArray:
+    """Per-pixel derivative along ``axis``: the smaller in magnitude of the forward and backward differences.
+
+    The GRD pixel coordinate jumps by up to ~1 px where the srgr polynomial changes (one per
+    second of azimuth time); a central difference would smear that jump into the facet's
+    footprint, the one-sided difference away from it is the local Jacobian.
+    """
+    d = np.diff(a, axis=axis)
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (1, 0)
+    backward = np.pad(d, pad, mode="edge")
+    pad[axis] = (0, 1)
+    forward = np.pad(d, pad, mode="edge")
+    out: FloatArray = np.where(np.abs(forward) < np.abs(backward), forward, backward)
+    return out
+
+
+def grid_name(grid: GeoBox) -> str:
+    """``EPSG32633-E300000-N4650000-10m``: CRS, top-left corner and pixel size, for file names."""
+    crs = str(grid.crs).replace(":", "").upper()
+    t = grid.transform
+    return f"{crs}-E{t.c:.0f}-N{t.f:.0f}-{t.a:g}m"
+
+
+def output_kind(quantity: str, dem: Dem) -> str:
+    """RTC only when terrain-flattened on a terrain DEM; everything else is terrain-geocoded (GTC)."""
+    return "RTC" if quantity == "gamma0-rtc" and not dem.flat else "GTC"
+
+
+@dataclass(frozen=True)
+class BsOutputs:
+    backscatter: dict[str, str]
+    mask: str
+    local_incidence: str
+    pixels: int
+    seconds: float
+
+
+def generate_bs(
+    product_path: str,
+    grid: GeoBox,
+    dem: Dem,
+    out_dir: str,
+    *,
+    quantity: str = "gamma0-rtc",
+    denoise: bool = True,
+    name: str | None = None,
+    polarisations: tuple[str, ...] | None = None,
+    readers: dict[str, DnReader] | None = None,
+    block_px: int = 512,
+    software: str = "card.s1grd",
+) -> BsOutputs:
+    """Write one float32 COG per polarisation, a uint8 mask COG and a local-incidence COG to ``out_dir``.
+
+    Names: ``<product>_<grid>_<POL>_<QUANTITY>_<RTC|GTC>.tif``, ``<product>_<grid>_MASK.tif``,
+    ``<product>_<grid>_LIA.tif``. Files appear only when complete (written to ``*.part.tif`` first).
+    """
+    import time
+    from pathlib import Path
+
+    from card.s1grd.cog import ScratchRaster
+    from card.s1grd.rtc import MASK_LAYOVER, MASK_SHADOW
+    from card.s1grd.safe import open_grd
+
+    started = time.perf_counter()
+    product = open_grd(product_path, polarisations)
+    proc = BsProcessor(product.polarisations, grid, dem, quantity, denoise, block_px, readers=dict(readers or {}))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gname = name or grid_name(grid)
+    kind = output_kind(quantity, dem)
+    stem = f"{product.product_name}_{gname}"
+    first = next(iter(product.polarisations.values())).annotation
+    common = {
+        "PRODUCT": product.product_name,
+        "IPF_VERSION": product.ipf_version,
+        "GRID": gname,
+        "DEM": dem.label,
+        "ORBIT": "annotation state vectors (Hermite)",
+        "SOFTWARE": software,
+        "MISSION": first.mission,
+        "PASS": first.pass_direction,
+        "START_TIME": str(first.t0),
+    }
+    rasters = {
+        pol: ScratchRaster(out / f"{stem}_{pol}_{quantity.upper()}_{kind}.tif", grid, "float32", float("nan"), pol)
+        for pol in product.polarisations
+    }
+    mask = ScratchRaster(out / f"{stem}_MASK.tif", grid, "uint8", None, "mask")
+    lia = ScratchRaster(out / f"{stem}_LIA.tif", grid, "float32", float("nan"), "local_incidence_deg")
+    try:
+        for rows, cols in proc.blocks():
+            block = proc.process_block(rows, cols)
+            for pol, values in block.values.items():
+                rasters[pol].write(rows, cols, values.astype(np.float32))
+            mask.write(rows, cols, block.mask)
+            lia.write(rows, cols, block.local_incidence_deg.astype(np.float32))
+    except BaseException:
+        for r in (*rasters.values(), mask, lia):
+            r.abort()
+        raise
+    paths = {}
+    for pol, r in rasters.items():
+        tags = {
+            **common,
+            "POLARISATION": pol,
+            "QUANTITY": quantity,
+            "KIND": kind,
+            "SCALE": "linear",
+            "NOISE_REMOVED": "yes" if denoise else "no",
+            "NOISE_FORMAT": product.polarisations[pol].noise.format,
+        }
+        paths[pol] = str(r.finish(tags))
+    mask_tags = {**common, "BITS": f"{MASK_LAYOVER}=layover {MASK_SHADOW}=shadow (facing away) {MASK_NODATA}=no data"}
+    mask_path = str(mask.finish(mask_tags, resampling="NEAREST"))
+    lia_path = str(lia.finish({**common, "QUANTITY": "local incidence angle (degrees)"}))
+    return BsOutputs(paths, mask_path, lia_path, grid.width * grid.height, time.perf_counter() - started)

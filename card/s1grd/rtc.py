@@ -1,0 +1,120 @@
+"""Terrain geometry on the map grid: facets, local incidence, layover/shadow, Small (2011) flattening.
+
+Facets are the output grid's pixels with their ECEF corners differenced (central differences of
+the pixel centres' ECEF positions), so the facet area is the true 3D area whatever the map
+projection's scale factor. For each facet:
+
+* local incidence angle: arccos(n̂·l̂), n̂ the facet normal (pointing up), l̂ ground → sensor;
+* shadow (facing away): n̂·l̂ ≤ 0, i.e. the slope away from the sensor exceeds 90° − θ.
+  Shadow cast by *other* terrain (ray casting) is not modelled;
+* layover: the facet's slope towards the sensor, measured in the range plane, exceeds the look
+  angle from the ellipsoid normal (the ground range decreases while the slant range does);
+* Small (2011) gamma flattening: the facet's area projected on the plane normal to the look,
+  A_γ = A·(n̂·l̂)₊, in units of the radar pixel's β reference area A_β = δaz·δsr (along-track ground
+  distance per line × slant range per GRD pixel, both exact at the facet from the orbit and the
+  srgr polynomial), is splatted bilinearly into radar (line, pixel) bins; the sum per bin is the
+  simulated β0 of a γ0 = 1 world, and γ0_RTC = β0 / simulated, gathered back bilinearly.
+  On a flat ellipsoid this gives β0·tan θ exactly in the continuum limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+UInt8Array = npt.NDArray[np.uint8]
+
+MASK_LAYOVER = 1
+MASK_SHADOW = 2
+MASK_NODATA = 4
+
+
+def ellipsoid_up(points: FloatArray) -> FloatArray:
+    """Unit normal of the WGS84 ellipsoid through each ECEF point (geodetic up)."""
+    a2 = 6378137.0**2
+    b2 = (6378137.0 * (1 - 1 / 298.257223563)) ** 2
+    n = points / np.array([a2, a2, b2])
+    out: FloatArray = n / np.linalg.norm(n, axis=-1, keepdims=True)
+    return out
+
+
+@dataclass(frozen=True)
+class Facets:
+    area_m2: FloatArray
+    normal: FloatArray
+    cos_local: FloatArray
+    mask: UInt8Array
+
+    @property
+    def local_incidence_deg(self) -> FloatArray:
+        out: FloatArray = np.degrees(np.arccos(np.clip(self.cos_local, -1.0, 1.0)))
+        return out
+
+
+def facets(points: FloatArray, look: FloatArray) -> Facets:
+    """Facet area, normal, cos(local incidence) and layover/shadow bits for a (ny, nx, 3) ECEF grid."""
+    d_col = np.gradient(points, axis=1)
+    d_row = np.gradient(points, axis=0)
+    n = np.cross(d_col, d_row)
+    up = ellipsoid_up(points)
+    n = n * np.sign(np.einsum("...k,...k->...", n, up))[..., None]
+    area = np.linalg.norm(n, axis=-1)
+    nh = n / area[..., None]
+    cos_local = np.einsum("...k,...k->...", nh, look)
+    # the range plane: ellipsoid up and the horizontal direction towards the sensor
+    l_up = np.einsum("...k,...k->...", look, up)
+    g = look - l_up[..., None] * up
+    g /= np.linalg.norm(g, axis=-1, keepdims=True)
+    slope_to_sensor = np.arctan2(np.einsum("...k,...k->...", nh, g), np.einsum("...k,...k->...", nh, up))
+    look_angle = np.arctan2(np.einsum("...k,...k->...", look, g), l_up)
+    mask = np.zeros(area.shape, np.uint8)
+    mask[slope_to_sensor > look_angle] |= MASK_LAYOVER
+    mask[cos_local <= 0] |= MASK_SHADOW
+    return Facets(area, nh, cos_local, mask)
+
+
+def splat(
+    weights: FloatArray, line: FloatArray, pixel: FloatArray, shape: tuple[int, int], row0: int, col0: int
+) -> FloatArray:
+    """Bilinear accumulation of ``weights`` at (line, pixel) into a (rows, cols) radar grid starting at (row0, col0)."""
+    acc = np.zeros(shape[0] * shape[1], dtype=np.float64)
+    ok = np.isfinite(weights) & np.isfinite(line) & np.isfinite(pixel)
+    lf, pf, w = line[ok] - row0, pixel[ok] - col0, weights[ok]
+    i0, j0 = np.floor(lf).astype(np.int64), np.floor(pf).astype(np.int64)
+    fi, fj = lf - i0, pf - j0
+    for di, dj, ww in ((0, 0, (1 - fi) * (1 - fj)), (0, 1, (1 - fi) * fj), (1, 0, fi * (1 - fj)), (1, 1, fi * fj)):
+        ii, jj = i0 + di, j0 + dj
+        inside = (ii >= 0) & (ii < shape[0]) & (jj >= 0) & (jj < shape[1])
+        acc += np.bincount(ii[inside] * shape[1] + jj[inside], weights=(w * ww)[inside], minlength=acc.size)
+    return acc.reshape(shape)
+
+
+def bilinear(image: FloatArray, line: FloatArray, pixel: FloatArray, row0: int = 0, col0: int = 0) -> FloatArray:
+    """``image`` (whose top-left is radar (row0, col0)) at fractional (line, pixel); NaN outside or next to NaN."""
+    out = np.full(line.shape, np.nan)
+    lf, pf = line - row0, pixel - col0
+    ok = (
+        np.isfinite(lf)
+        & np.isfinite(pf)
+        & (lf >= 0)
+        & (pf >= 0)
+        & (lf <= image.shape[0] - 1)
+        & (pf <= image.shape[1] - 1)
+    )
+    if not ok.any() or image.size == 0:
+        return out
+    lo, po = lf[ok], pf[ok]
+    i0 = np.minimum(np.floor(lo).astype(np.int64), image.shape[0] - 2 if image.shape[0] > 1 else 0)
+    j0 = np.minimum(np.floor(po).astype(np.int64), image.shape[1] - 2 if image.shape[1] > 1 else 0)
+    i1, j1 = np.minimum(i0 + 1, image.shape[0] - 1), np.minimum(j0 + 1, image.shape[1] - 1)
+    fi, fj = lo - i0, po - j0
+    out[ok] = (
+        image[i0, j0] * (1 - fi) * (1 - fj)
+        + image[i0, j1] * (1 - fi) * fj
+        + image[i1, j0] * fi * (1 - fj)
+        + image[i1, j1] * fi * fj
+    )
+    return out
