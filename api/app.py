@@ -17,11 +17,11 @@ from starlette.concurrency import run_in_threadpool
 
 from api import chips, openapi, routes, v1
 from api.aiodb import AsyncPool
-from api.auth import Authenticator
+from api.auth import Authenticator, LoginThrottle
 from api.errors import add_exception_handlers
 from api.infra import AppState, DatasetCache, Endpoint, Pool, route
 from cbmflow.logging import get_logger
-from cbmflow.settings import ApiSettings, DbSettings
+from cbmflow.settings import ApiSettings
 
 log = get_logger("api")
 
@@ -49,6 +49,9 @@ def create_app(dsn: str, settings: ApiSettings | None = None) -> Starlette:
             polygon_limit=max(1, api_settings.polygon_limit),
             chip_secret=chips.load_secret(api_settings),
             datasets=DatasetCache(api_settings.dataset_cache_s),
+            throttle=LoginThrottle(
+                api_settings.login_backoff_base_s, api_settings.login_backoff_max_s, api_settings.login_free_failures
+            ),
         )
         log.info("api.started", pool_size=size)
         try:
@@ -66,4 +69,5 @@ def create_app(dsn: str, settings: ApiSettings | None = None) -> Starlette:
 
 def app_from_env() -> Starlette:
     """Factory for ``uvicorn --factory``: every worker process builds its app from the environment."""
-    return create_app(DbSettings().resolved_dsn(), ApiSettings())
+    settings = ApiSettings()
+    return create_app(settings.resolved_dsn(), settings)

@@ -260,11 +260,18 @@ class Authenticator:
         if m is None:
             raise AuthenticationError("invalid credentials")
         token_id, secret = m.groups()
-        cur.execute("SELECT user_name, secret_sha256 FROM api_tokens WHERE id = %s", (token_id,))
+        cur.execute(
+            "SELECT user_name, secret_sha256, coalesce(expires_at <= now(), false) FROM api_tokens WHERE id = %s",
+            (token_id,),
+        )
         found = cur.fetchone()
         if found is None or not hmac.compare_digest(str(found[1]).encode(), token_digest(secret).encode()):
             log.info("auth.failed", reason="unknown token or wrong secret", token_id=token_id)
             raise AuthenticationError("invalid credentials")
+        if found[2]:
+            # Checked after the secret, so an expired token's id alone tells a guesser nothing.
+            log.info("auth.failed", reason="token expired", token_id=token_id)
+            raise AuthenticationError("token expired")
         owner = str(found[0])
         if basic_name is not None and basic_name != owner:
             log.info("auth.failed", user=basic_name[:64], reason="token of another user")
@@ -296,3 +303,132 @@ def authorize(user: User, aoi: str) -> None:
     if not user.can_see(aoi):
         log.info("auth.denied", user=user.name, aoi=aoi)
         raise PermissionDeniedError(f"user {user.name!r} is not granted dataset {aoi!r}")
+
+
+class TooManyAttemptsError(CbmflowError):
+    """Too many failed logins for this user or from this address (HTTP 429 with ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class InsecureTransportError(CbmflowError):
+    """Credentials sent over plain HTTP from a non-loopback client (HTTP 403)."""
+
+
+def is_local_peer(host: str | None) -> bool:
+    """True for a loopback address, and for a peer that is no IP address at all (a Unix socket,
+    an in-process test client): only a network peer can be eavesdropped on the way."""
+    import ipaddress
+
+    if not host:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return True
+
+
+def basic_name(header: str | None) -> str:
+    """The user name of a Basic header ('' for anything else): the throttle's per-user key."""
+    try:
+        name, _ = parse_basic(header)
+    except AuthenticationError:
+        return ""
+    return name[:64]
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    locked_until: float = 0.0
+    last: float = 0.0
+    seen: set[bytes] | None = None
+
+
+class LoginThrottle:
+    """Exponential backoff after failed logins, per (user, address) and per address, in memory.
+
+    Why these keys: a lock on the user name alone lets anyone who knows a name lock its owner out
+    (an attacker hammering ``alice`` from one address would starve ``alice`` everywhere); keyed on
+    (user, address) the attacker only locks himself, while the per-address key (a larger
+    allowance) slows one address spraying many names. A distributed guesser gets the allowance per
+    address, each guess still paying a full argon2 verification.
+
+    Only distinct failures count: a client retrying the same stale password (a notebook loop)
+    is a configuration error, not a guess, and must not lock anyone out; it still gets 401s.
+
+    State lives in each API process (per worker); a restart forgets it.
+    """
+
+    def __init__(
+        self, base_s: float, max_s: float, free_failures: int, address_free_failures: int | None = None
+    ) -> None:
+        self._base_s = max(0.0, base_s)
+        self._max_s = max(self._base_s, max_s)
+        self._free = max(0, free_failures)
+        self._addr_free = 5 * self._free if address_free_failures is None else max(0, address_free_failures)
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, ...], _Failures] = {}
+        self._secret = secrets.token_bytes(32)
+        self._max_entries = 100_000
+
+    def _keys(self, name: str, address: str) -> list[tuple[tuple[str, ...], int]]:
+        keys: list[tuple[tuple[str, ...], int]] = [(("addr", address), self._addr_free)]
+        if name:
+            keys.insert(0, (("user", name, address), self._free))
+        return keys
+
+    def _expired(self, entry: _Failures, now: float) -> bool:
+        # Forgotten after a quiet spell twice the longest lock.
+        return now - entry.last > 2 * self._max_s and now >= entry.locked_until
+
+    def check(self, name: str, address: str, now: float | None = None) -> None:
+        """Raise TooManyAttemptsError while (name, address) or address is locked."""
+        if self._base_s <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            wait = 0.0
+            for key, _ in self._keys(name, address):
+                entry = self._entries.get(key)
+                if entry is not None and entry.locked_until > now:
+                    wait = max(wait, entry.locked_until - now)
+        if wait > 0:
+            raise TooManyAttemptsError("too many failed logins; retry later", retry_after_s=wait)
+
+    def failed(self, name: str, address: str, secret: str, now: float | None = None) -> None:
+        """Count a failure (once per distinct credentials) and lock when past the allowance."""
+        if self._base_s <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        digest = hmac.new(
+            self._secret,
+            name.encode("utf-8", "surrogatepass") + b"\0" + secret.encode("utf-8", "surrogatepass"),
+            hashlib.sha256,
+        ).digest()[:16]
+        with self._lock:
+            if len(self._entries) >= self._max_entries:
+                for k in [k for k, e in self._entries.items() if self._expired(e, now)]:
+                    del self._entries[k]
+            for key, free in self._keys(name, address):
+                entry = self._entries.get(key)
+                if entry is None or self._expired(entry, now):
+                    entry = self._entries[key] = _Failures(seen=set())
+                assert entry.seen is not None
+                entry.last = now
+                if digest in entry.seen:
+                    continue
+                if len(entry.seen) < 64:
+                    entry.seen.add(digest)
+                entry.count += 1
+                if entry.count > free:
+                    lock_s = min(self._max_s, self._base_s * 2 ** min(30, entry.count - free - 1))
+                    entry.locked_until = max(entry.locked_until, now + lock_s)
+                    log.warning("auth.throttled", key=key[0], user=name or None, address=address, lock_s=lock_s)
+
+    def succeeded(self, name: str, address: str) -> None:
+        """A success clears the (user, address) record; the address's own record stays."""
+        with self._lock:
+            self._entries.pop(("user", name, address), None)

@@ -23,18 +23,24 @@ def api(
     workers: int | None = typer.Option(
         None, "--workers", min=1, help="Worker processes (default: CBMFLOW_API_WORKERS, else 1)."
     ),
+    tls_cert: str | None = typer.Option(
+        None, "--tls-cert", help="PEM certificate (chain): serve HTTPS (default: CBMFLOW_API_TLS_CERT)."
+    ),
+    tls_key: str | None = typer.Option(None, "--tls-key", help="PEM private key (default: CBMFLOW_API_TLS_KEY)."),
 ) -> None:
     """Serve the JRC-compatible REST API (/query/*) until interrupted."""
     from api.server import serve
     from cbmflow.errors import ConfigError
-    from cbmflow.settings import ApiSettings, DbSettings
+    from cbmflow.settings import ApiSettings
 
     settings = ApiSettings()
     host, port, workers = host or settings.host, port or settings.port, workers or settings.workers
+    cert, key = tls_cert or settings.tls_cert, tls_key or settings.tls_key
     try:
-        DbSettings().resolved_dsn()  # fail here, with a clear message, rather than in every worker
-        typer.echo(f"cbmflow API at http://{host}:{port}/query/info ({workers} worker(s))")
-        serve(host, port, workers)
+        settings.resolved_dsn()  # fail here, with a clear message, rather than in every worker
+        scheme = "https" if cert else "http"
+        typer.echo(f"cbmflow API at {scheme}://{host}:{port}/query/info ({workers} worker(s))")
+        serve(host, port, workers, tls_cert=cert, tls_key=key)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -169,10 +175,19 @@ def users_delete(name: str = typer.Argument(...)) -> None:
 def users_token(
     name: str = typer.Argument(..., help="User name."),
     revoke: str = typer.Option("", "--revoke", help="Revoke the token with this id instead of creating one."),
-    list_: bool = typer.Option(False, "--list", help="List the user's token ids instead of creating one."),
+    list_: bool = typer.Option(
+        False, "--list", help="List the user's tokens (id, created, expires) instead of creating one."
+    ),
+    expires: str = typer.Option(
+        "", "--expires", help="Validity of the new token: 30d, 12h, 2w, or never (default: CBMFLOW_API_TOKEN_TTL_DAYS)."
+    ),
 ) -> None:
     """Create an API token (printed once; use as `Authorization: Bearer` or as the Basic password)."""
+    from datetime import timedelta
+
     from api import users
+    from cbmflow.errors import CbmflowError
+    from cbmflow.settings import ApiSettings
 
     if revoke:
         done: list[bool] = []
@@ -186,13 +201,29 @@ def users_token(
         tokens: list[users.TokenInfo] = []
         _run("users token", lambda cur: tokens.extend(users.list_tokens(cur, name)))
         for t in tokens:
-            typer.echo(f"{t.id}  {t.created_at}")
+            state = "expired" if t.expired else ("never expires" if not t.expires_at else "expires")
+            typer.echo(f"{t.id}  created {t.created_at}  {state} {t.expires_at}".rstrip())
         return
+    try:
+        if expires:
+            ttl = users.parse_expires(expires)
+        else:
+            days = ApiSettings().token_ttl_days
+            ttl = timedelta(days=days) if days > 0 else None
+    except CbmflowError as exc:
+        typer.echo(f"users token: {exc}", err=True)
+        raise typer.Exit(1) from exc
     created: list[str] = []
-    _run("users token", lambda cur: created.append(users.create_token(cur, name)))
+    _run("users token", lambda cur: created.append(users.create_token(cur, name, ttl)))
     # Only the token on stdout, so `TOKEN=$(cbmflow users token alice)` works; the note goes to stderr.
     typer.echo(created[0])
-    typer.echo("store it now: only its hash is kept; revoke with --revoke " + created[0][5:17], err=True)
+    typer.echo(
+        "store it now: only its hash is kept; "
+        + (f"valid for {ttl}" if ttl is not None else "never expires")
+        + "; revoke with --revoke "
+        + created[0][5:17],
+        err=True,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,7 @@ not "database unavailable", and a new ``InvalidInputError`` subclass needs no en
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import psycopg2
@@ -18,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from api.auth import AuthenticationError
+from api.auth import AuthenticationError, InsecureTransportError, TooManyAttemptsError
 from api.responses import ApiJSONResponse
 from cbmflow.errors import CbmflowError, InvalidInputError, NotFoundError, PermissionDeniedError
 from cbmflow.logging import get_logger
@@ -55,6 +56,8 @@ DEFAULT_STATUS_CODES: dict[type[BaseException], ErrorRule] = {
     InvalidInputError: ErrorRule(400, "invalid_input"),
     AuthenticationError: ErrorRule(401, "unauthorized"),
     PermissionDeniedError: ErrorRule(403, "forbidden"),
+    InsecureTransportError: ErrorRule(403, "insecure_transport"),
+    TooManyAttemptsError: ErrorRule(429, "too_many_requests"),
     NotFoundError: ErrorRule(404, "not_found"),
     # A value PostgreSQL refused (e.g. a coordinate PROJ cannot transform): the input's fault.
     psycopg2.DataError: ErrorRule(
@@ -120,7 +123,10 @@ def response_for(request: Request, exc: BaseException) -> JSONResponse:
         rule = _UNEXPECTED
     elif rule.log_event is not None:
         getattr(log, rule.log_level)(rule.log_event, path=request.url.path, error=_summary(exc))
-    return error_response(rule.status, rule.code, rule.message or str(exc) or rule.code)
+    resp = error_response(rule.status, rule.code, rule.message or str(exc) or rule.code)
+    if isinstance(exc, TooManyAttemptsError):
+        resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return resp
 
 
 async def _handle(request: Request, exc: Exception) -> Response:

@@ -25,7 +25,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api.aiodb import AsyncPool
-from api.auth import Authenticator, User
+from api.auth import (
+    AuthenticationError,
+    Authenticator,
+    InsecureTransportError,
+    LoginThrottle,
+    User,
+    basic_name,
+    is_local_peer,
+)
 from api.errors import ServiceUnavailableError, response_for
 from api.params import Param, Params
 from api.prepared import PreparingConnection
@@ -189,6 +197,7 @@ class AppState:
     polygon_limit: int
     chip_secret: bytes
     datasets: DatasetCache
+    throttle: LoginThrottle
 
 
 def state_of(request: Request) -> AppState:
@@ -208,12 +217,50 @@ class Call:
     state: AppState
 
 
+def client_address(request: Request) -> str:
+    """The peer's address ('' for a Unix socket): the throttle's per-address key."""
+    return request.client.host if request.client is not None else ""
+
+
+def check_transport(request: Request, settings: ApiSettings) -> None:
+    """Refuse credentials that crossed a network in clear text.
+
+    Basic auth and tokens are replayable secrets: over plain HTTP anyone on the path reads them.
+    Loopback stays allowed (local use, the JRC client's tests, a TLS reverse proxy on the same
+    host), as does anything with ``CBMFLOW_API_ALLOW_PLAIN_BASIC`` (a proxy on another host on a
+    trusted network). The refusal is a 403 that says what to do, not a 401 that invites a retry.
+    """
+    if (
+        request.url.scheme == "http"
+        and not settings.allow_plain_basic
+        and request.headers.get("authorization")
+        and not is_local_peer(client_address(request))
+    ):
+        raise InsecureTransportError(
+            "credentials over plain HTTP are refused: use HTTPS (cbmflow api --tls-cert/--tls-key or a TLS"
+            " reverse proxy), or set CBMFLOW_API_ALLOW_PLAIN_BASIC=true on a trusted network"
+        )
+
+
 @contextmanager
 def authenticated(request: Request) -> Iterator[Call]:
-    """Borrow a connection, authenticate the caller on it, and keep it for the request's queries."""
+    """Borrow a connection, authenticate the caller on it, and keep it for the request's queries.
+
+    Failed logins are throttled (:class:`~api.auth.LoginThrottle`): a locked caller gets 429
+    before any password is verified, so a locked-out guesser costs no argon2 run."""
     state = state_of(request)
+    check_transport(request, state.settings)
+    header = request.headers.get("authorization")
+    name, address = basic_name(header), client_address(request)
+    state.throttle.check(name, address)
     with state.pool.cursor() as cur:
-        user = state.auth.authenticate(cur, request.headers.get("authorization"))
+        try:
+            user = state.auth.authenticate(cur, header)
+        except AuthenticationError:
+            state.throttle.failed(name, address, header or "")
+            raise
+        if name:
+            state.throttle.succeeded(name, address)
         request.state.user = user
         yield Call(cur=cur, user=user, request=request, state=state)
 

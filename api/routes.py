@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api import aiodb, prepared, queries
-from api.auth import authorize, password_credentials
-from api.infra import Call, Endpoint, authenticated, state_of
+from api.auth import InsecureTransportError, TooManyAttemptsError, authorize, password_credentials
+from api.infra import Call, Endpoint, authenticated, check_transport, client_address, state_of
 from api.openapi import COLUMNS, OBJECT, STR, json_content
 from api.params import AOI, BAND_LIST_PATTERN, LAT, LON, OPTIONAL_AOI, PID, PTYPE, YEAR, Param, Params
 from api.responses import ApiJSONResponse
@@ -223,6 +223,11 @@ async def series_fast(request: Request, p: Params) -> Response | None:
     if creds is None or q.ptype or q.tstype == "scl" or q.tsformat != "json":
         return None
     state = state_of(request)
+    try:
+        check_transport(request, state.settings)
+        state.throttle.check(creds[0], client_address(request))
+    except (InsecureTransportError, TooManyAttemptsError):
+        return None  # the general path answers 403 / 429
     ds = state.datasets.fresh(q.aoi, q.year)
     if ds is None:
         return None  # the general path reads the datasets table and tells 401, 403 and 404 apart

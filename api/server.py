@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
 
-def serve(host: str, port: int, workers: int = 1) -> None:
-    """Run uvicorn on the app factory; each worker process builds its own app and pool."""
+def serve(host: str, port: int, workers: int = 1, tls_cert: str = "", tls_key: str = "") -> None:
+    """Run uvicorn on the app factory; each worker process builds its own app and pool.
+
+    With ``tls_cert`` and ``tls_key`` uvicorn serves HTTPS itself (no proxy needed for a small
+    deployment); both or neither, checked here so a half-configured TLS never falls back to HTTP.
+    """
     import uvicorn
 
-    from cbmflow.settings import DbSettings
+    from cbmflow.errors import ConfigError
+    from cbmflow.settings import ApiSettings
 
-    DbSettings().resolved_dsn()  # fail here, with a clear message, rather than in every worker
+    ApiSettings().resolved_dsn()  # fail here, with a clear message, rather than in every worker
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+    for path in (tls_cert, tls_key):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"TLS file {path} does not exist")
+    tls: dict[str, Any] = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key} if tls_cert else {}
     options: dict[str, Any] = {"host": host, "port": port}
     listener = None
     if workers > 1:
@@ -35,6 +47,7 @@ def serve(host: str, port: int, workers: int = 1) -> None:
             workers=workers,
             proxy_headers=False,
             server_header=False,
+            **tls,
             **options,
         )
     finally:

@@ -6,8 +6,10 @@ Passwords are stored only as argon2id hashes, API tokens only as SHA-256 digests
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from api.auth import AOI_RE, USER_NAME_RE, hash_password, new_token
 from cbmflow.db import Cursor
@@ -148,14 +150,35 @@ class TokenInfo:
     id: str
     user: str
     created_at: str
+    expires_at: str
+    """ISO 8601, or '' for a token that never expires."""
+    expired: bool
 
 
-def create_token(cur: Cursor, name: str) -> str:
-    """A new API token for ``name``; the token itself is returned once and never stored."""
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "": 86400}
+
+
+def parse_expires(text: str) -> timedelta | None:
+    """``30d``, ``12h``, ``90m``, ``2w``, ``45`` (days) → a duration; ``never`` or ``0`` → None."""
+    if text.strip().lower() in ("never", "0", "none"):
+        return None
+    m = _DURATION_RE.match(text.lower())
+    if m is None or float(m.group(1)) <= 0:
+        raise InvalidInputError(f"invalid expiry {text!r}: a number with s, m, h, d or w (e.g. 30d), or never")
+    return timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2)])
+
+
+def create_token(cur: Cursor, name: str, expires_in: timedelta | None = None) -> str:
+    """A new API token for ``name``, valid for ``expires_in`` (None: until revoked); the token
+    itself is returned once and never stored."""
     if not _exists(cur, check_name(name)):
         raise NotFoundError(f"no user {name!r}")
     token_id, token, digest = new_token()
-    cur.execute("INSERT INTO api_tokens (id, user_name, secret_sha256) VALUES (%s, %s, %s)", (token_id, name, digest))
+    cur.execute(
+        "INSERT INTO api_tokens (id, user_name, secret_sha256, expires_at) VALUES (%s, %s, %s, now() + %s::interval)",
+        (token_id, name, digest, expires_in),
+    )
     return token
 
 
@@ -167,8 +190,9 @@ def revoke_token(cur: Cursor, name: str, token_id: str) -> bool:
 
 def list_tokens(cur: Cursor, name: str) -> list[TokenInfo]:
     cur.execute(
-        "SELECT id, user_name, to_char(created_at, 'YYYY-MM-DD\"T\"HH24:MI:SSOF') FROM api_tokens"
-        " WHERE user_name = %s ORDER BY created_at, id",
+        "SELECT id, user_name, to_char(created_at, 'YYYY-MM-DD\"T\"HH24:MI:SSOF'),"
+        " coalesce(to_char(expires_at, 'YYYY-MM-DD\"T\"HH24:MI:SSOF'), ''), coalesce(expires_at <= now(), false)"
+        " FROM api_tokens WHERE user_name = %s ORDER BY created_at, id",
         (check_name(name),),
     )
-    return [TokenInfo(str(i), str(u), str(c)) for i, u, c in cur.fetchall()]
+    return [TokenInfo(str(i), str(u), str(c), str(e), bool(x)) for i, u, c, e, x in cur.fetchall()]

@@ -355,36 +355,65 @@ def plot(request: Request, p: Params) -> Response:
 
 
 def render_plot(title: str, clear: dict[str, Any], all_obs: list[dict[str, Any]], max_cloud: float) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object-oriented API, never pyplot: pyplot keeps global state (current figure, backend)
+    # and is not thread-safe, while this runs in Starlette's thread pool, several at once. A
+    # Figure with its own Agg canvas touches no global state and needs no close().
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     def series(obs: list[dict[str, Any]]) -> tuple[Any, list[float]]:
         pts = [(datetime.fromisoformat(o["acquired"].replace("Z", "+00:00")), o["value"]) for o in obs]
         pts = [(t, v) for t, v in pts if v is not None]
         return [t for t, _ in pts], [v for _, v in pts]
 
-    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
-    try:
-        kept = {o["scene_id"] for o in clear["observations"]}
-        tx, vx = series([o for o in all_obs if o["scene_id"] not in kept])
-        tc, vc = series(clear["observations"])
-        if tx:
-            ax.plot(tx, vx, "x", color="0.6", label=f"masked > {max_cloud:g}")
-        if tc:
-            ax.plot(tc, vc, "o-", color="tab:green", label="clear")
-        ax.set_title(title)
-        ax.set_ylabel(clear["index"].upper() + f" ({clear['bands'][0]}, {clear['bands'][1]})")
-        ax.grid(alpha=0.3)
-        if tx or tc:
-            ax.legend(loc="best", fontsize="small")
-        fig.autofmt_xdate()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(8, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    kept = {o["scene_id"] for o in clear["observations"]}
+    tx, vx = series([o for o in all_obs if o["scene_id"] not in kept])
+    tc, vc = series(clear["observations"])
+    if tx:
+        ax.plot(tx, vx, "x", color="0.6", label=f"masked > {max_cloud:g}")
+    if tc:
+        ax.plot(tc, vc, "o-", color="tab:green", label="clear")
+    ax.set_title(title)
+    ax.set_ylabel(clear["index"].upper() + f" ({clear['bands'][0]}, {clear['bands'][1]})")
+    ax.grid(alpha=0.3)
+    if tx or tc:
+        ax.legend(loc="best", fontsize="small")
+    fig.autofmt_xdate()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+_URL_RE = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+")
+_DSN_KV_RE = re.compile(r"(?i)\b(?:host|hostaddr|port|user|password|dbname|sslkey|sslcert|passfile)=(?:'[^']*'|\S+)")
+_PATH_RE = re.compile(r"(?<![\w.:/-])(?:[A-Za-z]:)?(?:/|\\)[^\s'\",;()\[\]]+")
+# IPv4, and IPv6 in its full or "::" forms (not any a:b:c, which times like 12:30:45 also are).
+_IP_RE = re.compile(
+    r"\b(?:[0-9]{1,3}\.){3}[0-9]{1,3}\b|\b(?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}\b"
+    r"|(?<![\w:])(?:[0-9a-f]{1,4}:)*:(?::?[0-9a-f]{1,4})+\b",
+    re.IGNORECASE,
+)
+_HOST_RE = re.compile(r'(?i)(server at|host|hostname)\s*"?[^\s",]+"?')
+
+
+def tenant_reason(reason: str | None) -> str | None:
+    """A failure reason as a tenant may see it: the class (``permanent: FileNotFoundError``) and
+    the wording kept, every server path, URL, DSN field, address and host name replaced.
+
+    Reasons are written by workers for operators (``label: ExceptionName: message``), and the
+    message of an ``OSError`` or a driver names mount points, buckets and database hosts. Admins
+    get the full text; the product id is a column of its own, so nothing a tenant needs is lost.
+    """
+    if not reason:
+        return reason
+    text = _URL_RE.sub("<url>", reason)
+    text = _DSN_KV_RE.sub("<hidden>", text)
+    text = _PATH_RE.sub("<path>", text)
+    text = _HOST_RE.sub(lambda m: f"{m.group(1)} <host>", text)
+    return _IP_RE.sub("<address>", text)
 
 
 def scenes(request: Request, p: Params) -> Response:
@@ -434,7 +463,7 @@ def scenes(request: Request, p: Params) -> Response:
                 "sensor": r[4],
                 "acquired": _iso(r[5]),
                 "status": r[6],
-                "reason": r[7],
+                "reason": r[7] if call.user.is_admin else tenant_reason(r[7]),
                 "rows_written": r[8],
                 "updated_at": _iso(r[9]),
             }

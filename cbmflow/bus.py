@@ -180,3 +180,72 @@ def passive_depth(channel: Channel, bus: BusSettings) -> tuple[int, int]:
     """(ready, consumers) by passive declare: instant, unlike the sampled management figures."""
     ok = channel.queue_declare(bus.queue, passive=True)
     return int(ok.method.message_count), int(ok.method.consumer_count)
+
+
+# --- Broker users per role (least privilege) -------------------------------------------------------
+
+BUS_ROLES = ("worker", "watcher")
+
+
+def role_user_name(role: str) -> str:
+    """The RabbitMQ user of a component: ``cbmflow-worker``, ``cbmflow-watcher``."""
+    from cbmflow.errors import InvalidInputError
+
+    if role not in BUS_ROLES:
+        raise InvalidInputError(f"unknown broker role {role!r}: one of {', '.join(BUS_ROLES)}")
+    return f"cbmflow-{role}"
+
+
+def role_permissions(bus: BusSettings, role: str) -> dict[str, str]:
+    """Configure/write/read regexes of a role's user on the vhost of ``bus``'s AMQP URL.
+
+    Both declare the topology on start (``declare_topology``), which RabbitMQ checks as: configure
+    on the three names; write on the dead-letter queue and read on the dead-letter exchange (the
+    binding); read on the job queue and write on the dead-letter exchange (a queue declared with
+    ``x-dead-letter-exchange``). So the watcher could also read jobs and either role could publish
+    into the dead-letter exchange: the price of components declaring their own topology. The
+    worker publishes nothing else: rejected jobs are dead-lettered by the broker itself. The
+    watcher publishes jobs through the default exchange, which RabbitMQ checks as ``amq.default``
+    (the only way to reach the job queue or the dead-letter queue directly). Neither user gets a
+    tag, so neither can log in to the management API.
+    """
+    import re
+
+    role_user_name(role)
+    q, dlq, dlx = (re.escape(n) for n in (bus.queue, bus.dead_letter_queue, bus.dead_letter_exchange))
+    configure = f"^({q}|{dlq}|{dlx})$"
+    read = f"^({q}|{dlx})$"
+    if role == "worker":
+        return {"configure": configure, "write": f"^({dlq}|{dlx})$", "read": read}
+    return {"configure": configure, "write": f"^(amq\\.default|{dlq}|{dlx})$", "read": read}
+
+
+def _management_call(bus: BusSettings, method: str, path: str, body: Any, timeout_s: float = 10.0) -> None:
+    url = urllib.parse.urlparse(bus.resolved_management_url())
+    base = f"{url.scheme}://{url.hostname}:{url.port}"
+    auth = (urllib.parse.unquote(url.username or "guest"), urllib.parse.unquote(url.password or "guest"))
+    resp = requests.request(method, base + path, json=body, auth=auth, timeout=timeout_s)
+    resp.raise_for_status()
+
+
+def role_url(bus: BusSettings, role: str) -> str:
+    """Create (or rotate the password of) the role's broker user, set its permissions on the
+    vhost, and return its AMQP URL, the only copy of the password (the broker keeps a salted hash).
+
+    Done through the management API with the operator's credentials (``CBMFLOW_BUS_MANAGEMENT_URL``).
+    Rotating invalidates the previous URL for new connections.
+    """
+    import secrets
+
+    user = role_user_name(role)
+    password = secrets.token_urlsafe(24)
+    vhost = urllib.parse.quote(_vhost(bus), safe="")
+    quser = urllib.parse.quote(user, safe="")
+    _management_call(bus, "PUT", f"/api/users/{quser}", {"password": password, "tags": ""})
+    _management_call(bus, "PUT", f"/api/permissions/{vhost}/{quser}", role_permissions(bus, role))
+    amqp = urllib.parse.urlparse(bus.resolved_amqp_url())
+    host = amqp.hostname or "localhost"
+    netloc = f"{quser}:{urllib.parse.quote(password, safe='')}@{'[' + host + ']' if ':' in host else host}"
+    if amqp.port:
+        netloc += f":{amqp.port}"
+    return urllib.parse.urlunparse(amqp._replace(netloc=netloc))

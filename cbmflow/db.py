@@ -97,6 +97,7 @@ def migrate(dsn: str | None = None, sql_dir: Traversable | None = None) -> list[
                 cur.execute(text)
                 cur.execute("INSERT INTO schema_migrations (name, sha256) VALUES (%s, %s)", (path.name, digest))
                 applied.append(path.name)
+            apply_role_grants(cur)
     finally:
         conn.close()
     return applied
@@ -212,4 +213,139 @@ def ensure_dataset(cur: psycopg2.extensions.cursor, aoi: str, year: int, srid: i
             ix=sql.Identifier(f"{ds.hists_table}_scene_idx"), t=ds.hists
         )
     )
+    grant_dataset(cur, ds)
     return ds
+
+
+# --- Database roles (least privilege) -------------------------------------------------------------
+
+ROLES: dict[str, str] = {"watcher": "cbmflow_watcher", "worker": "cbmflow_worker", "api": "cbmflow_api"}
+"""Component → NOLOGIN group role (created by sql/005_roles_tokens.sql). The owner is whoever runs
+``cbmflow db migrate``: it owns every object and is the only role that changes the schema."""
+
+ROLE_GRANTS: dict[str, tuple[tuple[str, str], ...]] = {
+    # Scans the catalogue, upserts scenes, writes and flushes the outbox.
+    "cbmflow_watcher": (
+        ("aois", "SELECT"),
+        ("datasets", "SELECT"),
+        ("scenes", "SELECT, INSERT, UPDATE"),
+        ("outbox", "SELECT, INSERT, UPDATE"),
+        ("rejected_items", "SELECT, INSERT, UPDATE"),
+        ("watch_cursors", "SELECT, INSERT, UPDATE"),
+        ("scenes_id_seq", "USAGE, SELECT"),
+        ("outbox_id_seq", "USAGE, SELECT"),
+    ),
+    # Claims and leases scenes, registers and heartbeats; sigs/hists: see grant_dataset.
+    "cbmflow_worker": (
+        ("aois", "SELECT"),
+        ("datasets", "SELECT"),
+        ("scenes", "SELECT, UPDATE"),
+        ("workers", "SELECT, INSERT, UPDATE"),
+    ),
+    # Reads what it serves and its auth tables; never writes (token use is not recorded).
+    "cbmflow_api": (
+        ("aois", "SELECT"),
+        ("datasets", "SELECT"),
+        ("scenes", "SELECT"),
+        ("users", "SELECT"),
+        ("user_grants", "SELECT"),
+        ("api_tokens", "SELECT"),
+    ),
+}
+"""Table privileges of each group role in the public schema, (re)applied by every ``migrate``. A
+migration adding a table a component uses adds a line here; a table not (yet) in the database is
+skipped, so the list may name tables of migrations a database has not reached."""
+
+
+def _role_exists(cur: Cursor, role: str) -> bool:
+    cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+    return cur.fetchone() is not None
+
+
+def apply_role_grants(cur: Cursor) -> None:
+    """GRANT each group role its table privileges, and its privileges on every dataset's tables.
+
+    Idempotent; runs at the end of every ``migrate`` (even with nothing pending), so an upgraded
+    database and datasets created before the roles existed get their grants. Without the roles
+    (migrations of a foreign ``sql_dir``) it does nothing.
+    """
+    for role, grants in ROLE_GRANTS.items():
+        if not _role_exists(cur, role):
+            return
+        for table, privileges in grants:
+            cur.execute("SELECT to_regclass(%s)", (f"public.{table}",))
+            row = cur.fetchone()
+            if row is None or row[0] is None:
+                continue
+            # privileges come from the constant above, never from input
+            cur.execute(
+                sql.SQL("GRANT " + privileges + " ON {} TO {}").format(  # noqa: S608
+                    sql.Identifier("public", table), sql.Identifier(role)
+                )
+            )
+    cur.execute("SELECT to_regclass('public.datasets')")
+    row = cur.fetchone()
+    if row is not None and row[0] is not None:
+        for ds in list_datasets(cur):
+            grant_dataset(cur, ds)
+
+
+def grant_dataset(cur: Cursor, ds: Dataset) -> None:
+    """Privileges on one dataset's schema: the worker reads parcels and replaces a scene's rows in
+    sigs/hists (DELETE + COPY: row ownership by scene is enforced by the lease, not by PostgreSQL),
+    the API reads all three. Called when the dataset is created (parcel import) and by ``migrate``."""
+    worker, api = ROLES["worker"], ROLES["api"]
+    if not (_role_exists(cur, worker) and _role_exists(cur, api)):
+        return
+    both = sql.SQL(", ").join([sql.Identifier(worker), sql.Identifier(api)])
+    cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(ds.schema_name), both))
+    cur.execute(sql.SQL("GRANT SELECT ON {}, {}, {} TO {}").format(ds.parcels, ds.sigs, ds.hists, both))
+    cur.execute(sql.SQL("GRANT INSERT, DELETE ON {}, {} TO {}").format(ds.sigs, ds.hists, sql.Identifier(worker)))
+    # Tables an operator adds to the schema later (JRC ``ptype`` parcel variants) are served too.
+    cur.execute(
+        sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT SELECT ON TABLES TO {}").format(
+            sql.Identifier(ds.schema_name), sql.Identifier(api)
+        )
+    )
+
+
+def login_role_name(component: str) -> str:
+    """The LOGIN role ``role_dsn`` creates for a component: ``cbmflow_<component>_login``."""
+    from cbmflow.errors import InvalidInputError
+
+    if component not in ROLES:
+        raise InvalidInputError(f"unknown role {component!r}: one of {', '.join(ROLES)}")
+    return f"{ROLES[component]}_login"
+
+
+def role_dsn(owner_dsn: str, component: str) -> str:
+    """Create (or rotate the password of) the component's LOGIN role and return its DSN.
+
+    The password is random and sent to the server only as a SCRAM verifier computed here
+    (``encrypt_password``), so it never reaches the server's statement log or ``pg_authid`` in
+    plain text; the returned DSN is the only copy. Rotating invalidates the previous DSN for new
+    connections (open ones stay until they reconnect).
+    """
+    import secrets
+
+    from cbmflow.errors import ConfigError
+
+    login = login_role_name(component)
+    group = ROLES[component]
+    password = secrets.token_urlsafe(24)
+    conn = connect(owner_dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            if not _role_exists(cur, group):
+                raise ConfigError(f"no role {group}: run `cbmflow db migrate` first")
+            verifier = psycopg2.extensions.encrypt_password(password, login, conn, "scram-sha-256")
+            verb = "ALTER" if _role_exists(cur, login) else "CREATE"
+            cur.execute(
+                sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE INHERIT PASSWORD {}").format(
+                    sql.Identifier(login), sql.Literal(verifier)
+                )
+            )
+            cur.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(login)))
+    finally:
+        conn.close()
+    return str(psycopg2.extensions.make_dsn(owner_dsn, user=login, password=password))

@@ -13,7 +13,9 @@ the same renderer, so a JSON stream never gets a stray plain-text line.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any, Literal, TextIO, cast
 
 import structlog
@@ -66,6 +68,26 @@ def choose_format(fmt: str, stream: Any) -> Format:
     return "console" if _isatty(stream) else "json"
 
 
+_URL_PASSWORD_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@'\"]*):[^@\s/'\"]*@")
+_KV_PASSWORD_RE = re.compile(r"(?i)\b(password|passwd|pwd)\s*=\s*(?:'(?:[^'\\]|\\.)*'|\S+)")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the passwords of URLs (``amqp://u:pw@h``) and libpq DSNs (``password=pw``)
+    replaced by ``***``: error messages of drivers and configuration echo what they were given."""
+    if "@" not in text and "=" not in text:
+        return text
+    return _KV_PASSWORD_RE.sub(r"\1=***", _URL_PASSWORD_RE.sub(r"\1:***@", text))
+
+
+def _redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Processor: no log line carries a password, whichever value (or traceback) held it."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = redact_secrets(value)
+    return event
+
+
 def _renderer(fmt: Format, colors: bool) -> Processor:
     if fmt == "json":
         return structlog.processors.JSONRenderer()
@@ -108,6 +130,7 @@ def configure(
     shared: list[Processor] = [structlog.processors.add_log_level, timestamper]
     if chosen == "json":
         shared.append(structlog.processors.format_exc_info)  # the console renderer formats exceptions itself
+    shared.append(_redact)
 
     handler = logging.StreamHandler(out)
     handler.setFormatter(

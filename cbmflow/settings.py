@@ -266,6 +266,34 @@ class ApiSettings(BaseSettings):
         description="key signing chip URLs; empty = one generated in the state directory "
         "(set it when several API hosts share a load balancer)",
     )
+    dsn: str = Field(
+        "",
+        description="PostgreSQL DSN of the API's own role (`cbmflow db role-dsn api`: SELECT only);"
+        " empty = CBMFLOW_DB_DSN",
+    )
+    token_ttl_days: float = Field(
+        90.0, description="validity of a new API token when `users token` gets no --expires; 0 = never expires"
+    )
+    login_backoff_base_s: float = Field(
+        1.0, description="lockout after the first failed logins of a user or client address; doubles per failure"
+    )
+    login_backoff_max_s: float = Field(300.0, description="longest lockout after repeated failed logins")
+    login_free_failures: int = Field(
+        3,
+        description="distinct failed logins per (user, client address) before the backoff starts; a client"
+        " address alone gets five times as many",
+    )
+    allow_plain_basic: bool = Field(
+        False,
+        description="accept passwords and tokens over plain HTTP from non-loopback clients (behind a TLS proxy"
+        " that connects over loopback this is not needed)",
+    )
+    tls_cert: str = Field("", description="PEM certificate: serve HTTPS (with tls_key)")
+    tls_key: str = Field("", description="PEM private key of tls_cert")
+
+    def resolved_dsn(self) -> str:
+        """The API role's DSN, else the general database DSN (the owner's: works, but can write)."""
+        return self.dsn or DbSettings().resolved_dsn()
 
 
 class ProvisionSettings(BaseSettings):
@@ -333,6 +361,16 @@ class ProvisionSettings(BaseSettings):
     ssh_user: str = Field("debian", description="SSH user of `provision logs` and `exec` (the image's default user)")
     ssh_key_file: str = Field("", description="private key for `provision logs` and `exec`; empty = ssh-agent")
     ssh_gateway: str = Field("", description="bastion host (user@host) for SSH to workers without a public address")
+    worker_dsn: str = Field(
+        "",
+        description="DSN written into worker user-data (`cbmflow db role-dsn worker`); empty = CBMFLOW_DB_DSN"
+        " with a warning (the owner's DSN on every VM)",
+    )
+    worker_amqp_url: str = Field(
+        "",
+        description="AMQP URL written into worker user-data (`cbmflow bus role-url worker`); empty ="
+        " CBMFLOW_BUS_AMQP_URL with a warning",
+    )
 
     def effective_scale_down_window_s(self) -> float:
         if self.scale_down_window_s is not None:

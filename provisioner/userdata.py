@@ -32,7 +32,10 @@ from typing import Any, Literal
 import yaml
 
 from cbmflow.errors import ConfigError, InvalidInputError
-from cbmflow.settings import BusSettings, DbSettings, WorkerSettings
+from cbmflow.logging import get_logger
+from cbmflow.settings import BusSettings, DbSettings, ProvisionSettings, WorkerSettings
+
+log = get_logger("provision")
 
 ENV_PATH = "/etc/cbmflow/worker.env"
 LAUNCHER_PATH = "/opt/cbmflow/bin/cbmflow-worker"
@@ -45,10 +48,12 @@ LOG_PATH = "/var/log/cbmflow-worker.log"
 # is requeued by then); this is the slack on top of it.
 STOP_TIMEOUT_SLACK_S = 60
 # Variables handed from the provisioner's environment to workers; CBMFLOW_WORKER_ID is not among
-# them because each worker gets its own.
+# them because each worker gets its own. The management URL (administrator credentials) is never
+# handed over: a worker reads its queue over AMQP only.
 FORWARDED_PREFIXES = ("CBMFLOW_WORKER_", "CBMFLOW_BUS_", "CBMFLOW_STORE_", "CBMFLOW_DB_")
 FORWARDED_NAMES = ("CBMFLOW_LOG_LEVEL",)
 PER_WORKER_NAMES = ("CBMFLOW_WORKER_ID",)
+WITHHELD_NAMES = ("CBMFLOW_BUS_MANAGEMENT_URL",)
 
 # What a worker VM installs: the worker's libraries only, none of the API's, cloud's or SSH's.
 WORKER_REQUIREMENT = "cbmflow[worker]"
@@ -64,18 +69,37 @@ def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment a worker needs: resolved connection URLs plus forwarded CBMFLOW_* settings.
 
     URLs are resolved here (from the local stack's record when not set) because a VM has no
-    ``stack.json`` to fall back on.
+    ``stack.json`` to fall back on. The worker's own credentials (``CBMFLOW_PROVISION_WORKER_DSN``,
+    ``CBMFLOW_PROVISION_WORKER_AMQP_URL``) go onto the machine, not the provisioner's: a VM is the
+    most exposed place a secret can be, so it gets only the worker role's. Without them the
+    provisioner's own are used, with a warning (the local stack, tests).
     """
     source = dict(os.environ if environ is None else environ)
     env = {
         k: v
         for k, v in sorted(source.items())
-        if (k.startswith(FORWARDED_PREFIXES) or k in FORWARDED_NAMES) and k not in PER_WORKER_NAMES
+        if (k.startswith(FORWARDED_PREFIXES) or k in FORWARDED_NAMES)
+        and k not in PER_WORKER_NAMES
+        and k not in WITHHELD_NAMES
     }
-    env["CBMFLOW_DB_DSN"] = DbSettings().resolved_dsn()
-    bus = BusSettings()
-    env["CBMFLOW_BUS_AMQP_URL"] = bus.resolved_amqp_url()
-    env["CBMFLOW_BUS_MANAGEMENT_URL"] = bus.resolved_management_url()
+    provision = ProvisionSettings()
+    env["CBMFLOW_DB_DSN"] = provision.worker_dsn or DbSettings().resolved_dsn()
+    env["CBMFLOW_BUS_AMQP_URL"] = provision.worker_amqp_url or BusSettings().resolved_amqp_url()
+    missing = [
+        name
+        for name, value in (
+            ("CBMFLOW_PROVISION_WORKER_DSN", provision.worker_dsn),
+            ("CBMFLOW_PROVISION_WORKER_AMQP_URL", provision.worker_amqp_url),
+        )
+        if not value
+    ]
+    if missing:
+        log.warning(
+            "provision.worker_credentials_fallback",
+            unset=missing,
+            hint="workers get the provisioner's own credentials; see `cbmflow db role-dsn worker`"
+            " and `cbmflow bus role-url worker`",
+        )
     return env
 
 
@@ -298,9 +322,8 @@ def parse_worker_launch(userdata: str) -> tuple[dict[str, str], list[str]]:
 
 
 EXAMPLE_ENV = {
-    "CBMFLOW_DB_DSN": "postgresql://cbmflow:CHANGE_ME@db.example.internal:5432/cbmflow?sslmode=require",
-    "CBMFLOW_BUS_AMQP_URL": "amqps://cbmflow:CHANGE_ME@mq.example.internal:5671/cbmflow",
-    "CBMFLOW_BUS_MANAGEMENT_URL": "https://cbmflow:CHANGE_ME@mq.example.internal:15671",
+    "CBMFLOW_DB_DSN": "postgresql://cbmflow_worker_login:CHANGE_ME@db.example.internal:5432/cbmflow?sslmode=require",
+    "CBMFLOW_BUS_AMQP_URL": "amqps://cbmflow-worker:CHANGE_ME@mq.example.internal:5671/cbmflow",
     "CBMFLOW_STORE_URL": "s3://eodata/",
     "CBMFLOW_STORE_S3_ENDPOINT_URL": "https://eodata.example.internal",
     "CBMFLOW_WORKER_STOP_DEADLINE_S": "600",

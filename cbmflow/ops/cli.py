@@ -8,6 +8,7 @@ import typer
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Inspect and re-publish jobs.", no_args_is_help=True)
+bus_app = typer.Typer(help="Broker users.", no_args_is_help=True)
 
 
 @db_app.command("migrate")
@@ -86,6 +87,27 @@ def role_dsn(
         raise typer.Exit(1) from exc
 
 
+@bus_app.command("role-url")
+def bus_role_url(role: str = typer.Argument(..., help="worker or watcher.")) -> None:
+    """Create or rotate the broker user of a component and print its AMQP URL (the only copy of the
+    password). Needs the management API (CBMFLOW_BUS_MANAGEMENT_URL); hand the worker's to
+    CBMFLOW_PROVISION_WORKER_AMQP_URL and the watcher's to its CBMFLOW_BUS_AMQP_URL."""
+    import requests
+
+    from cbmflow import bus as busmod
+    from cbmflow.errors import CbmflowError
+    from cbmflow.settings import BusSettings
+
+    try:
+        typer.echo(busmod.role_url(BusSettings(), role))
+    except CbmflowError as exc:
+        typer.echo(f"bus role-url: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except requests.RequestException as exc:
+        typer.echo(f"bus role-url: the management API refused or is unreachable: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
 @jobs_app.command("retry")
 def jobs_retry(
     failed: bool = typer.Option(False, "--failed", help="Re-publish every scene in status failed."),
@@ -160,5 +182,6 @@ def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="Print 
 def register(app: typer.Typer) -> None:
     app.add_typer(db_app, name="db")
     app.add_typer(jobs_app, name="jobs")
+    app.add_typer(bus_app, name="bus")
     app.command("status")(status)
     app.command("settings")(settings_cmd)

@@ -187,13 +187,28 @@ def test_worker_env_resolves_urls_and_forwards_only_worker_settings(monkeypatch:
             "HOME": "/root",
         }
     )
+    # The management URL (administrator credentials) stays with the provisioner: workers never use it.
     assert env == {
         "CBMFLOW_WORKER_LEASE_S": "60",
         "CBMFLOW_LOG_LEVEL": "DEBUG",
         "CBMFLOW_DB_DSN": "postgresql://x@h/db",
         "CBMFLOW_BUS_AMQP_URL": "amqp://u:p@h/v",
-        "CBMFLOW_BUS_MANAGEMENT_URL": "http://u:p@h:15672",
     }
+
+
+def test_worker_env_carries_the_worker_credentials_not_the_provisioners(monkeypatch: pytest.MonkeyPatch) -> None:
+    owner_dsn, admin_url = "postgresql://owner:ownerpw@h/db", "amqp://admin:adminpw@h/v"
+    monkeypatch.setenv("CBMFLOW_DB_DSN", owner_dsn)
+    monkeypatch.setenv("CBMFLOW_BUS_AMQP_URL", admin_url)
+    monkeypatch.setenv("CBMFLOW_BUS_MANAGEMENT_URL", "http://admin:adminpw@h:15672")
+    monkeypatch.setenv("CBMFLOW_PROVISION_WORKER_DSN", "postgresql://cbmflow_worker_login:w@h/db")
+    monkeypatch.setenv("CBMFLOW_PROVISION_WORKER_AMQP_URL", "amqp://cbmflow-worker:w@h/v")
+    env = worker_env(dict(os.environ))
+    assert env["CBMFLOW_DB_DSN"] == "postgresql://cbmflow_worker_login:w@h/db"
+    assert env["CBMFLOW_BUS_AMQP_URL"] == "amqp://cbmflow-worker:w@h/v"
+    text = render_userdata(env)
+    for secret in ("ownerpw", "adminpw", "MANAGEMENT"):
+        assert secret not in text
 
 
 @pytest.mark.parametrize("install", INSTALL_MODES)
