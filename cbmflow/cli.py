@@ -34,6 +34,7 @@ COMPONENTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("catalog_watcher.cli", "watcher", ("watch",)),
     ("worker.cli", "worker", ("worker",)),
     ("worker.extract", "extract", ("extract",)),
+    ("worker.cardgen", "worker", ("card",)),
     ("provisioner.cli", "provisioner", ("provision",)),
     ("api.cli", "api", ("api", "users")),
 )
