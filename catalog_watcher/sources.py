@@ -90,6 +90,12 @@ class StacApiSource:
         if self.session is not None:
             io.session = self.session
         client = Client.open(self.url, stac_io=io)
+        # pystac-client 0.9 matches only v1.0.* conformance URIs; STAC API 1.1 servers (CDSE v1,
+        # stac-fastapi 7) advertise sort as v1.1.0. Accept any version the server states.
+        conforms = client.get_conforms_to()
+        for name in ("SORT", "FILTER"):
+            if any(c.endswith(f"/item-search#{name.lower()}") for c in conforms):
+                client.add_conforms_to(name)
         kwargs: dict[str, Any] = {}
         if self.incremental:
             kwargs["sortby"] = [{"field": f"properties.{self.cursor_property}", "direction": "asc"}]

@@ -29,7 +29,7 @@ _COLLECTION_CARD = {
     "sentinel-1-card-c6": "c6",
 }
 PRODUCT_RE = re.compile(r"^(S[12][ABCD])_([A-Z0-9]+)_")
-_S2_NAME_RE = re.compile(r"^(S2[ABCD])_(MSIL[12][AC])_(\d{8}T\d{6})_N(\d{4})_R(\d{3})_T(\w{5})_\d{8}T\d{6}$")
+_S2_NAME_RE = re.compile(r"^(S2[ABCD])_(MSIL[12][AC])_(\d{8}T\d{6})_N(\d{4})_R(\d{3})_T(\w{5})(?:_\d{8}T\d{6})?$")
 
 
 def acquisition_key(name: str, card: str, mission: str, when: datetime, properties: dict[str, Any]) -> tuple[str, int]:
@@ -114,7 +114,12 @@ def _href_location(item: pystac.Item) -> str:
         href = a.get_absolute_href() or a.href
         if ".SAFE" in href:
             return _absolute(href[: href.index(".SAFE") + len(".SAFE")])
-    raise InvalidInputError(f"item {item.id}: no product asset and no .SAFE asset href")
+    # Per-band COG products (earth-search): the product is the Item itself; the worker reads its
+    # assets (and their raster:bands offset/scale) from the Item JSON at this href.
+    self_href = item.get_self_href()
+    if self_href and any(a.href.endswith((".tif", ".tiff")) for a in item.assets.values()):
+        return _absolute(self_href)
+    raise InvalidInputError(f"item {item.id}: no product asset, no .SAFE asset href and no COG assets")
 
 
 def _absolute(href: str) -> str:
