@@ -26,7 +26,7 @@ from card.geobox import GeoBox
 from card.s1grd.calibration import calibrate
 from card.s1grd.dem import Dem
 from card.s1grd.geocode import Geocoder, RadarPosition, ecef
-from card.s1grd.rtc import MASK_NODATA, bilinear, facets, splat
+from card.s1grd.rtc import MASK_NODATA, bilinear, facets, splat_oversampled
 from card.s1grd.safe import Polarisation
 
 FloatArray = npt.NDArray[np.float64]
@@ -165,16 +165,10 @@ class BsProcessor:
         r0 = int(math.floor(np.min(pos.line[ok]))) - 1
         c0 = int(math.floor(np.min(pos.pixel_smooth[ok]))) - 1
         shape = (int(math.ceil(np.max(pos.line[ok]))) + 2 - r0, int(math.ceil(np.max(pos.pixel_smooth[ok]))) + 2 - c0)
-        k = self.oversample
         dl_dc, dl_dr = _smooth_derivative(pos.line, 1), _smooth_derivative(pos.line, 0)
         dp_dc, dp_dr = _smooth_derivative(pos.pixel_smooth, 1), _smooth_derivative(pos.pixel_smooth, 0)
-        acc = np.zeros(shape)
-        offsets = (np.arange(k) + 0.5) / k - 0.5
-        for a in offsets:
-            for b in offsets:
-                sub_line = pos.line + a * dl_dc + b * dl_dr
-                sub_pixel = pos.pixel_smooth + a * dp_dc + b * dp_dr
-                acc += splat(weights / (k * k), sub_line, sub_pixel, shape, r0, c0)
+        derivatives = (dl_dc, dl_dr, dp_dc, dp_dr)
+        acc = splat_oversampled(weights, pos.line, pos.pixel_smooth, derivatives, self.oversample, shape, r0, c0)
         return bilinear(acc, line, pixel, r0, c0)
 
 

@@ -64,8 +64,23 @@ class Geocoder:
         self.line_offset = line_time_offset(annotation)
 
     def zero_doppler(self, points: FloatArray, iterations: int = 10, tol_s: float = 1e-9) -> FloatArray:
-        """Zero-Doppler azimuth time of each point (seconds since t0)."""
-        t = np.full(points.shape[:-1], self._t_mid)
+        """Zero-Doppler azimuth time of each point (seconds since t0).
+
+        On a grid of points, Newton first runs on every 8th point and the result, interpolated,
+        seeds the full grid: 1–2 iterations instead of 5–6 from the scene's mid time.
+        """
+        step_px = 8
+        if points.ndim == 3 and min(points.shape[:2]) > 4 * step_px:
+            rows = np.unique(np.r_[np.arange(0, points.shape[0], step_px), points.shape[0] - 1])
+            cols = np.unique(np.r_[np.arange(0, points.shape[1], step_px), points.shape[1] - 1])
+            coarse = self.zero_doppler(points[np.ix_(rows, cols)], iterations, tol_s)
+            if np.isfinite(coarse).all():
+                along_cols = np.stack([np.interp(np.arange(points.shape[1]), cols, r) for r in coarse])
+                t = np.stack([np.interp(np.arange(points.shape[0]), rows, c) for c in along_cols.T], axis=1)
+                return self._newton(points, t, iterations, tol_s)
+        return self._newton(points, np.full(points.shape[:-1], self._t_mid), iterations, tol_s)
+
+    def _newton(self, points: FloatArray, t: FloatArray, iterations: int, tol_s: float) -> FloatArray:
         for _ in range(iterations):
             s, v, a = self.orbit.state(t)
             d = points - s
@@ -73,7 +88,7 @@ class Geocoder:
             fp = np.einsum("...k,...k->...", d, a) - np.einsum("...k,...k->...", v, v)
             step = f / fp
             t = t - step
-            if np.all(np.abs(step) < tol_s):
+            if not np.any(np.abs(step) >= tol_s):  # NaN points (no DEM) do not keep it iterating
                 break
         return t
 
