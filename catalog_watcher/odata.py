@@ -2,7 +2,8 @@
 
 Paging is keyset on (``PublicationDate``, ``Id``), the server's own order: each page asks for
 ``PublicationDate ge`` the last date seen and drops what it already yielded at that date, so the
-10 000 cap of ``$skip`` is never reached however many products a window holds. A collection is
+10 000 cap of ``$skip`` is never reached however many products a window holds. A full page of
+products sharing one publication time is passed by asking once for a page of 1000 (the maximum). A collection is
 written ``SENTINEL-2/S2MSI2A`` (``Collection/Name`` / ``productType``).
 """
 
@@ -113,13 +114,14 @@ class ODataSource:
                 raise InvalidInputError(f"collection {collection!r}: quote not allowed")
         since = published_since
         seen_at_since: set[str] = set()
+        top = self.page_size
         while True:
             resp = self.session.get(
                 f"{self.url}/Products",
                 params={
                     "$filter": self._filter(collection, aoi, since, acquired_since),
                     "$orderby": "PublicationDate asc",
-                    "$top": str(self.page_size),
+                    "$top": str(top),
                 },
             )
             resp.raise_for_status()
@@ -134,16 +136,19 @@ class ODataSource:
                     continue
                 fresh += 1
                 if pub != last_pub:
-                    last_pub = pub
-                    at_last = set()
+                    last_pub, at_last = pub, set()
                 at_last.add(pid)
                 yield self._candidate(p, collection, pub)
-            if len(page) < self.page_size:
+            if len(page) < top:
                 return
             if fresh == 0 or last_pub is None:
-                raise InvalidInputError(
-                    f"{self.name}: more than {self.page_size} products published at {since}; raise the page size"
-                )
+                # A full page of products all published at `since` and all seen: widen the page once
+                # to the server's maximum to get past them.
+                if top >= 1000:
+                    raise InvalidInputError(f"{self.name}: more than 1000 products published at {since}")
+                top = 1000
+                continue
+            top = self.page_size
             if last_pub == since:
                 seen_at_since |= at_last
             else:
