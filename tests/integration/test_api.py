@@ -154,7 +154,8 @@ def seed(pg_dsn: str) -> Seed:
 
 @pytest.fixture
 def client(seed: Seed) -> Iterator[TestClient]:
-    with TestClient(create_app(seed.dsn, ApiSettings(auth_cache_s=300))) as c:
+    # The API's own role (SELECT only), as deployed: every route must work without write grants.
+    with TestClient(create_app(db.role_dsn(seed.dsn, "api"), ApiSettings(auth_cache_s=300))) as c:
         yield c
 
 
