@@ -247,6 +247,26 @@ def _configure_vsis3(config: dict[str, str | None]) -> bool:
     return True
 
 
+def forget_cached(location: str) -> None:
+    """Drop what GDAL's ``/vsicurl`` cache remembers under ``location`` (an ``s3://`` product).
+
+    During a store outage GDAL caches the failed answers as "this file does not exist", and keeps
+    serving them after the store is back: a retry would then read a product that exists as missing
+    and fail it for good. Called before every retry after an outage; a no-op for local products.
+    """
+    if urlparse(location).scheme != "s3":
+        return
+    bucket, key = parse_s3(location)
+    prefix = f"{VSIS3}{bucket}/{key.removesuffix('/MTD_MSIL2A.xml')}".rstrip("/")
+    lib = _libgdal()
+    if lib is None:
+        return  # rasterio wraps no cache call; the path-specific options need the same handle anyway
+    clear = lib.VSICurlPartialClearCache
+    clear.argtypes = [ctypes.c_char_p]
+    clear.restype = None
+    clear(prefix.encode())
+
+
 def gdal_option(path: str, key: str) -> str | None:
     """The value GDAL uses for option ``key`` when it opens ``path`` (path-specific, else config)."""
     lib = _libgdal()

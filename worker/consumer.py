@@ -634,6 +634,8 @@ class Worker:
                 self.jobs.note(conn, scene, f"object store unavailable, retrying in place (attempt {attempt}): {exc}")
                 if self.stopping.wait(delay_s):
                     return None
+                # GDAL remembers the outage's failures as missing files; the retry must ask again.
+                store.forget_cached(scene.location)
 
     def _mark_idle(self, conn: psycopg2.extensions.connection) -> None:
         if conn.closed:

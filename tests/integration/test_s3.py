@@ -236,6 +236,43 @@ def test_a_read_that_loses_the_store_fails_instead_of_returning_zeros(
     assert not isinstance(got["error"], PermanentJobError)
 
 
+def test_a_product_gdal_saw_missing_during_an_outage_is_read_once_the_cache_is_forgotten(
+    s3: Any, world: WorldSummary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the chaos run: GDAL caches an outage's failures as "does not exist" and keeps
+    answering so after the store is back, so a retry failed a product that exists, for good.
+    ``store.forget_cached`` (called by the worker before each retry after an outage) clears it."""
+    (port,) = free_ports(1)
+    monkeypatch.setenv("CBMFLOW_STORE_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    client = store.s3_client()
+    client.create_bucket(Bucket="flaky")
+    band = open_s2_product(world.product_paths[0]).band_path("B04")
+    client.upload_file(str(band), "flaky", "L2A/product/B04.jp2")
+    location, path = "s3://flaky/L2A/product", "/vsis3/flaky/L2A/product/B04.jp2"
+
+    def read() -> Any:
+        with store.gdal_env(path), rasterio.open(path) as src:
+            return src.read(1, window=rasterio.windows.Window(0, 0, 16, 16))
+
+    expected = read()
+    store.forget_cached(location)
+    server.stop()  # the outage: GDAL's answers are now failures, and it caches them
+    try:
+        with pytest.raises(rasterio.errors.RasterioIOError):
+            read()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()  # the store is back, with the same objects
+        client.head_object(Bucket="flaky", Key="L2A/product/B04.jp2")
+        with pytest.raises(rasterio.errors.RasterioIOError, match="does not exist"):
+            read()  # still "missing": the cached answer, not the store's
+        store.forget_cached(location)
+        assert np.array_equal(read(), expected)
+    finally:
+        server.stop()
+
+
 def test_worker_errors_are_permanent_or_transient_as_they_should_be(
     s3: Any, world: WorldSummary, monkeypatch: pytest.MonkeyPatch
 ) -> None:
