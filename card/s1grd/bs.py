@@ -77,6 +77,9 @@ class BsProcessor:
     sampling (1 × 1: 97 % of a flat 1.2 km block within 1 % of β0·tan θ, 2 × 2: 100 %; on a 15° back
     slope 2 × 2 leaves a 95th percentile error of 3.5 %, 3 × 3 0.35 %)."""
     readers: dict[str, DnReader] = field(default_factory=dict)
+    srgr_interpolated: bool = False
+    """Sample the image at the pixel of time-interpolated srgr polynomials (sarsen) instead of the
+    nearest entry (the annotation's geolocation grid); up to ~0.5 px apart, see docs/card.md."""
 
     def __post_init__(self) -> None:
         if self.quantity not in QUANTITIES:
@@ -84,7 +87,7 @@ class BsProcessor:
         if not self.polarisations:
             raise ValueError("no polarisation to process")
         first = next(iter(self.polarisations.values()))
-        self.geocoder = Geocoder(first.annotation)
+        self.geocoder = Geocoder(first.annotation, srgr_interpolated=self.srgr_interpolated)
         self.n_lines, self.n_samples = first.annotation.n_lines, first.annotation.n_samples
         crs = self.grid.crs if isinstance(self.grid.crs, str) else f"EPSG:{self.grid.crs}"
         self._to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)

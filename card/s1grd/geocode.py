@@ -57,8 +57,13 @@ class RadarPosition:
 
 
 class Geocoder:
-    def __init__(self, annotation: Annotation, orbit: OrbitInterpolator | None = None) -> None:
+    def __init__(
+        self, annotation: Annotation, orbit: OrbitInterpolator | None = None, *, srgr_interpolated: bool = False
+    ) -> None:
+        """``srgr_interpolated``: the image pixel from srgr polynomials interpolated in time (sarsen's
+        convention) instead of the nearest entry (the geolocation grid's); see :meth:`ground_range`."""
         self.ann = annotation
+        self.srgr_interpolated = srgr_interpolated
         self.orbit = orbit or OrbitInterpolator(annotation.orbit)
         self._t_mid = 0.5 * (annotation.first_line_s + annotation.last_line_s)
         self.line_offset = line_time_offset(annotation)
@@ -123,7 +128,7 @@ class Geocoder:
         s, v, a = self.orbit.state(t)
         d = s - points
         r = np.sqrt(np.einsum("...k,...k->...", d, d))
-        gr, dr_dgr = self.ground_range(t, r)
+        gr, dr_dgr = self.ground_range(t, r, interpolate=self.srgr_interpolated)
         gr_smooth, _ = self.ground_range(t, r, interpolate=True)
         vv = np.einsum("...k,...k->...", v, v)
         ft = vv + np.einsum("...k,...k->...", d, a)  # −f′ with d = S − P

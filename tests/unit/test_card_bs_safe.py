@@ -153,3 +153,16 @@ def test_geocoding_line_convention_holds_out_of_sample(grd: GrdProduct) -> None:
     test = ~fit
     pos = geo.radar_position(ecef(g.lon[test], g.lat[test], g.height[test]))
     assert np.max(np.abs(pos.line - g.line[test])) <= 0.05
+
+
+def test_srgr_conventions_nearest_follows_the_grid_interpolated_is_continuous(grd: GrdProduct) -> None:
+    """The geolocation grid follows the nearest coordinateConversion entry; interpolating (sarsen) is
+    off by up to ~0.5 px."""
+    a = grd.polarisations["VV"].annotation
+    g = a.grid
+    points = ecef(g.lon, g.lat, g.height)
+    nearest = Geocoder(a).radar_position(points)
+    interpolated = Geocoder(a, srgr_interpolated=True).radar_position(points)
+    assert np.array_equal(interpolated.pixel, interpolated.pixel_smooth)
+    assert np.median(np.abs(interpolated.pixel - g.pixel)) > 0.05 > np.median(np.abs(nearest.pixel - g.pixel))
+    assert np.max(np.abs(interpolated.pixel - nearest.pixel)) < 1.0
