@@ -92,7 +92,7 @@ def _proxy_handler(upstream: str, throttle: Throttle) -> type[http.server.BaseHT
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             with throttle.lock:
-                throttle.requests.append(f"{self.command} {self.path}")
+                throttle.requests.append(f"{self.command} {self.path} {(body or b'').decode(errors='replace')}")
                 refuse = throttle.remaining > 0 and throttle.only_method in ("", self.command)
                 if refuse:
                     throttle.remaining -= 1

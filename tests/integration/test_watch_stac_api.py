@@ -270,9 +270,18 @@ def test_incremental_polls_against_a_real_stac_api(
     assert cursors["cdse"] == T0 + timedelta(minutes=31)
     assert cursors["earthsearch"] == T0 + timedelta(minutes=33)
     assert total == distinct == 8, "every product published exactly once across the restarts"
-    # Every search went out as POST with the published filter (never a bare rescan) once a cursor existed.
-    posts = [r for r in stac_api.throttle.requests if r.startswith("POST /search")]
-    assert posts
+    # `cbmflow status` shows them: how many, and the latest with the reason.
+    from cbmflow.ops.status import collect
+
+    shown = collect()["rejected"]
+    assert shown["count"] == 1
+    assert shown["latest"][0]["item_id"] == "S2B_MSIL2A_BROKEN_NO_PRODUCT"
+    assert "no product asset" in shown["latest"][0]["reason"]
+    # Once a cursor exists, searches filter on the cursor property (CQL2) instead of rescanning.
+    posts = [json.loads(r.split(" ", 2)[2]) for r in stac_api.throttle.requests if r.startswith("POST /search")]
+    filtered = {p["filter"]["args"][0]["property"] for p in posts if "filter" in p}
+    assert filtered == {"published", "updated"}
+    assert all(p["sortby"][0]["field"] in ("properties.published", "properties.updated") for p in posts)
 
 
 def test_sigterm_stops_the_daemon_between_requests_with_metrics(
