@@ -2,16 +2,11 @@
 products on an S3 endpoint) on servers of its own, with three faults at seeded moments, and every
 guarantee checked against the generator's truth at the end.
 
-The faults here are a worker's ``kill -9``, a PostgreSQL restart and an API restart under load;
-the broker restart and the watcher kill run in the full ``make chaos`` (same code,
-``cbmflow.dev.chaos.Run.inject``), and broker restarts are covered in ``test_faults.py`` as well.
-
-KNOWN GAP (issue 14, item 1, store outages): ``store_outage`` is kept out of this test on purpose.
-The full run (seed 2026) lost 2 of 50 scenes to it: the worker retries in place while the S3
-endpoint is down (``job.store_unavailable``), but GDAL's /vsicurl cache remembers the object as
-missing, so the first open after the store is back fails with "does not exist in the file system";
-the object exists (HEAD succeeds), so the failure is classified as a corrupt product and the scene
-is failed and dead-lettered. Put ``store_outage`` back into ``KINDS`` once that is fixed.
+The faults here are a worker's ``kill -9``, a PostgreSQL restart and an object-store outage
+(the fault that once lost scenes: GDAL cached the outage's failures as missing files, fixed by
+``cbmflow.store.forget_cached`` before each retry); the broker restart, the watcher kill and the
+API restart run in the full ``make chaos`` (same code, ``cbmflow.dev.chaos.Run.inject``), and
+broker restarts are covered in ``test_faults.py`` as well.
 """
 
 from __future__ import annotations
@@ -20,7 +15,7 @@ from pathlib import Path
 
 from cbmflow.dev.chaos import ChaosConfig, run_chaos, schedule
 
-KINDS = ("worker_kill", "db_restart", "api_restart")  # not store_outage: see the module docstring
+KINDS = ("worker_kill", "db_restart", "store_outage")
 
 
 def test_schedule_is_seeded_and_covers_the_kinds() -> None:
