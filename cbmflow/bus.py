@@ -169,9 +169,15 @@ def keep_dead_letter(channel: Channel, bus: BusSettings, letter: DeadLetter) -> 
     return counts against the quorum queue's default delivery limit (20), and the dead-letter
     queue has no dead-letter exchange of its own, so a letter returned that often would be dropped.
     The channel must be in confirm mode; a crash in between leaves a duplicate letter, never none.
+    Sent through the dead-letter exchange (a fanout bound to that queue only), not the default
+    exchange: the worker's broker user may write there and nowhere else (:func:`role_permissions`).
     """
     channel.basic_publish(
-        exchange="", routing_key=bus.dead_letter_queue, body=letter.body, mandatory=True, properties=letter.properties
+        exchange=bus.dead_letter_exchange,
+        routing_key="",
+        body=letter.body,
+        mandatory=True,
+        properties=letter.properties,
     )
     channel.basic_ack(letter.tag)
 
@@ -204,7 +210,9 @@ def role_permissions(bus: BusSettings, role: str) -> dict[str, str]:
     binding); read on the job queue and write on the dead-letter exchange (a queue declared with
     ``x-dead-letter-exchange``). So the watcher could also read jobs and either role could publish
     into the dead-letter exchange: the price of components declaring their own topology. The
-    worker publishes nothing else: rejected jobs are dead-lettered by the broker itself. The
+    worker also reads the dead-letter queue and puts letters back through the dead-letter exchange
+    (``worker.deadletters``: the fleet-wide reconciliation); it publishes nothing else, and rejected
+    jobs are dead-lettered by the broker itself. The
     watcher publishes jobs through the default exchange, which RabbitMQ checks as ``amq.default``
     (the only way to reach the job queue or the dead-letter queue directly). Neither user gets a
     tag, so neither can log in to the management API.
@@ -214,10 +222,9 @@ def role_permissions(bus: BusSettings, role: str) -> dict[str, str]:
     role_user_name(role)
     q, dlq, dlx = (re.escape(n) for n in (bus.queue, bus.dead_letter_queue, bus.dead_letter_exchange))
     configure = f"^({q}|{dlq}|{dlx})$"
-    read = f"^({q}|{dlx})$"
     if role == "worker":
-        return {"configure": configure, "write": f"^({dlq}|{dlx})$", "read": read}
-    return {"configure": configure, "write": f"^(amq\\.default|{dlq}|{dlx})$", "read": read}
+        return {"configure": configure, "write": f"^({dlq}|{dlx})$", "read": f"^({q}|{dlq}|{dlx})$"}
+    return {"configure": configure, "write": f"^(amq\\.default|{dlq}|{dlx})$", "read": f"^({q}|{dlx})$"}
 
 
 def _management_call(bus: BusSettings, method: str, path: str, body: Any, timeout_s: float = 10.0) -> None:

@@ -118,6 +118,8 @@ class Dataset:
     buffer_m: float
     min_pixels: int
     parcels_version: int
+    s2_bands: list[str] | None = None
+    """Sentinel-2 bands to extract; None: JRC's set (``worker/bands.py``, migration 007)."""
 
     def ident(self, table: str) -> sql.Composed:
         return sql.SQL("{}.{}").format(sql.Identifier(self.schema_name), sql.Identifier(table))
@@ -136,7 +138,8 @@ class Dataset:
 
 
 _DATASET_COLS = (
-    "id, aoi, year, schema_name, parcel_table, sigs_table, hists_table, srid, buffer_m, min_pixels, parcels_version"
+    "id, aoi, year, schema_name, parcel_table, sigs_table, hists_table, srid, buffer_m, min_pixels, parcels_version,"
+    " s2_bands"
 )
 
 
@@ -235,12 +238,14 @@ ROLE_GRANTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("scenes_id_seq", "USAGE, SELECT"),
         ("outbox_id_seq", "USAGE, SELECT"),
     ),
-    # Claims and leases scenes, registers and heartbeats; sigs/hists: see grant_dataset.
+    # Claims and leases scenes, registers and heartbeats, takes fleet-wide task slots (the
+    # dead-letter reconciliation); sigs/hists: see grant_dataset.
     "cbmflow_worker": (
         ("aois", "SELECT"),
         ("datasets", "SELECT"),
         ("scenes", "SELECT, UPDATE"),
         ("workers", "SELECT, INSERT, UPDATE"),
+        ("worker_tasks", "SELECT, INSERT, UPDATE"),
     ),
     # Reads what it serves and its auth tables; never writes (token use is not recorded).
     "cbmflow_api": (

@@ -5,9 +5,11 @@ able to do and for what it must be refused."""
 from __future__ import annotations
 
 import functools
+import threading
 import time
 import urllib.parse
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -215,7 +217,8 @@ def test_broker_users_per_role(cbm_env: Any, monkeypatch: pytest.MonkeyPatch) ->
             pub = conn.channel()
             pub.confirm_delivery()
             assert _refused(functools.partial(pub.basic_publish, exchange, key, b"forged")) == 403, exchange
-        assert _refused(lambda: conn.channel().basic_get(worker_bus.dead_letter_queue)) == 403
+        # (It may read the dead-letter queue: the workers reconcile it, see the chain test below.)
+        assert _refused(lambda: conn.channel().queue_bind(worker_bus.queue, "amq.topic", "x")) == 403
 
     depth = None
     for _ in range(40):  # management figures are sampled every few seconds
@@ -232,3 +235,59 @@ def test_broker_users_per_role(cbm_env: Any, monkeypatch: pytest.MonkeyPatch) ->
         auth = (urllib.parse.unquote(parsed.username or ""), urllib.parse.unquote(parsed.password or ""))
         resp = requests.get(f"http://{mgmt.hostname}:{mgmt.port}/api/overview", auth=auth, timeout=10)
         assert resp.status_code == 401, resp.text
+
+
+def test_the_chain_runs_on_role_credentials_alone(cbm_env: Any, tmp_path: Path) -> None:
+    """Watcher and worker on their own database roles and broker users, the management API out of
+    reach of both: every scene extracted, every row equal to the world's truth, and the workers'
+    dead-letter reconciliation working within the worker's rights."""
+    from card.testworld import generate
+    from catalog_watcher.service import watch_once
+    from cbmflow.dev.verify import verify_truth
+    from cbmflow.parcels.ingest import add_aoi, import_parcels
+    from cbmflow.settings import WatchSettings, WorkerSettings
+    from worker.consumer import Worker
+    from worker.deadletters import reconcile_dead_letters
+
+    world = generate(tmp_path / "world", parcels=40, scenes=2, seed=5, aoi_name="ms", year=2024)
+    with db.transaction(cbm_env.dsn) as cur:  # the operator, as owner
+        add_aoi(cur, "ms", world.aoi_path)
+        import_parcels(cur, world.parcels_path, "ms", 2024)
+    admin = BusSettings()
+    # management_url="" overrides the environment's: a component that reached for it would fail.
+    watcher_bus = BusSettings(amqp_url=busmod.role_url(admin, "watcher"), management_url="")
+    worker_bus = BusSettings(amqp_url=busmod.role_url(admin, "worker"), management_url="")
+    watcher_dsn, worker_dsn = db.role_dsn(cbm_env.dsn, "watcher"), db.role_dsn(cbm_env.dsn, "worker")
+
+    report = watch_once(
+        dsn=watcher_dsn,
+        bus=watcher_bus,
+        settings=WatchSettings(catalog_url=str(world.stac_catalog_path), lookback_days=0),
+    )
+    assert report.new == 2 and report.published == 2
+    worker = Worker(dsn=worker_dsn, bus=worker_bus, settings=WorkerSettings(metrics_port=-1, backoff_max_s=1))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while _one(cbm_env.dsn, "SELECT count(*) FROM scenes WHERE status IN ('extracted', 'no_parcels')") != 2:
+            assert time.monotonic() < deadline, _one(
+                cbm_env.dsn, "SELECT string_agg(status || ':' || coalesce(reason, ''), '; ') FROM scenes"
+            )
+            time.sleep(0.2)
+    finally:
+        worker.request_stop()
+        thread.join(30)
+    assert not thread.is_alive()
+    tally = verify_truth(cbm_env.dsn, world.truth_path, "ms", 2024)
+    assert tally.ok and tally.missing == 0 and tally.extra == 0 and tally.found == tally.expected > 40, tally
+
+    # A letter in the dead-letter queue: the worker's reconciliation reads it and puts it back.
+    with pika.BlockingConnection(busmod.connection_params(admin)) as conn:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.basic_publish("", admin.dead_letter_queue, b'{"not": "a job"}', mandatory=True)
+    result = reconcile_dead_letters(worker_dsn, worker_bus)
+    assert result.letters == 1 and result.failed == []
+    with pika.BlockingConnection(busmod.connection_params(admin)) as conn:
+        assert conn.channel().queue_declare(admin.dead_letter_queue, passive=True).method.message_count == 1
