@@ -41,6 +41,7 @@ from cbmflow.db import Dataset
 from cbmflow.errors import PermanentJobError
 from cbmflow.logging import get_logger
 from worker import engine, items, pgcopy
+from worker.bands import s2_band_groups
 
 log = get_logger("worker")
 
@@ -233,7 +234,7 @@ def _open_raster(path: str | PurePath) -> Iterator[Any]:
 def datasets_for_scene(cur: psycopg2.extensions.cursor, scene_id: int) -> list[Dataset]:
     cur.execute(
         "SELECT d.id, d.aoi, d.year, d.schema_name, d.parcel_table, d.sigs_table, d.hists_table, d.srid,"
-        "       d.buffer_m, d.min_pixels, d.parcels_version"
+        "       d.buffer_m, d.min_pixels, d.parcels_version, d.s2_bands"
         "  FROM datasets d JOIN aois a ON a.name = d.aoi JOIN scenes s ON s.id = %s"
         " WHERE ST_Intersects(a.geom, s.footprint)"
         "   AND d.year = extract(year FROM s.acquired_at AT TIME ZONE 'UTC')::int"
@@ -330,7 +331,7 @@ def extract_s2(
         sig_chunks: list[bytes] = []
         hist_chunks: list[bytes] = []
         n_parcels: set[int] = set()
-        for bands, with_scl in ((S2_BANDS_10M, False), (S2_BANDS_20M, True)):
+        for bands, with_scl in s2_band_groups(ds.s2_bands):  # the dataset's band set, per native grid
             try:
                 paths = {b: product.band_path(b) for b in (*bands, *(("SCL",) if with_scl else ()))}
             except MissingBandError as exc:

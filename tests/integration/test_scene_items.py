@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg2.errors
 import pytest
 
 from card.testworld import EARTH_SEARCH_FLAVOURS, WorldSummary, generate, write_earth_search_item
@@ -140,3 +141,28 @@ def test_unreadable_items_are_permanent_failures(
     )
     with pytest.raises(PermanentJobError, match="unreliable"):
         _extract(pg_dsn, scene, str(flagged))
+
+
+def test_the_band_set_is_a_dataset_setting(world: WorldSummary, cbm_env: Any, pg_dsn: str) -> None:
+    """``datasets.s2_bands`` chooses the bands (each on its native grid); SCL histograms stay; a
+    band the product does not have is a permanent failure naming it, never zeros."""
+    with db.transaction(pg_dsn) as cur:
+        add_aoi(cur, "ms", world.aoi_path)
+        import_parcels(cur, world.parcels_path, "ms", 2024)
+    watch_once(dsn=pg_dsn, settings=WatchSettings(catalog_url=str(world.stac_catalog_path), lookback_days=0))
+    scene = next(s for s in _scenes(pg_dsn) if s.card == "s2")
+    _extract(pg_dsn, scene, scene.location)
+    jrc, hists = _rows(pg_dsn), _rows(pg_dsn, "hists")
+    assert {r[2] for r in jrc} == {"B02", "B03", "B04", "B05", "B08", "B11"}
+    with db.transaction(pg_dsn) as cur:
+        cur.execute("UPDATE datasets SET s2_bands = '{B11,B04}' WHERE aoi = 'ms' AND year = 2024")
+    i = [p.name for p in world.product_paths].index(f"{scene.product_id}.SAFE")
+    _extract(pg_dsn, scene, str(world.earth_search_item_paths[2 * i + 1]))  # sentinel-2-c1-l2a
+    assert _rows(pg_dsn) == [r for r in jrc if r[2] in ("B04", "B11")]
+    assert _rows(pg_dsn, "hists") == hists
+    with db.transaction(pg_dsn) as cur:
+        cur.execute("UPDATE datasets SET s2_bands = '{B04,B12}' WHERE aoi = 'ms' AND year = 2024")
+    with pytest.raises(PermanentJobError, match="B12"):
+        _extract(pg_dsn, scene, scene.location)
+    with pytest.raises(psycopg2.errors.CheckViolation, match="datasets_s2_bands_check"), db.transaction(pg_dsn) as cur:
+        cur.execute("UPDATE datasets SET s2_bands = '{B10}' WHERE aoi = 'ms' AND year = 2024")

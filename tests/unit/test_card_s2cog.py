@@ -227,3 +227,20 @@ def test_rtc_item_errors(world: WorldSummary) -> None:
     twice["assets"]["gamma0_vv"] = twice["assets"]["vv"]
     with pytest.raises(ValueError, match="both VV"):
         open_s1_rtc_item(twice, str(rtc))
+
+
+# --- the band set (a dataset setting, datasets.s2_bands) -----------------------------------------
+
+
+def test_band_groups_default_is_jrcs_and_any_band_goes_to_its_native_grid() -> None:
+    from worker.bands import s2_band_groups
+
+    assert s2_band_groups(None) == [(("B02", "B03", "B04", "B08"), False), (("B05", "B11"), True)]
+    assert s2_band_groups(["B04", "b8a", "B01", "B12", "B2", "B04"]) == [
+        (("B04", "B02"), False),
+        (("B8A", "B12"), True),
+        (("B01",), False),
+    ]
+    assert s2_band_groups(["B08"]) == [(("B08",), False), (("SCL",), False)]  # histograms always
+    with pytest.raises(ValueError, match="B10"):
+        s2_band_groups(["B10"])
