@@ -1,0 +1,36 @@
+"""One observation per parcel, acquisition date and band where Sentinel-2 granules overlap.
+
+Adjacent MGRS tiles overlap by about 10 km and may lie in two UTM zones, so a parcel in the
+overlap is extracted from two scenes of the same acquisition. Both are kept in the dataset (each
+scene's rows are its own, replaced as a unit); readers pick one with this rule: per (parcel, UTC
+date of acquisition, card, band) the row with the most pixels (the tile that sees more of the
+parcel), on a tie the tile in the parcel's own UTM zone (its grid needs no reprojection), then the
+lower scene id, so the choice is stable.
+"""
+
+from __future__ import annotations
+
+from psycopg2 import sql
+
+from cbmflow.db import Dataset
+
+TILE_ZONE_RE = r"_T(\d{2})[A-Z]{3}"
+"""The UTM zone of a Sentinel-2 product, from the tile in its name (``…_T32UPU_…`` → 32)."""
+
+
+def one_per_acquisition(ds: Dataset) -> sql.Composed:
+    """A parenthesised subquery with the columns of ``ds.sigs``, one row per (pid, date, card, band).
+
+    Use it in place of ``ds.sigs`` (``FROM {one} g JOIN scenes s ON s.id = g.scene_id``). A
+    ``g.pid = …`` filter of the outer query is pushed into it (pid is a DISTINCT ON key), so a
+    one-parcel series still reads only that parcel's rows. The histogram of an observation is the
+    one of the chosen row's scene.
+    """
+    return sql.SQL(
+        "(SELECT DISTINCT ON (g.pid, (s.acquired_at AT TIME ZONE 'UTC')::date, s.card, g.band) g.*"
+        " FROM {sigs} g JOIN scenes s ON s.id = g.scene_id JOIN {parcels} p ON p.pid = g.pid"
+        " ORDER BY g.pid, (s.acquired_at AT TIME ZONE 'UTC')::date, s.card, g.band, g.count DESC,"
+        " (substring(s.product_name FROM {zone_re})::int"
+        "  = floor((ST_X(ST_Transform(ST_PointOnSurface(p.geom), 4326)) + 180) / 6)::int + 1) DESC NULLS LAST,"
+        " s.id)"
+    ).format(sigs=ds.sigs, parcels=ds.parcels, zone_re=sql.Literal(TILE_ZONE_RE))
