@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
             console.print(
                 f"[bold]watch[/bold]: {report.seen} items over the AOIs, {report.new} new, "
                 f"{report.changed} changed, {report.superseded} superseded, {report.duplicates} duplicates, "
-                f"{len(report.rejected)} rejected, {report.offline} offline, "
+                f"{len(report.rejected)} rejected, {report.offline} offline, {report.deleted} deleted, "
                 f"{report.published} jobs published, {report.pending} pending"
             )
             for line in report.rejected[:20]:

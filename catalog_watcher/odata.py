@@ -154,6 +154,41 @@ class ODataSource:
             else:
                 since, seen_at_since = last_pub, at_last
 
+    def deleted(self, collection: str, since: datetime) -> Iterator[tuple[str, datetime]]:
+        """(product name, deletion time) of products removed since ``since``, oldest first.
+
+        ``DeletedProducts`` takes the filters of ``Products``; paged like it, on ``DeletionDate``.
+        """
+        assert self.session is not None
+        coll = collection.partition("/")[0]
+        seen: set[str] = set()
+        while True:
+            resp = self.session.get(
+                f"{self.url}/DeletedProducts",
+                params={
+                    "$filter": f"Collection/Name eq '{coll}' and DeletionDate ge {_odata_time(since)}",
+                    "$orderby": "DeletionDate asc",
+                    "$top": str(self.page_size),
+                },
+            )
+            resp.raise_for_status()
+            page = resp.json().get("value", [])
+            fresh = 0
+            for p in page:
+                when = parse_time(p.get("DeletionDate"))
+                name = str(p.get("Name") or "").removesuffix(".SAFE")
+                if when is None or not name or (when == since and name in seen):
+                    continue
+                fresh += 1
+                if when != since:
+                    since, seen = when, set()
+                seen.add(name)
+                yield name, when
+            if len(page) < self.page_size:
+                return
+            if fresh == 0:
+                raise InvalidInputError(f"{self.name}: a full page of deletions at {since}; raise the page size")
+
     def _candidate(self, p: dict[str, Any], collection: str, pub: datetime | None) -> Candidate:
         name = str(p.get("Name") or p.get("Id") or "?")
         try:

@@ -51,6 +51,8 @@ class WatchReport:
     superseded: int = 0
     duplicates: int = 0
     offline: int = 0
+    deleted: int = 0
+    """Scenes whose product the catalogue deleted (marked, rows kept)."""
     published: int = 0
     pending: int = 0
     rejected: list[str] = field(default_factory=list)
@@ -261,6 +263,44 @@ def _scan(
                 advance_cursor(cur, src.name, collection, key, cand.published)
 
 
+def _sweep_deleted(
+    conn: psycopg2.extensions.connection,
+    src: Source,
+    collection: str,
+    aoi: BaseGeometry,
+    settings: WatchSettings,
+    report: WatchReport,
+    now: datetime,
+) -> None:
+    """Mark scenes whose product the catalogue deleted (OData ``DeletedProducts``).
+
+    The scene and its rows are kept (``deleted_at`` set): the data already extracted stays valid
+    until a superseding product replaces it. The sweep has its own cursor (``<collection>#deleted``).
+    """
+    deleted = getattr(src, "deleted", None)
+    if deleted is None:
+        return
+    key, cursor_name = aoi_key(aoi), f"{collection}#deleted"
+    with conn, conn.cursor() as cur:
+        hwm = read_cursor(cur, src.name, cursor_name, key)
+    since = (
+        hwm - timedelta(seconds=settings.overlap_s)
+        if hwm is not None
+        else now - timedelta(days=settings.lookback_days or 3650)
+    )
+    for name, when in deleted(collection, since):
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE scenes SET deleted_at = %s WHERE product_id = %s AND deleted_at IS NULL RETURNING id",
+                (when, name),
+            )
+            row = cur.fetchone()
+            if row is not None:
+                report.deleted += 1
+                log.info("watch.scene_product_deleted", scene_id=int(row[0]), product_id=name, source=src.name)
+            advance_cursor(cur, src.name, cursor_name, key, when)
+
+
 def watch_once(
     dsn: str | None = None,
     bus: BusSettings | None = None,
@@ -285,6 +325,7 @@ def watch_once(
                     for collection in src.collections:
                         try:
                             _scan(conn, src, collection, aoi, settings, report, now)
+                            _sweep_deleted(conn, src, collection, aoi, settings, report, now)
                         except (psycopg2.Error, WatchStopped):
                             raise
                         except Exception as exc:  # noqa: BLE001 - one source down must not stop the others
@@ -325,6 +366,7 @@ def watch_once(
         duplicates=report.duplicates,
         rejected=len(report.rejected),
         offline=report.offline,
+        deleted=report.deleted,
         published=report.published,
         pending=report.pending,
         errors=len(report.errors),

@@ -67,6 +67,7 @@ def product(day: int, published: datetime, baseline: str = "0510", online: bool 
 @dataclass
 class Catalogue:
     products: list[dict[str, Any]] = field(default_factory=list)
+    deleted: list[dict[str, Any]] = field(default_factory=list)
     requests: list[dict[str, list[str]]] = field(default_factory=list)
     throttle: int = 0
     served_429: int = 0
@@ -101,6 +102,17 @@ def _handler(cat: Catalogue) -> type[http.server.BaseHTTPRequestHandler]:
                     self._send(429, {"detail": "Too Many Requests"}, {"Retry-After": "0.1"})
                     return
                 products = [dict(p) for p in cat.products]
+            if url.path == "/odata/v1/DeletedProducts":
+                flt = q["$filter"][0]
+                assert "Collection/Name eq 'SENTINEL-2'" in flt and q["$orderby"] == ["DeletionDate asc"]
+                m = re.search(r"DeletionDate ge (\S+)", flt)
+                assert m is not None
+                gone = sorted(
+                    (d for d in cat.deleted if _parse(d["DeletionDate"]) >= _parse(m.group(1))),
+                    key=lambda d: (_parse(d["DeletionDate"]), d["Id"]),
+                )
+                self._send(200, {"@odata.context": "$metadata#DeletedProducts", "value": gone[: int(q["$top"][0])]})
+                return
             if url.path != "/odata/v1/Products":
                 self._send(404, {"detail": "not found"})
                 return
@@ -193,7 +205,7 @@ def test_odata_keyset_paging_offline_and_rejections(
         key_of(6): name_of(6),
     }
     with db.transaction(pg_dsn) as cur:
-        cur.execute("SELECT published_hwm FROM watch_cursors")
+        cur.execute("SELECT published_hwm FROM watch_cursors WHERE collection = 'SENTINEL-2/S2MSI2A'")
         (hwm,) = cur.fetchone() or (None,)
         cur.execute("SELECT location FROM scenes WHERE acq_key = %s", (key_of(2),))
         (location,) = cur.fetchone() or ("",)
@@ -201,13 +213,25 @@ def test_odata_keyset_paging_offline_and_rejections(
     assert location.startswith("s3://eodata/Sentinel-2/MSI/L2A/") and location.endswith(f"{name_of(2)}.SAFE")
 
     offline["Online"] = True
+    cat.deleted.append(
+        {
+            "Id": str(uuid.uuid4()),
+            "Name": name_of(2) + ".SAFE",
+            "DeletionDate": _odata_time(T0 + timedelta(minutes=50)),
+            "DeletionCause": "Duplicated product",
+        }
+    )
     second = watch_once(dsn=pg_dsn, bus=bus, settings=settings)
-    assert (second.new, second.superseded, second.published) == (1, 0, 1)
+    assert (second.new, second.superseded, second.published, second.deleted) == (1, 0, 1, 1)
     assert key_of(5) in _scenes(pg_dsn)
-    third = watch_once(dsn=pg_dsn, bus=bus, settings=settings)
-    assert (third.new, third.published) == (0, 0)
     with db.transaction(pg_dsn) as cur:
-        cur.execute("SELECT published_hwm FROM watch_cursors")
+        cur.execute("SELECT acq_key, deleted_at FROM scenes WHERE deleted_at IS NOT NULL")
+        marked = cur.fetchall()
+    assert marked == [(key_of(2), T0 + timedelta(minutes=50))], "a deleted product's scene is marked and kept"
+    third = watch_once(dsn=pg_dsn, bus=bus, settings=settings)
+    assert (third.new, third.published, third.deleted) == (0, 0, 0)
+    with db.transaction(pg_dsn) as cur:
+        cur.execute("SELECT published_hwm FROM watch_cursors WHERE collection = 'SENTINEL-2/S2MSI2A'")
         (hwm,) = cur.fetchone() or (None,)
         cur.execute("SELECT count(*), count(DISTINCT body->>'product_id') FROM outbox")
         total, distinct = cur.fetchone() or (0, 0)
