@@ -181,7 +181,10 @@ class WatchSettings(BaseSettings):
     sources: list[SourceSettings] = Field(
         default_factory=list, description="JSON list of sources (name, kind, url, collections…); adds to catalog_url"
     )
-    lookback_days: int = Field(60, description="acquisition window re-scanned each cycle; 0 = unbounded")
+    lookback_days: int = Field(
+        60,
+        description="acquisition window of each poll (bounds late arrivals; the whole scan without a cursor); 0 = unbounded",
+    )
     overlap_s: float = Field(7200.0, description="publication-time window re-read below each cursor (late arrivals)")
     interval_s: float = Field(300.0, description="seconds between watch cycles")
     page_size: int = Field(100, description="STAC search page size")
