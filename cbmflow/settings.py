@@ -183,7 +183,7 @@ class WatchSettings(BaseSettings):
     )
     lookback_days: int = Field(
         60,
-        description="acquisition window of each poll (bounds late arrivals; the whole scan without a cursor); 0 = unbounded",
+        description="acquisition window of each poll (bounds late arrivals); 0 = unbounded",
     )
     overlap_s: float = Field(7200.0, description="publication-time window re-read below each cursor (late arrivals)")
     interval_s: float = Field(300.0, description="seconds between watch cycles")
