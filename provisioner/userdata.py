@@ -54,6 +54,7 @@ FORWARDED_PREFIXES = ("CBMFLOW_WORKER_", "CBMFLOW_BUS_", "CBMFLOW_STORE_", "CBMF
 FORWARDED_NAMES = ("CBMFLOW_LOG_LEVEL",)
 PER_WORKER_NAMES = ("CBMFLOW_WORKER_ID",)
 WITHHELD_NAMES = ("CBMFLOW_BUS_MANAGEMENT_URL",)
+_WARNED: set[tuple[str, ...]] = set()
 
 # What a worker VM installs: the worker's libraries only, none of the API's, cloud's or SSH's.
 WORKER_REQUIREMENT = "cbmflow[worker]"
@@ -93,7 +94,8 @@ def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         )
         if not value
     ]
-    if missing:
+    if missing and tuple(missing) not in _WARNED:
+        _WARNED.add(tuple(missing))  # once per process, not at every worker a scale step starts
         log.warning(
             "provision.worker_credentials_fallback",
             unset=missing,
