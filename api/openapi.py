@@ -58,7 +58,11 @@ def operation(endpoint: Endpoint) -> dict[str, Any]:
         responses["400"] = _err("a parameter is missing or invalid")
     if endpoint.auth:
         responses["401"] = _err("missing or wrong credentials (with WWW-Authenticate)")
-        responses["403"] = _err("the dataset is not granted to the caller")
+        responses["403"] = _err(
+            "the dataset is not granted to the caller, or credentials were sent over plain HTTP"
+            " from a non-loopback client (insecure_transport)"
+        )
+        responses["429"] = _err("too many failed logins from this address (with Retry-After)")
     if endpoint.found:
         responses["404"] = _err("unknown dataset, parcel or parcel type")
     responses["503"] = _err("database unavailable or query timeout")

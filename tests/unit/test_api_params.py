@@ -89,6 +89,6 @@ def test_document_shows_the_parsers_declarations() -> None:
     assert AOI_RE.pattern == AOI_PATTERN
     info = doc["paths"]["/query/parcelTimeSeries"]["get"]
     assert {p["name"] for p in info["parameters"]} >= {"aoi", "year", "pid", "tstype", "band", "scl", "tsformat"}
-    assert set(info["responses"]) == {"200", "400", "401", "403", "404", "503"}
+    assert set(info["responses"]) == {"200", "400", "401", "403", "404", "429", "503"}  # 429: login throttle
     chip = doc["paths"]["/chips/{token}/{name}"]["get"]
     assert chip["security"] == [] and "401" not in chip["responses"]
