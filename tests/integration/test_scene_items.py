@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg2.errors
 import pytest
+from test_s3 import moto_endpoint, s3  # noqa: F401 - fixtures: an S3 endpoint on 127.0.0.1 and its settings
 
 from card.testworld import EARTH_SEARCH_FLAVOURS, WorldSummary, generate, write_earth_search_item
 from catalog_watcher.service import watch_once
@@ -166,3 +168,30 @@ def test_the_band_set_is_a_dataset_setting(world: WorldSummary, cbm_env: Any, pg
         _extract(pg_dsn, scene, scene.location)
     with pytest.raises(psycopg2.errors.CheckViolation, match="datasets_s2_bands_check"), db.transaction(pg_dsn) as cur:
         cur.execute("UPDATE datasets SET s2_bands = '{B10}' WHERE aoi = 'ms' AND year = 2024")
+
+
+def test_cog_items_on_s3(world: WorldSummary, s3: Any, cbm_env: Any, pg_dsn: str, tmp_path: Path) -> None:  # noqa: F811
+    """Items and COGs in an object store (``s3://`` Item location, ``s3://`` asset hrefs read through
+    the store's ``/vsis3/``): the SAFE's rows again."""
+    with db.transaction(pg_dsn) as cur:
+        add_aoi(cur, "ms", world.aoi_path)
+        import_parcels(cur, world.parcels_path, "ms", 2024)
+    watch_once(dsn=pg_dsn, settings=WatchSettings(catalog_url=str(world.stac_catalog_path), lookback_days=0))
+    scene = next(s for s in _scenes(pg_dsn) if s.card == "s2")
+    _extract(pg_dsn, scene, scene.location)
+    baseline, hists = _rows(pg_dsn), _rows(pg_dsn, "hists")
+    bucket = f"cbm-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    safe = next(p for p in world.product_paths if p.name == f"{scene.product_id}.SAFE")
+    staged = tmp_path / "staged"
+    items = [write_earth_search_item(safe, staged, f, href_base=f"s3://{bucket}/cogs") for f in EARTH_SEARCH_FLAVOURS]
+    for path in sorted(p for p in staged.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), bucket, f"cogs/{path.relative_to(staged).as_posix()}")
+    for item in items:
+        location = f"s3://{bucket}/cogs/{item.relative_to(staged).as_posix()}"
+        with db.transaction(pg_dsn) as cur:
+            cur.execute("DELETE FROM ms.sigs_2024 WHERE scene_id = %s", (scene.id,))
+            cur.execute("DELETE FROM ms.hists_2024 WHERE scene_id = %s", (scene.id,))
+        _extract(pg_dsn, scene, location)
+        assert _rows(pg_dsn) == baseline, location
+        assert _rows(pg_dsn, "hists") == hists, location
