@@ -316,7 +316,10 @@ def write_table(columns: dict[str, list[Any]], out: Path, with_product: bool) ->
 def register(app: typer.Typer) -> None:
     @app.command("extract")
     def extract_cmd(
-        sources: list[str] = typer.Argument(..., help="S2 L2A .SAFE directories and/or GeoTIFF/COG rasters (s3://)."),
+        sources: list[str] = typer.Argument(
+            ...,
+            help="S2 L2A .SAFE dirs, S2 L2A STAC Items of COGs (.json, http(s)://), GeoTIFF/COG rasters; s3:// too.",
+        ),
         parcels: Path = typer.Option(..., "--parcels", help="Parcels: any OGR vector file or GeoParquet."),
         out: Path = typer.Option(..., "--out", help="stats.csv or stats.parquet; SCL goes to <out>_scl.<ext>."),
         id_column: str | None = typer.Option(None, "--id-column", help="Parcel id column (default: pid|parcel_id|id)."),
