@@ -46,6 +46,10 @@ def register(app: typer.Typer) -> None:
                 f"{len(report.rejected)} rejected, {report.offline} offline, {report.deleted} deleted, "
                 f"{report.published} jobs published, {report.pending} pending"
             )
+            if report.card_inputs:
+                # Sentinel-1 GRD/SLC: recorded, waiting for CARD generation (no job); not rejections.
+                counts = ", ".join(f"{n} {what}" for what, n in sorted(report.card_inputs.items()))
+                console.print(f"[bold]CARD inputs[/bold] awaiting CARD generation (S1 GRD/SLC): {counts}")
             for line in report.rejected[:20]:
                 console.print(f"[yellow]rejected[/yellow] {escape(line)}")
             if len(report.rejected) > 20:

@@ -19,11 +19,23 @@ import shapely.geometry
 from shapely.geometry.base import BaseGeometry
 
 from catalog_watcher.http import PoliteSession
-from catalog_watcher.stac import PRODUCT_RE, Candidate, Offline, Rejected, SceneRecord, acquisition_key, parse_time
+from catalog_watcher.stac import (
+    PRODUCT_RE,
+    Candidate,
+    Offline,
+    Rejected,
+    SceneRecord,
+    acquisition_key,
+    parse_time,
+    s1_input_key,
+    s1_name,
+)
 from cbmflow.errors import InvalidInputError
 from cbmflow.settings import SourceSettings, WatchSettings
 
 _PRODUCT_TYPE_CARD = {"S2MSI2A": "s2"}
+_PRODUCT_TYPE_CARD_INPUT = {"IW_GRDH_1S": "grd", "IW_GRDH_1S-COG": "grd", "IW_SLC__1S": "slc"}
+"""Sentinel-1 product types recorded as CARD inputs (``card_inputs``), not extracted."""
 
 
 def _odata_time(t: datetime) -> str:
@@ -34,9 +46,10 @@ def to_record(p: dict[str, Any], collection: str) -> SceneRecord:
     """One OData product → a record; raises on anything it cannot read."""
     name = str(p["Name"]).removesuffix(".SAFE")
     product_type = collection.partition("/")[2]
-    card = _PRODUCT_TYPE_CARD.get(product_type)
+    card = _PRODUCT_TYPE_CARD.get(product_type) or _PRODUCT_TYPE_CARD_INPUT.get(product_type)
     if card is None:
         raise InvalidInputError(f"product {name}: unsupported product type {product_type!r}")
+    relative_orbit: int | None = None
     when = parse_time(p["ContentDate"]["Start"])
     if when is None:
         raise InvalidInputError(f"product {name}: unreadable ContentDate/Start")
@@ -49,14 +62,19 @@ def to_record(p: dict[str, Any], collection: str) -> SceneRecord:
     m = PRODUCT_RE.match(name)
     if m is None:
         raise InvalidInputError(f"product {name}: not a Sentinel product name")
-    key, baseline = acquisition_key(name, card, m.group(1), when, {})
+    if card in _PRODUCT_TYPE_CARD_INPUT.values():
+        key, sensor, relative_orbit = s1_input_key(name, {})
+        baseline = 0
+    else:
+        key, baseline = acquisition_key(name, card, m.group(1), when, {})
+        sensor = m.group(2)
     checksums = p.get("Checksum") or []
     checksum = next((str(c.get("Value")) for c in checksums if c.get("Algorithm") == "MD5"), "")
     return SceneRecord(
         product_id=name,
-        product_name=name,
+        product_name=s1_name(name) if card in _PRODUCT_TYPE_CARD_INPUT.values() else name,
         mission=m.group(1),
-        sensor=m.group(2),
+        sensor=sensor,
         card=card,
         acquired_at=when,
         footprint=footprint,
@@ -67,6 +85,7 @@ def to_record(p: dict[str, Any], collection: str) -> SceneRecord:
         checksum=checksum,
         published=parse_time(p.get("PublicationDate")),
         collection=collection,
+        relative_orbit=relative_orbit,
     )
 
 

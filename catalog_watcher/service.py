@@ -53,6 +53,9 @@ class WatchReport:
     offline: int = 0
     deleted: int = 0
     """Scenes whose product the catalogue deleted (marked, rows kept)."""
+    card_inputs: dict[str, int] = field(default_factory=dict)
+    """Sentinel-1 GRD/SLC products recorded as CARD inputs (awaiting CARD generation, no job),
+    by outcome (``new``, ``changed``, ``superseded``, ``same``, ``duplicate``); never rejections."""
     published: int = 0
     pending: int = 0
     rejected: list[str] = field(default_factory=list)
@@ -178,6 +181,95 @@ def upsert_scene(cur: psycopg2.extensions.cursor, rec: SceneRecord, source: str 
     return scene_id, outcome
 
 
+def upsert_card_input(cur: psycopg2.extensions.cursor, rec: SceneRecord, source: str = "") -> tuple[int, str]:
+    """Record a Sentinel-1 GRD/SLC product as a CARD input; returns (row id, outcome).
+
+    The same identity rules as :func:`upsert_scene` (key = acquisition, a higher baseline or a new
+    checksum re-points the row, an equal one is a duplicate), but nothing is enqueued: the input
+    waits in ``awaiting_card`` for the CARD-generation job, which does not exist yet. A re-pointed
+    row goes back to ``awaiting_card`` so that job generates from the new product.
+    """
+    cur.execute(
+        "SELECT id, product_id, baseline, coalesce(checksum, '') FROM card_inputs"
+        " WHERE acq_key = %s OR product_id = %s ORDER BY (acq_key = %s) DESC LIMIT 1 FOR UPDATE",
+        (rec.key, rec.product_id, rec.key),
+    )
+    row = cur.fetchone()
+    footprint = psycopg2.Binary(shapely.to_wkb(rec.footprint))
+    if row is None:
+        cur.execute(
+            """
+            INSERT INTO card_inputs (acq_key, kind, product_id, product_name, mission, product_type,
+                                     relative_orbit, acquired_at, footprint, location, source, collection,
+                                     baseline, checksum, source_updated, published_at)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, ST_Multi(ST_GeomFromWKB(%s, 4326)), %s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT DO NOTHING
+            RETURNING id
+            """,
+            (
+                rec.key,
+                rec.card,
+                rec.product_id,
+                rec.product_name,
+                rec.mission,
+                rec.sensor,
+                rec.relative_orbit,
+                rec.acquired_at,
+                footprint,
+                rec.location,
+                source or None,
+                rec.collection or None,
+                rec.baseline,
+                rec.checksum or None,
+                rec.updated,
+                rec.published,
+            ),
+        )
+        inserted = cur.fetchone()
+        if inserted is None:  # another watcher inserted it since our SELECT: take the locked path
+            return upsert_card_input(cur, rec, source)
+        return int(inserted[0]), "new"
+    input_id, product_id, baseline, checksum = int(row[0]), str(row[1]), int(row[2]), str(row[3])
+    if product_id == rec.product_id:
+        if not (rec.checksum and checksum and rec.checksum != checksum):
+            cur.execute(
+                "UPDATE card_inputs SET source_updated = %s, published_at = coalesce(published_at, %s) WHERE id = %s",
+                (rec.updated, rec.published, input_id),
+            )
+            return input_id, "same"
+        outcome = "changed"
+    elif rec.baseline > baseline:
+        outcome = "superseded"
+    else:
+        return input_id, "duplicate"
+    cur.execute(
+        """
+        UPDATE card_inputs
+           SET product_id = %s, product_name = %s, location = %s, footprint = ST_Multi(ST_GeomFromWKB(%s, 4326)),
+               source_updated = %s, baseline = %s, checksum = %s, source = %s, collection = %s,
+               published_at = %s, deleted_at = NULL, status = 'awaiting_card', updated_at = now(),
+               superseded_ids = CASE WHEN product_id = %s THEN superseded_ids
+                                     ELSE array_append(superseded_ids, product_id) END
+         WHERE id = %s
+        """,
+        (
+            rec.product_id,
+            rec.product_name,
+            rec.location,
+            footprint,
+            rec.updated,
+            rec.baseline,
+            rec.checksum or None,
+            source or None,
+            rec.collection or None,
+            rec.published,
+            rec.product_id,
+            input_id,
+        ),
+    )
+    return input_id, outcome
+
+
 def record_rejected(cur: psycopg2.extensions.cursor, source: str, item: Rejected) -> None:
     cur.execute(
         """
@@ -252,6 +344,17 @@ def _scan(
                 held = True
                 report.offline += 1
                 log.info("watch.item_offline", source=src.name, collection=collection, item_id=cand.item_id)
+            elif cand.is_card_input:
+                input_id, what = upsert_card_input(cur, cand, src.name)
+                report.card_inputs[what] = report.card_inputs.get(what, 0) + 1
+                if what in ("new", "changed", "superseded"):
+                    log.info(
+                        f"watch.card_input_{what}",
+                        card_input_id=input_id,
+                        product_id=cand.product_id,
+                        kind=cand.card,
+                        source=src.name,
+                    )
             else:
                 scene_id, what = upsert_scene(cur, cand, src.name)
                 if what in ("new", "changed", "superseded"):
@@ -298,6 +401,15 @@ def _sweep_deleted(
             if row is not None:
                 report.deleted += 1
                 log.info("watch.scene_product_deleted", scene_id=int(row[0]), product_id=name, source=src.name)
+            cur.execute(
+                "UPDATE card_inputs SET deleted_at = %s, updated_at = now()"
+                " WHERE product_id = %s AND deleted_at IS NULL RETURNING id",
+                (when, name),
+            )
+            row = cur.fetchone()
+            if row is not None:
+                report.deleted += 1
+                log.info("watch.card_input_product_deleted", card_input_id=int(row[0]), product_id=name)
             advance_cursor(cur, src.name, cursor_name, key, when)
 
 
@@ -367,6 +479,7 @@ def watch_once(
         rejected=len(report.rejected),
         offline=report.offline,
         deleted=report.deleted,
+        card_inputs=report.card_inputs,
         published=report.published,
         pending=report.pending,
         errors=len(report.errors),

@@ -28,8 +28,48 @@ _COLLECTION_CARD = {
     "sentinel-1-card-bs": "bs",
     "sentinel-1-card-c6": "c6",
 }
+_COLLECTION_CARD_INPUT = {"sentinel-1-grd": "grd", "sentinel-1-slc": "slc"}
+"""Collections whose products are inputs of CARD generation (recorded in ``card_inputs``)."""
 PRODUCT_RE = re.compile(r"^(S[12][ABCD])_([A-Z0-9]+)_")
 _S2_NAME_RE = re.compile(r"^(S2[ABCD])_(MSIL[12][AC])_(\d{8}T\d{6})_N(\d{4})_R(\d{3})_T(\w{5})(?:_\d{8}T\d{6})?$")
+
+
+_S1_NAME_RE = re.compile(
+    r"^(S1[ABCD])_(IW|EW|SM|WV|S[1-6])_(GRD[FHM]|SLC_)_(\d)S(\w\w)_(\d{8}T\d{6})_(\d{8}T\d{6})_(\d{6})_(\w{6})_(\w{4})"
+)
+# Absolute orbit → relative orbit (175 orbits a 12-day cycle); offsets from the Sentinel-1
+# product specification. S1C/S1D: only from the catalogue's sat:relative_orbit.
+_S1_ORBIT_OFFSET = {"S1A": 73, "S1B": 27}
+
+
+def s1_name(name: str) -> str:
+    """The SAFE product name of a Sentinel-1 product, whatever packaging the catalogue lists:
+    ``.SAFE`` and CDSE's COG-GRD suffix ``_COG`` (``…_6FF8_COG.SAFE``) are dropped, so the SAFE and
+    its COG conversion are one acquisition."""
+    return name.removesuffix(".SAFE").removesuffix("_COG")
+
+
+def s1_input_key(name: str, properties: dict[str, Any]) -> tuple[str, str, int | None]:
+    """(acquisition key, product type, relative orbit) of a Sentinel-1 GRD/SLC product.
+
+    The key is mission, mode, product type, relative orbit and start of sensing
+    (``S1A_IW_GRDH_R059_20210809T173953``): the product's unique id (last four characters) and the
+    packaging change between a reprocessing, a COG conversion and a second catalogue, the
+    acquisition does not. Raises when the name is not a Sentinel-1 Level-1 name.
+    """
+    m = _S1_NAME_RE.match(s1_name(name))
+    if m is None:
+        raise InvalidInputError(f"product {name}: not a Sentinel-1 GRD/SLC product name")
+    mission, mode, ptype, _level, _pol, start, _stop, absolute, _datatake, _uid = m.groups()
+    rel_raw = properties.get("sat:relative_orbit")
+    if rel_raw is not None and str(rel_raw).strip():
+        rel: int | None = int(rel_raw)
+    elif mission in _S1_ORBIT_OFFSET:
+        rel = (int(absolute) - _S1_ORBIT_OFFSET[mission]) % 175 + 1
+    else:
+        rel = None
+    where = f"R{rel:03d}" if rel is not None else f"O{absolute}"
+    return f"{mission}_{mode}_{ptype.rstrip('_')}_{where}_{start}", f"{mode}_{ptype}", rel
 
 
 def acquisition_key(name: str, card: str, mission: str, when: datetime, properties: dict[str, Any]) -> tuple[str, int]:
@@ -79,10 +119,17 @@ class SceneRecord:
     published: datetime | None = None
     """When the catalogue published the product (the incremental cursor's time)."""
     collection: str = ""
+    relative_orbit: int | None = None
+    """Sentinel-1 CARD inputs (``card`` ``grd``/``slc``): the relative orbit of the key."""
 
     @property
     def key(self) -> str:
         return self.acq_key or self.product_id
+
+    @property
+    def is_card_input(self) -> bool:
+        """A Sentinel-1 GRD/SLC product: recorded in ``card_inputs``, never extracted itself."""
+        return self.card in _COLLECTION_CARD_INPUT.values()
 
 
 @dataclass(frozen=True)
@@ -129,11 +176,26 @@ def _absolute(href: str) -> str:
     return href
 
 
+def _input_location(item: pystac.Item) -> str:
+    """Where a Sentinel-1 input lives: as for scenes, else the product folder of its data assets
+    (earth-search's GRD assets sit under ``…/<name>/measurement/…`` without a ``.SAFE``)."""
+    try:
+        return _href_location(item)
+    except InvalidInputError:
+        for a in item.assets.values():
+            href = a.get_absolute_href() or a.href
+            if "/measurement/" in href:
+                return _absolute(href[: href.index("/measurement/")])
+        raise
+
+
 def to_record(item: pystac.Item, collection: str | None = None) -> SceneRecord:
     coll = collection or item.collection_id or ""
-    card = _COLLECTION_CARD.get(coll)
+    card = _COLLECTION_CARD.get(coll) or _COLLECTION_CARD_INPUT.get(coll)
     if card is None:
         raise InvalidInputError(f"item {item.id}: unsupported collection {coll!r}")
+    if card in _COLLECTION_CARD_INPUT.values():
+        return _input_record(item, coll, card)
     if item.geometry is None:
         raise InvalidInputError(f"item {item.id}: no geometry")
     when = item.datetime or (item.common_metadata.start_datetime if item.common_metadata else None)
@@ -163,6 +225,35 @@ def to_record(item: pystac.Item, collection: str | None = None) -> SceneRecord:
         checksum=str(item.properties.get("file:checksum") or ""),
         published=published,
         collection=coll,
+    )
+
+
+def _input_record(item: pystac.Item, coll: str, card: str) -> SceneRecord:
+    """A Sentinel-1 GRD/SLC item: a CARD input, keyed per acquisition like the scenes."""
+    if item.geometry is None:
+        raise InvalidInputError(f"item {item.id}: no geometry")
+    when = item.datetime or (item.common_metadata.start_datetime if item.common_metadata else None)
+    if when is None:
+        raise InvalidInputError(f"item {item.id}: no datetime")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    name = s1_name(str(item.properties.get("s1:product_uri") or item.id))
+    key, ptype, rel = s1_input_key(name, item.properties)
+    return SceneRecord(
+        product_id=item.id.removesuffix(".SAFE"),
+        product_name=name,
+        mission=name[:3],
+        sensor=ptype,
+        card=card,
+        acquired_at=when,
+        footprint=shapely.geometry.shape(item.geometry),
+        location=_input_location(item),
+        updated=str(item.properties.get("updated") or item.properties.get("created") or ""),
+        acq_key=key,
+        checksum=str(item.properties.get("file:checksum") or ""),
+        published=parse_time(item.properties.get("published") or item.properties.get("created")),
+        collection=coll,
+        relative_orbit=rel,
     )
 
 

@@ -235,8 +235,10 @@ ROLE_GRANTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("outbox", "SELECT, INSERT, UPDATE"),
         ("rejected_items", "SELECT, INSERT, UPDATE"),
         ("watch_cursors", "SELECT, INSERT, UPDATE"),
+        ("card_inputs", "SELECT, INSERT, UPDATE"),
         ("scenes_id_seq", "USAGE, SELECT"),
         ("outbox_id_seq", "USAGE, SELECT"),
+        ("card_inputs_id_seq", "USAGE, SELECT"),
     ),
     # Claims and leases scenes, registers and heartbeats, takes fleet-wide task slots (the
     # dead-letter reconciliation); sigs/hists: see grant_dataset.
@@ -244,6 +246,7 @@ ROLE_GRANTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("aois", "SELECT"),
         ("datasets", "SELECT"),
         ("scenes", "SELECT, UPDATE"),
+        ("card_inputs", "SELECT"),
         ("workers", "SELECT, INSERT, UPDATE"),
         ("worker_tasks", "SELECT, INSERT, UPDATE"),
     ),

@@ -18,6 +18,17 @@ SceneStatus = Literal["discovered", "queued", "processing", "extracted", "failed
 then done (``extracted``, or ``no_parcels`` when no parcel falls on it) or ``failed`` with a reason."""
 SCENE_STATUSES: tuple[SceneStatus, ...] = get_args(SceneStatus)
 
+CardInputKind = Literal["grd", "slc"]
+"""Sentinel-1 Level-1 products that are inputs of CARD generation, never extracted as such:
+``grd`` (Ground Range Detected, SAFE or COG) and ``slc`` (Single Look Complex). The values of
+``card_inputs.kind`` (sql/008_card_inputs.sql)."""
+CARD_INPUT_KINDS: tuple[CardInputKind, ...] = get_args(CardInputKind)
+
+CardInputStatus = Literal["awaiting_card"]
+"""A CARD input's life: recorded by the watcher, it waits for the CARD-generation job (not built
+yet), which will add its own states. The values of ``card_inputs.status``."""
+CARD_INPUT_STATUSES: tuple[CardInputStatus, ...] = get_args(CardInputStatus)
+
 AOI_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
 """An AOI (member state) name: it becomes the dataset's PostgreSQL schema, so a lower-case letter,
 then letters, digits or ``_``, at most 31 characters (the CHECK on ``aois.name`` in sql/001_core.sql)."""

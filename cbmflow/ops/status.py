@@ -59,12 +59,29 @@ def collect() -> dict[str, Any]:
             )
             out["failed"] = [{"scene_id": r[0], "product_id": r[1], "reason": r[2]} for r in cur.fetchall()]
             out["rejected"] = _rejected(cur)
+            out["card_inputs"] = _card_inputs(cur)
     except Exception as exc:  # noqa: BLE001 - status must show what it can
         out["database"] = {"error": str(exc).strip()}
         out.setdefault("scenes", {})
         out.setdefault("workers", [])
         out.setdefault("failed", [])
         out.setdefault("rejected", {"count": 0, "latest": []})
+        out.setdefault("card_inputs", {})
+    return out
+
+
+def _card_inputs(cur: db.Cursor) -> dict[str, dict[str, int]]:
+    """Sentinel-1 GRD/SLC products the watcher recorded as CARD inputs: {kind: {status: count}}.
+
+    Shown so that inputs waiting for CARD generation are visible, not mistaken for lost scenes."""
+    cur.execute("SELECT to_regclass('public.card_inputs')")
+    row = cur.fetchone()
+    if row is None or row[0] is None:
+        return {}
+    cur.execute("SELECT kind, status, count(*) FROM card_inputs GROUP BY kind, status ORDER BY kind, status")
+    out: dict[str, dict[str, int]] = {}
+    for kind, status, n in cur.fetchall():
+        out.setdefault(str(kind), {})[str(status)] = int(n)
     return out
 
 
@@ -122,6 +139,14 @@ def print_status(as_json: bool = False) -> None:
     for s, n in data["scenes"].items():
         scenes.add_row(s, str(n))
     console.print(scenes)
+    if data.get("card_inputs"):
+        inputs = Table(title="CARD inputs (Sentinel-1, not extracted themselves)")
+        for col in ("kind", "status", "count"):
+            inputs.add_column(col, justify="right" if col == "count" else "left")
+        for kind, by_status in data["card_inputs"].items():
+            for st, n in by_status.items():
+                inputs.add_row(kind, st, str(n))
+        console.print(inputs)
     workers = Table(title="workers")
     for col in ("id", "host", "pid", "state", "scene", "heartbeat age s", "metrics"):
         workers.add_column(col)
