@@ -177,16 +177,18 @@ def _absolute(href: str) -> str:
 
 
 def _input_location(item: pystac.Item) -> str:
-    """Where a Sentinel-1 input lives: as for scenes, else the product folder of its data assets
-    (earth-search's GRD assets sit under ``…/<name>/measurement/…`` without a ``.SAFE``)."""
-    try:
-        return _href_location(item)
-    except InvalidInputError:
-        for a in item.assets.values():
-            href = a.get_absolute_href() or a.href
-            if "/measurement/" in href:
-                return _absolute(href[: href.index("/measurement/")])
-        raise
+    """Where a Sentinel-1 input lives: the ``.SAFE`` root of its assets (CDSE), else the product
+    folder of its measurement assets (earth-search: ``…/<name>/measurement/…``, no ``.SAFE``),
+    else as for scenes. The product folder comes first because CARD generation reads the SAFE
+    layout (annotation, calibration, measurement), not the Item JSON."""
+    hrefs = [a.get_absolute_href() or a.href for a in item.assets.values()]
+    for href in hrefs:
+        if ".SAFE" in href:
+            return _absolute(href[: href.index(".SAFE") + len(".SAFE")])
+    for href in hrefs:
+        if "/measurement/" in href:
+            return _absolute(href[: href.index("/measurement/")])
+    return _href_location(item)
 
 
 def to_record(item: pystac.Item, collection: str | None = None) -> SceneRecord:
