@@ -21,6 +21,7 @@ from api.auth import USER_ROW_SQL
 from api.params import PTYPE_RE
 from cbmflow.db import Cursor, Dataset
 from cbmflow.errors import NotFoundError
+from cbmflow.observations import one_per_acquisition
 
 Columns = dict[str, list[Any]]
 
@@ -221,6 +222,12 @@ def _series_sql(
     microseconds is exact in a double and one division by 1e6 is correctly rounded either way).
     Histograms are aggregated once per scene in a CTE (one index range scan) rather than probed
     once per (scene, band) row.
+
+    Signatures are read through :func:`cbmflow.observations.one_per_acquisition`: a parcel in the
+    overlap of two Sentinel-2 tiles has one row per tile for the same acquisition, and a series with
+    both would show each date twice. The ``g.pid`` filter is pushed into the rule's subquery, so
+    it still reads the parcel's rows only (one index range scan); the histogram joins on the chosen
+    row's scene, so ``hist`` is the SCL of the observation that is returned.
     """
     extra: list[sql.Composable] = []
     ctes: list[sql.Composable] = []
@@ -247,7 +254,7 @@ def _series_sql(
     ).format(
         ctes=sql.Composed(ctes),
         extra=sql.Composed(extra),
-        sigs=ds.sigs,
+        sigs=one_per_acquisition(ds),
         joins=sql.Composed(joins),
         where=sql.SQL(" AND ").join(where),
     )
@@ -328,14 +335,21 @@ def series_for_user_sql(ds: Dataset, *, bands: list[str] | None, scl: bool, ref:
 
 
 def scl_series(cur: Cursor, ds: Dataset, pk: int) -> Columns:
-    """JRC ``tstype=scl``: one SCL histogram per scene (``obsid`` = scene id), by acquisition time."""
+    """JRC ``tstype=scl``: one SCL histogram per scene (``obsid`` = scene id), by acquisition time.
+
+    A scene whose signatures of the parcel all lost to another tile's (granule overlap,
+    :func:`cbmflow.observations.one_per_acquisition`) is left out, so the histograms are those of
+    the observations the series returns; a histogram without signatures is kept, as before.
+    """
     cur.execute(
         sql.SQL(
             "SELECT h.scene_id AS obsid, json_object_agg(h.class::text, h.count ORDER BY h.class) AS hist"
             " FROM {h} h JOIN scenes s ON s.id = h.scene_id"
-            " WHERE h.pid = %s GROUP BY h.scene_id, s.acquired_at ORDER BY s.acquired_at, h.scene_id"
-        ).format(h=ds.hists),
-        (pk,),
+            " WHERE h.pid = %(pk)s AND (h.scene_id IN (SELECT o.scene_id FROM {one} o WHERE o.pid = %(pk)s)"
+            " OR NOT EXISTS (SELECT 1 FROM {sigs} g WHERE g.pid = %(pk)s AND g.scene_id = h.scene_id))"
+            " GROUP BY h.scene_id, s.acquired_at ORDER BY s.acquired_at, h.scene_id"
+        ).format(h=ds.hists, one=one_per_acquisition(ds), sigs=ds.sigs),
+        {"pk": pk},
     )
     return fetch_columns(cur)
 

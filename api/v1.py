@@ -27,6 +27,7 @@ from api.params import BAND_LIST_PATTERN, OPTIONAL_AOI, PATH_AOI, PATH_YEAR, PID
 from api.responses import ApiJSONResponse
 from cbmflow.db import Dataset
 from cbmflow.errors import InvalidInputError, NotFoundError
+from cbmflow.observations import one_per_acquisition
 from cbmflow.vocab import SCENE_STATUSES
 
 # Normalised differences (a - b) / (a + b) over S2 band means.
@@ -232,7 +233,7 @@ def timeseries(request: Request, p: Params) -> Response:
                 "SELECT s.acquired_at, g.scene_id, g.band, g.count, g.mean, g.std, g.min, g.p25, g.p50, g.p75, g.max"
                 " FROM {sigs} g JOIN scenes s ON s.id = g.scene_id WHERE {where}"
                 " ORDER BY s.acquired_at, g.band, s.id"
-            ).format(sigs=ds.sigs, where=sql.SQL(" AND ").join(where)),
+            ).format(sigs=one_per_acquisition(ds), where=sql.SQL(" AND ").join(where)),
             {"pk": pk, "card": card, "bands": bands, "start": start, "end": end},
         )
         rows = [
@@ -274,6 +275,11 @@ def index_observations(call: Call, ds: Dataset, pk: int, p: Params) -> dict[str,
     the same quantity the JRC notebooks derive from the signatures; it is not the mean of per-pixel
     indices. Observations whose masked fraction exceeds ``max_cloud``, and those without an SCL
     histogram (their cloudiness is unknown), are dropped unless ``max_cloud`` is 1.
+
+    Where two tiles observed the parcel on one date (granule overlap), only the scene that
+    :func:`cbmflow.observations.one_per_acquisition` chooses for band ``a`` is kept; both bands and
+    the SCL histogram come from that one scene, so the ratio and its cloud filter describe the same
+    pixels (choosing per band could pair band ``a`` of one tile with band ``b`` of the other).
     """
     name, a, b = _index_spec(p)
     max_cloud = p.number("max_cloud")
@@ -292,8 +298,10 @@ def index_observations(call: Call, ds: Dataset, pk: int, p: Params) -> dict[str,
             " SELECT s.acquired_at, v.scene_id, (v.a - v.b) / nullif(v.a + v.b, 0),"
             " h.masked::float8 / nullif(h.total, 0)"
             " FROM v JOIN scenes s ON s.id = v.scene_id LEFT JOIN h ON h.scene_id = v.scene_id"
-            " WHERE v.a IS NOT NULL AND v.b IS NOT NULL AND {where} ORDER BY s.acquired_at, s.id"
-        ).format(sigs=ds.sigs, hists=ds.hists, where=sql.SQL(" AND ").join(where)),
+            " WHERE v.a IS NOT NULL AND v.b IS NOT NULL AND {where}"
+            " AND v.scene_id IN (SELECT o.scene_id FROM {one} o WHERE o.pid = %(pk)s AND o.band = %(a)s)"
+            " ORDER BY s.acquired_at, s.id"
+        ).format(sigs=ds.sigs, hists=ds.hists, one=one_per_acquisition(ds), where=sql.SQL(" AND ").join(where)),
         {"a": a, "b": b, "pk": pk, "mask": mask, "start": start, "end": end},
     )
     kept: list[dict[str, Any]] = []
