@@ -14,9 +14,6 @@ from psycopg2 import sql
 
 from cbmflow.db import Dataset
 
-TILE_ZONE_RE = r"_T(\d{2})[A-Z]{3}"
-"""The UTM zone of a Sentinel-2 product, from the tile in its name (``…_T32UPU_…`` → 32)."""
-
 
 def one_per_acquisition(ds: Dataset) -> sql.Composed:
     """A parenthesised subquery with the columns of ``ds.sigs``, one row per (pid, date, card, band).
@@ -31,12 +28,19 @@ def one_per_acquisition(ds: Dataset) -> sql.Composed:
     than once per signature row in the sort key (a point-on-surface and a reprojection for each of
     a series' thousands of rows doubled the ``parcelTimeSeries`` time), while the pid filter still
     reaches it through the join's equivalence and keeps it an index probe.
+
+    A tile is in the parcel's zone when its product name holds ``_T<zone>`` (``…_T32UQU_…``; the
+    sensing time's ``T`` follows a digit, never ``_``). A plain substring test rather than a
+    regular expression per row: on a 1500-row series (shared 2-core machine, noisy) the query took
+    11.6 ms p50 with the regex, 7.4 ms with ``strpos``, 5.6-8.0 ms without the rule.
+    A tile of another zone and one whose name has no tile rank alike after the parcel's own zone;
+    the lower scene id decides between them.
     """
     return sql.SQL(
         "(SELECT DISTINCT ON (g.pid, (s.acquired_at AT TIME ZONE 'UTC')::date, s.card, g.band) g.*"
         " FROM {sigs} g JOIN scenes s ON s.id = g.scene_id"
-        " JOIN (SELECT p.pid, floor((ST_X(ST_Transform(ST_PointOnSurface(p.geom), 4326)) + 180) / 6)::int + 1"
-        "  AS zone FROM {parcels} p GROUP BY p.pid) p ON p.pid = g.pid"
+        " JOIN (SELECT p.pid, '_T' || lpad((floor((ST_X(ST_Transform(ST_PointOnSurface(p.geom), 4326)) + 180) / 6)"
+        "  ::int + 1)::text, 2, '0') AS tile_prefix FROM {parcels} p GROUP BY p.pid) p ON p.pid = g.pid"
         " ORDER BY g.pid, (s.acquired_at AT TIME ZONE 'UTC')::date, s.card, g.band, g.count DESC,"
-        " (substring(s.product_name FROM {zone_re})::int = p.zone) DESC NULLS LAST, s.id)"
-    ).format(sigs=ds.sigs, parcels=ds.parcels, zone_re=sql.Literal(TILE_ZONE_RE))
+        " strpos(s.product_name, p.tile_prefix) > 0 DESC, s.id)"
+    ).format(sigs=ds.sigs, parcels=ds.parcels)
