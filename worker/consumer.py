@@ -538,6 +538,8 @@ class Worker:
                 job.connection.add_callback_threadsafe(self._settle_finished)
             except pika.exceptions.ConnectionWrongStateError:
                 pass  # the connection died under the job; the connection thread is waiting for it
+            # The job's keys (scene, product, delivery) must not stick to whatever this thread logs next.
+            structlog.contextvars.clear_contextvars()
 
     def _handle(self, job: Delivery) -> Verdict:
         try:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from cbmflow import logging as cbmlog
 from cbmflow.settings import LogSettings, settings_table
@@ -34,7 +35,10 @@ EMIT = (
 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
-    """Each test reconfigures the process; the next test gets the process default back."""
+    """Each test reconfigures the process; the next test gets the process default back. Keys bound
+    to this thread's context by earlier tests (a worker run in the test's own thread) are cleared,
+    so the expected lines hold in any order."""
+    structlog.contextvars.clear_contextvars()
     yield
     cbmlog.configure(force=True)
 
