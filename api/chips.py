@@ -227,6 +227,7 @@ class Scene:
     product_name: str
     acquired_at: datetime
     location: str
+    store_profile: str = ""
 
 
 def _scenes(call: Call, lon: float, lat: float, period: tuple[datetime, datetime], limit: int) -> list[Scene]:
@@ -236,25 +237,27 @@ def _scenes(call: Call, lon: float, lat: float, period: tuple[datetime, datetime
     is told to narrow the dates instead.
     """
     call.cur.execute(
-        "SELECT id, product_name, acquired_at, location FROM scenes"
+        "SELECT id, product_name, acquired_at, location, coalesce(store_profile, '') FROM scenes"
         " WHERE card = 's2' AND ST_Intersects(footprint, ST_SetSRID(ST_MakePoint(%(lon)s, %(lat)s), 4326))"
         " AND acquired_at >= %(lo)s AND acquired_at < %(hi)s ORDER BY acquired_at, id LIMIT %(n)s",
         {"lon": lon, "lat": lat, "lo": period[0], "hi": period[1], "n": limit + 1},
     )
-    rows = [Scene(int(r[0]), str(r[1]), r[2], str(r[3])) for r in call.cur.fetchall()]
+    rows = [Scene(int(r[0]), str(r[1]), r[2], str(r[3]), str(r[4])) for r in call.cur.fetchall()]
     if len(rows) > limit:
         raise InvalidInputError(f"more than {limit} scenes match; narrow start_date/end_date")
     return rows
 
 
 @lru_cache(maxsize=256)
-def _product(location: str) -> S2Product:
-    """The product at a scene location, local or ``s3://`` (read in place, like the worker does).
+def _product(location: str, profile: str = "") -> S2Product:
+    """The product at a scene location, local or ``s3://`` (read in place, like the worker does),
+    through the scene's store profile.
 
     Products are immutable once catalogued: parsing their XML (and, on S3, listing their keys) on
     every request is wasted work. A failure is not cached, so a store that was down is retried.
     """
-    return open_s2_product(store.product_files(location))
+    with store.using_profile(profile):
+        return open_s2_product(store.product_files(location))
 
 
 def _readable(scene: Scene, bands: tuple[str, ...]) -> S2Product | None:
@@ -264,7 +267,7 @@ def _readable(scene: Scene, bands: tuple[str, ...]) -> S2Product | None:
     (HTTP 503), since leaving every scene out would tell the caller there is no imagery.
     """
     try:
-        product = _product(scene.location)
+        product = _product(scene.location, scene.store_profile)
         for band in bands:
             product.band_path(band)
     except store.StoreUnavailable:
@@ -412,16 +415,18 @@ def chip(request: Request, p: Params) -> Response:
             "SELECT s.location, s.product_name, u.is_admin OR EXISTS (SELECT 1 FROM user_grants g"
             " JOIN aois a ON a.name = g.aoi WHERE g.user_name = u.name"
             " AND ST_Intersects(a.geom, ST_SetSRID(ST_MakePoint(%(lon)s, %(lat)s), 4326)))"
-            " FROM scenes s, users u WHERE s.id = %(scene)s AND u.name = %(user)s",
+            " , coalesce(s.store_profile, '') FROM scenes s, users u WHERE s.id = %(scene)s AND u.name = %(user)s",
             {"scene": ref.scene_id, "user": ref.user, "lon": ref.lon, "lat": ref.lat},
         )
         row = cur.fetchone()
     # A deleted user, a revoked grant or a removed scene turn the link dead, like a bad signature.
     if row is None or not row[2] or p.raw("name") != f"{row[1]}.{ref.band}.tif":
         raise NotFoundError("no such chip (unknown or expired link)")
+    profile = str(row[3])
     try:
-        product = _product(str(row[0]))
-        body = raw_chip(product, ref.band, ref.lon, ref.lat, ref.size_m)
+        product = _product(str(row[0]), profile)
+        with store.using_profile(profile):
+            body = raw_chip(product, ref.band, ref.lon, ref.lat, ref.size_m)
     except store.StoreUnavailable:
         raise
     except (OSError, ValueError) as exc:
@@ -429,7 +434,8 @@ def chip(request: Request, p: Params) -> Response:
 
         if isinstance(exc, rasterio.errors.RasterioIOError) and store.is_s3(str(row[0])):
             # GDAL's error does not say whose fault it was; one HEAD of the object does.
-            failure = store.read_failure(product.band_path(ref.band), exc)
+            with store.using_profile(profile):
+                failure = store.read_failure(product.band_path(ref.band), exc)
             if isinstance(failure, store.StoreUnavailable):
                 raise failure from exc
         log.warning("chips.unreadable", scene_id=ref.scene_id, error=str(exc)[:200])
@@ -462,7 +468,8 @@ def chips_by_location(request: Request, p: Params) -> Response:
             product = _readable(scene, bands)
             if product is None:
                 continue
-            png = base64.b64encode(rgb_png(product, bands, lon, lat, lut)).decode("ascii")
+            with store.using_profile(scene.store_profile):
+                png = base64.b64encode(rgb_png(product, bands, lon, lat, lut)).decode("ascii")
             when = scene.acquired_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
             figures.append(
                 f'<figure><img alt="{html.escape(scene.product_name)}" width="{RGB_PIXELS}" height="{RGB_PIXELS}"'

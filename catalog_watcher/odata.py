@@ -94,6 +94,7 @@ class ODataSource:
 
     def __init__(self, cfg: SourceSettings, watch: WatchSettings, stop: threading.Event | None = None) -> None:
         self.name = cfg.name
+        self.store = cfg.store
         self.url = cfg.url.rstrip("/")
         self.collections = cfg.collections
         self.page_size = min(1000, watch.page_size)

@@ -88,7 +88,9 @@ def _requeue(cur: psycopg2.extensions.cursor, scene_id: int) -> None:
     )
 
 
-def upsert_scene(cur: psycopg2.extensions.cursor, rec: SceneRecord, source: str = "") -> tuple[int, str]:
+def upsert_scene(
+    cur: psycopg2.extensions.cursor, rec: SceneRecord, source: str = "", store_profile: str = ""
+) -> tuple[int, str]:
     """Record one catalogue product against its acquisition; returns (scene id, outcome).
 
     Outcomes: ``new`` (first product of this acquisition), ``superseded`` (a higher processing
@@ -97,6 +99,7 @@ def upsert_scene(cur: psycopg2.extensions.cursor, rec: SceneRecord, source: str 
     ``duplicate`` (the acquisition is already held by a product of an equal or higher baseline,
     e.g. the same product seen in a second collection or source). Only ``new``, ``superseded``
     and ``changed`` write an outbox row. The row lock (``FOR UPDATE``) serialises two watchers.
+    ``store_profile`` (the source's ``store``) is written with the product it belongs to.
     """
     cur.execute(
         "SELECT id, product_id, coalesce(baseline, 0), coalesce(checksum, '') FROM scenes"
@@ -110,8 +113,8 @@ def upsert_scene(cur: psycopg2.extensions.cursor, rec: SceneRecord, source: str 
             """
             INSERT INTO scenes (product_id, product_name, mission, sensor, card, acquired_at, footprint,
                                 location, source_updated, acq_key, baseline, checksum, source, collection,
-                                published_at)
-            VALUES (%s, %s, %s, %s, %s, %s, ST_Multi(ST_GeomFromWKB(%s, 4326)), %s, %s, %s, %s, %s, %s, %s, %s)
+                                published_at, store_profile)
+            VALUES (%s, %s, %s, %s, %s, %s, ST_Multi(ST_GeomFromWKB(%s, 4326)), %s, %s, %s, %s, %s, %s, %s, %s, %s)
             ON CONFLICT DO NOTHING
             RETURNING id
             """,
@@ -131,11 +134,12 @@ def upsert_scene(cur: psycopg2.extensions.cursor, rec: SceneRecord, source: str 
                 source or None,
                 rec.collection or None,
                 rec.published,
+                store_profile or None,
             ),
         )
         inserted = cur.fetchone()
         if inserted is None:  # another watcher inserted it since our SELECT: take the locked path
-            return upsert_scene(cur, rec, source)
+            return upsert_scene(cur, rec, source, store_profile)
         scene_id, outcome = int(inserted[0]), "new"
     else:
         scene_id, product_id, baseline, checksum = int(row[0]), str(row[1]), int(row[2]), str(row[3])
@@ -156,7 +160,7 @@ def upsert_scene(cur: psycopg2.extensions.cursor, rec: SceneRecord, source: str 
             UPDATE scenes
                SET product_id = %s, product_name = %s, location = %s, footprint = ST_Multi(ST_GeomFromWKB(%s, 4326)),
                    source_updated = %s, baseline = %s, checksum = %s, source = %s, collection = %s,
-                   published_at = %s, deleted_at = NULL,
+                   published_at = %s, deleted_at = NULL, store_profile = %s,
                    superseded_ids = CASE WHEN product_id = %s THEN superseded_ids
                                          ELSE array_append(superseded_ids, product_id) END
              WHERE id = %s
@@ -172,6 +176,7 @@ def upsert_scene(cur: psycopg2.extensions.cursor, rec: SceneRecord, source: str 
                 source or None,
                 rec.collection or None,
                 rec.published,
+                store_profile or None,
                 rec.product_id,
                 scene_id,
             ),
@@ -356,7 +361,7 @@ def _scan(
                         source=src.name,
                     )
             else:
-                scene_id, what = upsert_scene(cur, cand, src.name)
+                scene_id, what = upsert_scene(cur, cand, src.name, src.store)
                 if what in ("new", "changed", "superseded"):
                     setattr(report, what, getattr(report, what) + 1)
                     log.info(f"watch.scene_{what}", scene_id=scene_id, product_id=cand.product_id, source=src.name)

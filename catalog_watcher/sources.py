@@ -31,6 +31,8 @@ class Source(Protocol):
     incremental: bool
     """True when the source filters and sorts on publication time (a cursor makes sense)."""
     session: PoliteSession | None
+    store: str
+    """Store profile of the source's products (``""``: the default store)."""
 
     def poll(
         self, collection: str, aoi: BaseGeometry, published_since: datetime | None, acquired_since: datetime | None
@@ -63,6 +65,7 @@ class StacApiSource:
 
     def __init__(self, cfg: SourceSettings, watch: WatchSettings, stop: threading.Event | None = None) -> None:
         self.name = cfg.name
+        self.store = cfg.store
         self.url = cfg.url
         self.collections = cfg.collections
         self.cursor_property = cfg.cursor_property
@@ -127,6 +130,7 @@ class StaticSource:
 
     def __init__(self, cfg: SourceSettings) -> None:
         self.name = cfg.name
+        self.store = cfg.store
         self.url = cfg.url
         self.collections = cfg.collections
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -136,6 +136,25 @@ class BusSettings(BaseSettings):
         return url
 
 
+class StoreProfile(BaseModel):
+    """One named object store (an entry of ``CBMFLOW_STORE_PROFILES``): where a catalogue's products live.
+
+    Holds no secrets: credentials come from environment variables named here, from a profile of
+    the AWS shared credentials file, or from nowhere (``anonymous``, a public bucket). The scenes
+    table carries only the profile's name.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    s3_endpoint_url: str = Field("", description="S3 endpoint; empty = AWS")
+    s3_region: str = ""
+    s3_path_style: bool = True
+    access_key_env: str = Field("", description="name of the environment variable holding the access key id")
+    secret_key_env: str = Field("", description="name of the environment variable holding the secret key")
+    aws_profile: str = Field("", description="profile of the AWS shared credentials/config files")
+    anonymous: bool = Field(False, description="unsigned requests (public bucket), whatever credentials exist")
+
+
 class StoreSettings(BaseSettings):
     """Object storage: a local directory by default, S3 (boto3) when ``url`` starts with ``s3://``."""
 
@@ -147,13 +166,19 @@ class StoreSettings(BaseSettings):
     s3_path_style: bool = Field(
         True, description="path-style S3 URLs with a custom endpoint (MinIO, CDSE); false = virtual-hosted buckets"
     )
+    profiles: dict[str, StoreProfile] = Field(
+        default_factory=dict,
+        description="JSON object: named object stores (endpoint, region, credential env var names) a source's"
+        " `store` names; scenes of a source without one use the settings above",
+    )
 
 
 class SourceSettings(BaseModel):
     """One catalogue the watcher polls (an entry of ``CBMFLOW_WATCH_SOURCES``, a JSON list).
 
-    Object-store settings per source (CDSE ``eodata`` keys beside a public COG bucket) are not
-    here yet: the worker reads assets with the one ``CBMFLOW_STORE_*`` configuration.
+    ``store`` names the object store of the source's products (a key of ``CBMFLOW_STORE_PROFILES``,
+    e.g. CDSE ``eodata`` beside a public COG bucket); its scenes carry that name to the worker and
+    the API. Empty: the ``CBMFLOW_STORE_*`` settings.
     """
 
     name: str = Field(
@@ -169,6 +194,7 @@ class SourceSettings(BaseModel):
     password: SecretStr = SecretStr("")
     rate_per_s: float = Field(4.0, gt=0, description="most requests per second to this source")
     request_budget: int = Field(1000, ge=1, description="most HTTP requests to this source per cycle")
+    store: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,64}$", description="store profile of its products")
 
 
 class WatchSettings(BaseSettings):

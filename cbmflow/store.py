@@ -15,6 +15,17 @@ Both use boto3's credential chain (environment, profile, instance role) and the 
 and addressing style of :class:`~cbmflow.settings.StoreSettings`, so they always talk to the same
 endpoint as the same user. Without credentials requests are unsigned (public buckets).
 
+**Store profiles.** Two catalogues may keep their products in two object stores (CDSE ``eodata``
+with its own keys beside a public COG bucket on AWS). ``CBMFLOW_STORE_PROFILES`` names such stores
+(:class:`~cbmflow.settings.StoreProfile`); a scene carries the name of its source's profile
+(``scenes.store_profile``) and whoever reads it runs inside :func:`using_profile`, so every call
+below (boto3 client, ``/vsis3/`` options, HEAD probes) goes to that store. The name travels in a
+context variable rather than through every reader in ``card/`` and ``worker/``: a job is one
+thread, and :func:`in_read_env` carries the name into prefetch threads. GDAL's options of a
+profile are set on the bucket's own prefix (``/vsis3/<bucket>/``: GDAL takes the longest matching
+prefix), so two endpoints are served at once; one bucket name therefore belongs to one profile
+per process. No profile (the default) is the ``CBMFLOW_STORE_*`` settings on ``/vsis3/``, as before.
+
 Errors of the store are ``OSError`` s that say which kind they are: :class:`StoreUnavailable`
 (connection refused or cut, timeout, throttling, 5xx: worth retrying) and :class:`StoreRefused`
 (no such bucket, access denied, a malformed request: retrying cannot help); a missing object is a
@@ -25,15 +36,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path, PurePath
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlparse
 
-from cbmflow.settings import StoreSettings
+from cbmflow.settings import StoreProfile, StoreSettings
 
 VSIS3 = "/vsis3/"
 P = ParamSpec("P")
@@ -68,8 +81,55 @@ class StoreRefused(StoreError):
     """The store refused the request for good (no such bucket, access denied, bad request)."""
 
 
+class UnknownStoreProfile(StoreRefused):
+    """A scene names a store profile this process has no settings for (``CBMFLOW_STORE_PROFILES``)."""
+
+
 class UnsupportedLocation(ValueError):
     """A location that is neither a local path, a ``file://`` URL nor an ``s3://`` URL."""
+
+
+# --- profiles ------------------------------------------------------------------------------------
+
+_profile: ContextVar[str] = ContextVar("cbmflow_store_profile", default="")
+
+
+def current_profile() -> str:
+    """The store profile the calling context reads with; ``""`` is the default store."""
+    return _profile.get()
+
+
+@contextmanager
+def using_profile(name: str | None) -> Iterator[None]:
+    """Read through store profile ``name`` (``None`` or ``""``: the default store) inside the block.
+
+    The name is checked on entry, so a scene of an unconfigured profile fails at once with an
+    :class:`UnknownStoreProfile` naming it, before any read goes to the wrong store.
+    """
+    name = name or ""
+    profile_settings(name)
+    token = _profile.set(name)
+    try:
+        yield
+    finally:
+        _profile.reset(token)
+
+
+def profile_settings(name: str | None = None) -> StoreProfile:
+    """The settings of profile ``name`` (default: :func:`current_profile`); ``""`` → ``CBMFLOW_STORE_*``."""
+    name = current_profile() if name is None else name
+    settings = StoreSettings()
+    if not name:
+        return StoreProfile(
+            s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region, s3_path_style=settings.s3_path_style
+        )
+    try:
+        return settings.profiles[name]
+    except KeyError:
+        known = ", ".join(sorted(settings.profiles)) or "none"
+        raise UnknownStoreProfile(
+            f"store profile {name!r} is not configured in CBMFLOW_STORE_PROFILES (configured: {known})"
+        ) from None
 
 
 # --- locations ------------------------------------------------------------------------------------
@@ -123,12 +183,12 @@ def gdal_path(location: str) -> str:
 # --- GDAL -----------------------------------------------------------------------------------------
 
 
-def gdal_s3_options(store: StoreSettings | None = None) -> dict[str, str]:
+def gdal_s3_options(store: StoreSettings | StoreProfile | None = None) -> dict[str, str]:
     """GDAL configuration for ``/vsis3/`` from StoreSettings (endpoint, addressing, region, HTTP).
 
     Credentials are not in here; :func:`gdal_env` adds boto3's.
     """
-    store = store or StoreSettings()
+    store = store or profile_settings()
     opts: dict[str, str] = {
         "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no listing of the "directory" on every open
         "GDAL_HTTP_CONNECTTIMEOUT": "10",
@@ -159,12 +219,12 @@ _S3_KEYS = (
 )
 
 
-def gdal_s3_config(store: StoreSettings | None = None) -> dict[str, str | None]:
+def gdal_s3_config(store: StoreSettings | StoreProfile | None = None) -> dict[str, str | None]:
     """:func:`gdal_s3_options` plus boto3's credentials; ``None`` marks an option to unset."""
-    store = store or StoreSettings()
+    store = store or profile_settings()
     config: dict[str, str | None] = dict.fromkeys(_S3_KEYS)
     config.update(gdal_s3_options(store))
-    creds = _boto3_session(store.s3_region).get_credentials()
+    creds = None if getattr(store, "anonymous", False) else _session(store).get_credentials()
     if creds is None:
         config["AWS_NO_SIGN_REQUEST"] = "YES"  # no credentials anywhere: a public bucket
     else:
@@ -175,10 +235,44 @@ def gdal_s3_config(store: StoreSettings | None = None) -> dict[str, str | None]:
     return config
 
 
-def _boto3_session(region: str) -> Any:
+def _profile_config(store: StoreProfile) -> dict[str, str | None]:
+    """:func:`gdal_s3_config` of a named profile, every key explicit.
+
+    On a bucket prefix an unset key would fall through to the ``/vsis3/`` default store's value
+    (its endpoint, its keys), so GDAL's own defaults are written out instead of ``None``.
+    """
+    config = gdal_s3_config(store)
+    defaults = {
+        "AWS_S3_ENDPOINT": "s3.amazonaws.com",
+        "AWS_HTTPS": "YES",
+        "AWS_VIRTUAL_HOSTING": "YES",
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SESSION_TOKEN": "",
+        "AWS_NO_SIGN_REQUEST": "NO",
+    }
+    return {key: defaults.get(key) if value is None else value for key, value in config.items()}
+
+
+def _session(store: StoreSettings | StoreProfile) -> Any:
+    """The boto3 session of a store: its credential env vars or AWS profile, else boto3's chain."""
     import boto3
 
-    return boto3.Session(region_name=region or None)
+    region = store.s3_region or None
+    if isinstance(store, StoreProfile):
+        if store.access_key_env or store.secret_key_env:
+            missing = [v for v in (store.access_key_env, store.secret_key_env) if not os.environ.get(v)]
+            if missing:
+                raise StoreRefused(f"store credentials: environment variable(s) {', '.join(missing)} not set")
+            return boto3.Session(
+                aws_access_key_id=os.environ[store.access_key_env],
+                aws_secret_access_key=os.environ[store.secret_key_env],
+                region_name=region,
+            )
+        if store.aws_profile:
+            return boto3.Session(profile_name=store.aws_profile, region_name=region)
+    return boto3.Session(region_name=region)
 
 
 @lru_cache(maxsize=1)
@@ -226,11 +320,14 @@ def _libgdal() -> Any | None:
 
 
 _configure_lock = threading.Lock()
-_configured: dict[str, str | None] = {}
 
 
-def _configure_vsis3(config: dict[str, str | None]) -> bool:
-    """Set ``config`` as GDAL path-specific options of ``/vsis3/``; False where that is impossible.
+_configured_prefix: dict[tuple[str, str], str | None] = {}
+
+
+def _configure_vsis3(config: dict[str, str | None], prefix: str = VSIS3) -> bool:
+    """Set ``config`` as GDAL path-specific options of ``prefix`` (``/vsis3/`` or ``/vsis3/<bucket>/``);
+    False where that is impossible.
 
     Only changed values are written (credentials change when they rotate), so readers in other
     threads never see a half-written configuration in the steady state.
@@ -240,10 +337,10 @@ def _configure_vsis3(config: dict[str, str | None]) -> bool:
         return False
     with _configure_lock:
         for key, value in config.items():
-            if key in _configured and _configured[key] == value:
+            if _configured_prefix.get((prefix, key), "\0unset") == value:
                 continue
-            lib.VSISetPathSpecificOption(VSIS3.encode(), key.encode(), None if value is None else value.encode())
-            _configured[key] = value
+            lib.VSISetPathSpecificOption(prefix.encode(), key.encode(), None if value is None else value.encode())
+            _configured_prefix[prefix, key] = value
     return True
 
 
@@ -304,16 +401,24 @@ def gdal_env(path: str | PurePath | None = None) -> Iterator[None]:
     if path is not None and not is_s3(str(path)):
         yield
         return
-    store = StoreSettings()
-    if _configure_vsis3(gdal_s3_config(store)):
+    name = current_profile()
+    store = profile_settings(name)
+    if name and path is None:
+        raise ValueError("gdal_env of a store profile needs the path: its options are set on the bucket's prefix")
+    configured = (
+        _configure_vsis3(_profile_config(store), f"{VSIS3}{parse_s3(str(path))[0]}/")
+        if name
+        else _configure_vsis3(gdal_s3_config(store))
+    )
+    if configured:
         with _read_options():
             yield
         return
     import rasterio
     from rasterio.session import AWSSession
 
-    session = _boto3_session(store.s3_region)
-    unsigned = session.get_credentials() is None
+    session = _session(store)
+    unsigned = store.anonymous or session.get_credentials() is None
     options = {**gdal_s3_options(store), **S3_READ_OPTIONS}
     with rasterio.Env(session=AWSSession(session=session, aws_unsigned=unsigned), **options):
         yield
@@ -324,11 +429,12 @@ def in_read_env(path: str | PurePath, read: Callable[P, R]) -> Callable[P, R]:
     thread, say); ``read`` itself for a path that is not on S3."""
     if not is_s3(str(path)):
         return read
+    name = current_profile()  # a prefetch thread does not inherit the caller's context
 
     def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
         # The /vsis3/ settings are process-wide once gdal_env has set them; only the read options
         # are per thread (and cheap: no credential lookup per strip).
-        with _read_options() if _libgdal() is not None else gdal_env(path):
+        with using_profile(name), _read_options() if _libgdal() is not None else gdal_env(path):
             return read(*args, **kwargs)
 
     return wrapped
@@ -368,18 +474,28 @@ def read_failure(path: str | PurePath, exc: BaseException) -> OSError | None:
 # --- S3 API ---------------------------------------------------------------------------------------
 
 
-def s3_client(store: StoreSettings | None = None) -> Any:
-    """A boto3 S3 client for StoreSettings (cached per endpoint, region and addressing style)."""
-    store = store or StoreSettings()
-    return _client(store.s3_endpoint_url, store.s3_region, store.s3_path_style)
+def s3_client(store: StoreSettings | StoreProfile | None = None) -> Any:
+    """A boto3 S3 client for a store (default: the current profile's), cached per store settings."""
+    if store is None:
+        store = profile_settings()
+    if isinstance(store, StoreSettings):
+        store = StoreProfile(
+            s3_endpoint_url=store.s3_endpoint_url, s3_region=store.s3_region, s3_path_style=store.s3_path_style
+        )
+    creds = (store.access_key_env, store.secret_key_env)
+    # The key values are part of the cache key (rotated keys get a new client), never logged.
+    keys = tuple(os.environ.get(v, "") for v in creds if v)
+    return _client(store.model_dump_json(), keys)
 
 
 @lru_cache(maxsize=8)
-def _client(endpoint_url: str, region: str, path_style: bool) -> Any:
+def _client(store_json: str, _keys: tuple[str, ...]) -> Any:
     from botocore import UNSIGNED
     from botocore.config import Config
 
-    session = _boto3_session(region)
+    store = StoreProfile.model_validate_json(store_json)
+    endpoint_url, path_style = store.s3_endpoint_url, store.s3_path_style
+    session = _session(store)
     options: dict[str, Any] = {
         "retries": {"max_attempts": 3, "mode": "standard"},
         "connect_timeout": 10,
@@ -387,7 +503,7 @@ def _client(endpoint_url: str, region: str, path_style: bool) -> Any:
     }
     if endpoint_url:
         options["s3"] = {"addressing_style": "path" if path_style else "virtual"}
-    if session.get_credentials() is None:
+    if store.anonymous or session.get_credentials() is None:
         options["signature_version"] = UNSIGNED
     return session.client("s3", endpoint_url=endpoint_url or None, config=Config(**options))
 
@@ -438,6 +554,7 @@ class S3ProductFiles:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._client = client
+        self._profile = current_profile()  # the store it was opened in, whichever thread reads it later
         self._root = Path(VSIS3.rstrip("/"), bucket, *self.prefix.split("/"))  # a GDAL path, no local file
         self._listed: frozenset[str] | None = None
         self._heads: dict[str, bool] = {}
@@ -452,7 +569,7 @@ class S3ProductFiles:
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = s3_client()
+            self._client = s3_client(profile_settings(self._profile))
         return self._client
 
     def url(self, rel: str = "") -> str:

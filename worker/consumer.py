@@ -103,6 +103,10 @@ class UnknownScene(PermanentJobError):
     """The job names a scene the database does not have (a foreign or stale message)."""
 
 
+class UnknownStoreProfile(PermanentJobError):
+    """The scene's store profile is not configured in this worker (``CBMFLOW_STORE_PROFILES``)."""
+
+
 class UnsupportedCard(PermanentJobError):
     """The scene is of a product type this worker cannot extract yet."""
 
@@ -157,13 +161,19 @@ class SceneJobs:
                 " WHERE id = %(id)s AND (status IN ('discovered', 'queued', 'failed')"
                 "       OR (status = 'processing' AND (lease_until < now() OR lease_owner = %(me)s)))"
                 " RETURNING product_id, card, location, extract(year FROM acquired_at AT TIME ZONE 'UTC')::int,"
-                "           generation",
+                "           generation, coalesce(store_profile, '')",
                 {"me": self.me, "lease": self.settings.lease_s, "id": msg.scene_id},
             )
             row = cur.fetchone()
             if row is not None:
                 return ClaimedScene(
-                    id=msg.scene_id, product_id=row[0], card=row[1], location=row[2], year=row[3], generation=row[4]
+                    id=msg.scene_id,
+                    product_id=row[0],
+                    card=row[1],
+                    location=row[2],
+                    year=row[3],
+                    generation=row[4],
+                    store_profile=row[5],
                 )
             cur.execute(
                 "SELECT status, extract(epoch FROM lease_until - now()) FROM scenes WHERE id = %s", (msg.scene_id,)
@@ -202,11 +212,15 @@ class SceneJobs:
         extract = EXTRACTORS.get(scene.card)
         if extract is None:
             raise UnsupportedCard(f"card {scene.card!r} is not supported by this worker yet")
+        try:
+            store.profile_settings(scene.store_profile)
+        except store.UnknownStoreProfile as exc:
+            raise UnknownStoreProfile(f"scene {scene.id} ({scene.product_id}): {exc}") from exc
         spool = RowSpool()
         try:
             conn.autocommit = True
             try:
-                with conn.cursor() as cur:
+                with store.using_profile(scene.store_profile), conn.cursor() as cur:
                     result = extract(cur, scene, self.cache, spool)
             finally:
                 if not conn.closed:

@@ -63,6 +63,8 @@ class ClaimedScene:
     year: int
     generation: int = 0
     """The scene's generation when claimed: rows are committed only if it is still current."""
+    store_profile: str = ""
+    """The object store the product is read from (``scenes.store_profile``; ``""``: the default)."""
 
 
 @dataclass
