@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 import psycopg2.extensions
 import shapely
+from psycopg2 import sql
 from shapely.geometry.base import BaseGeometry
 
 from catalog_watcher.http import WatchStopped
@@ -418,6 +419,72 @@ def _sweep_deleted(
             advance_cursor(cur, src.name, cursor_name, key, when)
 
 
+def _sweep_gone(
+    conn: psycopg2.extensions.connection,
+    src: Source,
+    collection: str,
+    aoi: BaseGeometry,
+    settings: WatchSettings,
+    report: WatchReport,
+    now: datetime,
+) -> None:
+    """Mark scenes whose item a STAC source no longer lists (a STAC API has no deletion feed).
+
+    At most once per ``deleted_sweep_s`` per (source, collection, AOI), the whole acquisition
+    window is listed (same query as a poll, without the publication filter: ceil(items / page
+    size) requests, counted in the source's request budget). Only a complete listing concludes:
+    a failed request or a spent budget raises out of :meth:`list_ids` before anything is marked,
+    and a listing shorter than the server's ``numberMatched`` is discarded. A scene is marked when
+    its source and collection are these, it lies in the AOI and at least a day inside the window
+    (acquisition times from names and from item datetimes may differ at the edge), it existed
+    before the listing began, and its product id is not listed. Rows are kept (``deleted_at``),
+    as for OData; a newer baseline that supersedes the product clears the mark.
+    """
+    list_ids = getattr(src, "list_ids", None)
+    if list_ids is None or settings.deleted_sweep_s < 0:
+        return
+    key = aoi_key(aoi)
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT listed_at FROM watch_listings WHERE source = %s AND collection = %s AND aoi_key = %s",
+            (src.name, collection, key),
+        )
+        row = cur.fetchone()
+    if row is not None and (now - row[0]).total_seconds() < settings.deleted_sweep_s:
+        return
+    acquired_since = now - timedelta(days=settings.lookback_days) if settings.lookback_days > 0 else None
+    started = datetime.now(UTC)
+    listed = list_ids(collection, aoi, acquired_since)
+    if listed is None:
+        log.warning("watch.listing_incomplete", source=src.name, collection=collection)
+        return
+    ids = sorted({i.removesuffix(".SAFE") for i in listed})
+    since = acquired_since + timedelta(days=1) if acquired_since is not None else datetime.min.replace(tzinfo=UTC)
+    wkb = psycopg2.Binary(shapely.to_wkb(aoi))
+    with conn, conn.cursor() as cur:
+        for table, event in (("scenes", "watch.scene_item_gone"), ("card_inputs", "watch.card_input_item_gone")):
+            cur.execute(
+                sql.SQL(
+                    "UPDATE {} SET deleted_at = %s WHERE source = %s AND collection = %s AND deleted_at IS NULL"
+                    " AND acquired_at >= %s AND created_at < %s"
+                    " AND ST_Intersects(footprint, ST_GeomFromWKB(%s, 4326)) AND NOT (product_id = ANY(%s))"
+                    " RETURNING id, product_id"
+                ).format(sql.Identifier(table)),
+                (started, src.name, collection, since, started, wkb, ids),
+            )
+            for row_id, product_id in cur.fetchall():
+                report.deleted += 1
+                log.info(event, row_id=int(row_id), product_id=product_id, source=src.name, collection=collection)
+        cur.execute(
+            """
+            INSERT INTO watch_listings (source, collection, aoi_key, listed_at, items) VALUES (%s, %s, %s, %s, %s)
+            ON CONFLICT (source, collection, aoi_key) DO UPDATE
+               SET listed_at = EXCLUDED.listed_at, items = EXCLUDED.items
+            """,
+            (src.name, collection, key, started, len(ids)),
+        )
+
+
 def watch_once(
     dsn: str | None = None,
     bus: BusSettings | None = None,
@@ -443,6 +510,7 @@ def watch_once(
                         try:
                             _scan(conn, src, collection, aoi, settings, report, now)
                             _sweep_deleted(conn, src, collection, aoi, settings, report, now)
+                            _sweep_gone(conn, src, collection, aoi, settings, report, now)
                         except (psycopg2.Error, WatchStopped):
                             raise
                         except Exception as exc:  # noqa: BLE001 - one source down must not stop the others

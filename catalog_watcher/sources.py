@@ -86,6 +86,33 @@ class StacApiSource:
     def poll(
         self, collection: str, aoi: BaseGeometry, published_since: datetime | None, acquired_since: datetime | None
     ) -> Iterator[Candidate]:
+        search = self._search(collection, aoi, published_since, acquired_since)
+        for d in search.items_as_dicts():
+            yield normalise(d, collection, self.cursor_property or "published")
+
+    def list_ids(self, collection: str, aoi: BaseGeometry, acquired_since: datetime | None) -> set[str] | None:
+        """Every item id of the acquisition window (no publication filter), or None when the listing
+        is known to be incomplete (fewer items than the server's ``numberMatched``).
+
+        Any request failure, the request budget included, raises: only a listing that ran to its
+        last page may tell that an item is gone.
+        """
+        search = self._search(collection, aoi, None, acquired_since)
+        ids: set[str] = set()
+        matched: int | None = None
+        for page in search.pages_as_dicts():
+            for d in page.get("features", ()):
+                if isinstance(d, dict) and d.get("id"):
+                    ids.add(str(d["id"]))
+            number = page.get("numberMatched", (page.get("context") or {}).get("matched"))
+            matched = int(number) if isinstance(number, int) else matched
+        if matched is not None and len(ids) < matched:
+            return None
+        return ids
+
+    def _search(
+        self, collection: str, aoi: BaseGeometry, published_since: datetime | None, acquired_since: datetime | None
+    ) -> Any:
         from pystac_client import Client
         from pystac_client.stac_api_io import StacApiIO
 
@@ -118,8 +145,7 @@ class StacApiSource:
             method="POST",
             **kwargs,
         )
-        for d in search.items_as_dicts():
-            yield normalise(d, collection, self.cursor_property or "published")
+        return search
 
 
 class StaticSource:

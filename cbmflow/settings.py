@@ -218,6 +218,11 @@ class WatchSettings(BaseSettings):
     max_retries: int = Field(5, description="retries of one request on 429/5xx or a network error")
     retry_max_wait_s: float = Field(120.0, description="longest wait before a retry (caps Retry-After)")
     metrics_port: int = Field(0, description="Prometheus /metrics port of `watch --interval`; 0 = off")
+    deleted_sweep_s: float = Field(
+        86400.0,
+        description="seconds between complete listings of a STAC source's acquisition window, which find items"
+        " deleted from it (STAC has no deletion feed); 0 = every cycle, negative = never",
+    )
 
     def all_sources(self) -> list[SourceSettings]:
         """``sources`` plus, when set, ``catalog_url`` as the source named ``default``."""

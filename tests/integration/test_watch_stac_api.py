@@ -337,3 +337,57 @@ def test_sigterm_stops_the_daemon_between_requests_with_metrics(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _deleted_at(pg_dsn: str, days: tuple[int, ...]) -> dict[int, datetime | None]:
+    with db.transaction(pg_dsn) as cur:
+        cur.execute("SELECT acq_key, deleted_at FROM scenes WHERE acq_key = ANY(%s)", ([acq_key(d) for d in days],))
+        got = dict(cur.fetchall())
+    assert set(got) == {acq_key(d) for d in days}, "every scene row is kept"
+    return {d: got[acq_key(d)] for d in days}
+
+
+def test_items_deleted_from_a_stac_api_are_marked_only_after_a_complete_listing(
+    stac_api: StacServer, cbm_env: Any, pg_dsn: str, amqp_url: str, management_url: str, tmp_path: Path
+) -> None:
+    """A STAC API has no deletion feed: an item the listing of the window no longer returns is
+    marked deleted (row kept), and only a listing that ran to its last page may conclude that."""
+    from catalog_watcher.service import ScanFailed
+
+    bus = BusSettings(amqp_url=amqp_url, management_url=management_url)
+    _aoi(pg_dsn, tmp_path)
+    days = (20, 21, 22, 23, 24)  # acquisitions no other test of this module uses
+    upsert_items(stac_api.dsn, [cdse_item(d, T0 + timedelta(minutes=50 + d)) for d in days])
+    base = _settings(stac_api.url)
+    sweep_every_cycle = base.model_copy(update={"sources": [base.sources[0]], "deleted_sweep_s": 0.0})
+    first = watch_once(dsn=pg_dsn, bus=bus, settings=sweep_every_cycle)
+    assert first.deleted == 0 and first.new >= len(days)
+    assert all(v is None for v in _deleted_at(pg_dsn, days).values())
+    _drain(bus)
+
+    delete_item(stac_api.dsn, safe_name(21), "sentinel-2-l2a")
+    delete_item(stac_api.dsn, safe_name(23), "sentinel-2-l2a")
+    # The poll alone (no listing) costs n requests; a budget of n + 2 lets the poll finish and cuts
+    # the listing after its landing-page request, at its first search page: nothing may be
+    # concluded from that.
+    no_sweep = sweep_every_cycle.model_copy(update={"deleted_sweep_s": -1.0})
+    n = watch_once(dsn=pg_dsn, bus=bus, settings=no_sweep).requests["cdse"]
+    assert all(v is None for v in _deleted_at(pg_dsn, days).values()), "no listing, no conclusion"
+    src = sweep_every_cycle.sources[0].model_copy(update={"request_budget": n + 2})
+    with pytest.raises(ScanFailed, match="request budget") as cut:
+        watch_once(dsn=pg_dsn, bus=bus, settings=sweep_every_cycle.model_copy(update={"sources": [src]}))
+    assert cut.value.report.deleted == 0 and cut.value.report.requests["cdse"] == n + 2
+    assert all(v is None for v in _deleted_at(pg_dsn, days).values()), "a listing cut short marks nothing"
+
+    complete = watch_once(dsn=pg_dsn, bus=bus, settings=sweep_every_cycle)
+    marks = _deleted_at(pg_dsn, days)
+    assert complete.deleted == 2
+    assert {d for d, v in marks.items() if v is not None} == {21, 23}
+    assert _drain(bus) == [], "a deletion publishes no job"
+    with db.transaction(pg_dsn) as cur:
+        cur.execute("SELECT items FROM watch_listings WHERE source = 'cdse' AND collection = 'sentinel-2-l2a'")
+        (listed,) = cur.fetchone() or (0,)
+    assert listed >= len(days) - 2
+    # The default interval: the next cycle does not list again, and a mark stays.
+    again = watch_once(dsn=pg_dsn, bus=bus, settings=base.model_copy(update={"sources": [base.sources[0]]}))
+    assert again.deleted == 0 and _deleted_at(pg_dsn, days) == marks
