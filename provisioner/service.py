@@ -72,7 +72,7 @@ def make_driver(settings: ProvisionSettings) -> WorkerDriver:
         from provisioner.userdata import render_userdata, worker_env
 
         def userdata() -> str:
-            return render_userdata(worker_env(), worker_command=local_worker_command())
+            return render_userdata(worker_env(remote=False), worker_command=local_worker_command())
 
         return LocalDriver(state_dir() / "workers", userdata=userdata, dsn=_optional_dsn())
     if settings.driver == "openstack":

@@ -66,14 +66,15 @@ _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ENV_LINE_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)='([^'\n]*)'$")
 
 
-def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def worker_env(environ: Mapping[str, str] | None = None, *, remote: bool = True) -> dict[str, str]:
     """The environment a worker needs: resolved connection URLs plus forwarded CBMFLOW_* settings.
 
     URLs are resolved here (from the local stack's record when not set) because a VM has no
     ``stack.json`` to fall back on. The worker's own credentials (``CBMFLOW_PROVISION_WORKER_DSN``,
     ``CBMFLOW_PROVISION_WORKER_AMQP_URL``) go onto the machine, not the provisioner's: a VM is the
     most exposed place a secret can be, so it gets only the worker role's. Without them the
-    provisioner's own are used, with a warning (the local stack, tests).
+    provisioner's own are used, with a warning when the workers are ``remote`` (VMs); local workers
+    run on the provisioner's own machine with what it already holds (the demo, tests).
     """
     source = dict(os.environ if environ is None else environ)
     env = {
@@ -94,7 +95,7 @@ def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         )
         if not value
     ]
-    if missing and tuple(missing) not in _WARNED:
+    if remote and missing and tuple(missing) not in _WARNED:
         _WARNED.add(tuple(missing))  # once per process, not at every worker a scale step starts
         log.warning(
             "provision.worker_credentials_fallback",

@@ -211,6 +211,24 @@ def test_worker_env_carries_the_worker_credentials_not_the_provisioners(monkeypa
         assert secret not in text
 
 
+def test_only_remote_workers_are_warned_about_getting_the_provisioners_credentials(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """VMs must get the worker role's credentials (warned when they would not); local workers run on
+    the provisioner's own machine, where its credentials already are, so the demo stays quiet."""
+    from provisioner import userdata
+
+    monkeypatch.setattr(userdata, "_WARNED", set())
+    monkeypatch.setenv("CBMFLOW_DB_DSN", "postgresql://owner:pw@h/db")
+    monkeypatch.setenv("CBMFLOW_BUS_AMQP_URL", "amqp://admin:pw@h/v")
+    for name in ("CBMFLOW_PROVISION_WORKER_DSN", "CBMFLOW_PROVISION_WORKER_AMQP_URL"):
+        monkeypatch.delenv(name, raising=False)
+    worker_env(dict(os.environ), remote=False)
+    assert "provision.worker_credentials_fallback" not in capsys.readouterr().err
+    worker_env(dict(os.environ))
+    assert "provision.worker_credentials_fallback" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("install", INSTALL_MODES)
 def test_checked_in_examples_are_current_and_valid(install: str) -> None:
     path = REPO / "cloud-init" / EXAMPLE_FILES[install]  # type: ignore[index]
