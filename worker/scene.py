@@ -34,7 +34,7 @@ import shapely
 from psycopg2 import sql
 
 from card.geobox import GeoBox
-from card.s1 import S1CardProduct
+from card.s1 import MissingPolarisationError, S1CardProduct
 from card.s2 import MissingBandError, S2Product, open_s2_product
 from cbmflow import store
 from cbmflow.db import Dataset
@@ -400,6 +400,9 @@ def extract_card(
         with store.gdal_env(location):
             product: S1CardProduct = items.open_card_product(location, tuple(names))
     except (FileNotFoundError, ValueError) as exc:  # MissingPolarisationError is a FileNotFoundError
+        if store.is_s3(location) and not isinstance(exc, MissingPolarisationError):
+            # GDAL says "does not exist" for an unreachable endpoint too: one HEAD tells which.
+            raise _raster_error(location, exc, f"unreadable product {scene.product_id} at") from exc
         raise PermanentJobError(f"unreadable product {scene.product_id}: {exc}") from exc
     if product.epsg is None:
         raise PermanentJobError(f"unreadable product {scene.product_id}: CRS {product.crs!r} has no EPSG code")

@@ -557,3 +557,13 @@ def test_s1_card_cog_on_s3_gives_the_local_rows(
     dimap = ClaimedScene(scene.id, scene.product_id, "bs", f"s3://{bucket}/card/X.data", 2024)
     with db.transaction(pg_dsn) as cur, pytest.raises(PermanentJobError, match="one GeoTIFF/COG"):
         extract_card(cur, dimap, cache)
+
+    # The store away while the COG is opened: transient (retried in place), never a corrupt product.
+    (port,) = free_ports(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CBMFLOW_STORE_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")  # nothing listens there
+        away = ClaimedScene(
+            scene.id, scene.product_id, "bs", f"s3://{bucket}/card/gone-{Path(scene.location).name}", 2024
+        )
+        with db.transaction(pg_dsn) as cur, pytest.raises(store.StoreUnavailable):
+            extract_card(cur, away, IndexCache(entries=8, cache_dir=""))
