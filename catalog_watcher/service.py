@@ -89,6 +89,16 @@ def _requeue(cur: psycopg2.extensions.cursor, scene_id: int) -> None:
     )
 
 
+def _identity_outcome(rec: SceneRecord, product_id: str, baseline: int, checksum: str) -> str:
+    """What a catalogue record is to the row already holding its acquisition (scenes and CARD inputs
+    alike): ``same`` (same product; an ``updated`` change alone), ``changed`` (same product, new
+    checksum), ``superseded`` (a higher processing baseline) or ``duplicate`` (anything else: another
+    collection or source, or an older baseline)."""
+    if product_id == rec.product_id:
+        return "changed" if rec.checksum and checksum and rec.checksum != checksum else "same"
+    return "superseded" if rec.baseline > baseline else "duplicate"
+
+
 def upsert_scene(
     cur: psycopg2.extensions.cursor, rec: SceneRecord, source: str = "", store_profile: str = ""
 ) -> tuple[int, str]:
@@ -143,19 +153,16 @@ def upsert_scene(
             return upsert_scene(cur, rec, source, store_profile)
         scene_id, outcome = int(inserted[0]), "new"
     else:
-        scene_id, product_id, baseline, checksum = int(row[0]), str(row[1]), int(row[2]), str(row[3])
-        if product_id == rec.product_id:
-            if not (rec.checksum and checksum and rec.checksum != checksum):
-                cur.execute(
-                    "UPDATE scenes SET source_updated = %s, published_at = coalesce(published_at, %s) WHERE id = %s",
-                    (rec.updated, rec.published, scene_id),
-                )
-                return scene_id, "same"
-            outcome = "changed"
-        elif rec.baseline > baseline:
-            outcome = "superseded"
-        else:
-            return scene_id, "duplicate"
+        scene_id = int(row[0])
+        outcome = _identity_outcome(rec, str(row[1]), int(row[2]), str(row[3]))
+        if outcome == "same":
+            cur.execute(
+                "UPDATE scenes SET source_updated = %s, published_at = coalesce(published_at, %s) WHERE id = %s",
+                (rec.updated, rec.published, scene_id),
+            )
+            return scene_id, outcome
+        if outcome == "duplicate":
+            return scene_id, outcome
         cur.execute(
             """
             UPDATE scenes
@@ -235,19 +242,16 @@ def upsert_card_input(cur: psycopg2.extensions.cursor, rec: SceneRecord, source:
         if inserted is None:  # another watcher inserted it since our SELECT: take the locked path
             return upsert_card_input(cur, rec, source)
         return int(inserted[0]), "new"
-    input_id, product_id, baseline, checksum = int(row[0]), str(row[1]), int(row[2]), str(row[3])
-    if product_id == rec.product_id:
-        if not (rec.checksum and checksum and rec.checksum != checksum):
-            cur.execute(
-                "UPDATE card_inputs SET source_updated = %s, published_at = coalesce(published_at, %s) WHERE id = %s",
-                (rec.updated, rec.published, input_id),
-            )
-            return input_id, "same"
-        outcome = "changed"
-    elif rec.baseline > baseline:
-        outcome = "superseded"
-    else:
-        return input_id, "duplicate"
+    input_id = int(row[0])
+    outcome = _identity_outcome(rec, str(row[1]), int(row[2]), str(row[3]))
+    if outcome == "same":
+        cur.execute(
+            "UPDATE card_inputs SET source_updated = %s, published_at = coalesce(published_at, %s) WHERE id = %s",
+            (rec.updated, rec.published, input_id),
+        )
+        return input_id, outcome
+    if outcome == "duplicate":
+        return input_id, outcome
     cur.execute(
         """
         UPDATE card_inputs
