@@ -10,13 +10,11 @@ the Debian packages can never report green.
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
@@ -24,11 +22,10 @@ import pytest
 import requests
 import typer
 from psycopg2 import sql
+from stackfixtures import CbmEnv, Stack, free_ports, traversable_tmpdir
 
 from cbmflow import db
 from cbmflow.dev.stack import (
-    PgInfo,
-    RabbitInfo,
     StackError,
     start_postgres,
     start_rabbitmq,
@@ -40,51 +37,9 @@ from cbmflow.settings import StackSettings
 TEMPLATE_DB = "cbm_template"
 
 
-@dataclass(frozen=True)
-class Stack:
-    """The session's servers."""
-
-    base_dir: Path
-    pg: PgInfo
-    rabbit: RabbitInfo
-    run_as: str
-
-
-@dataclass(frozen=True)
-class CbmEnv:
-    """What ``cbm_env`` put into the environment, for tests that pass values explicitly."""
-
-    dsn: str
-    amqp_url: str
-    management_url: str
-    state_dir: Path
-    vhost: str
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports free right now (held together so none is handed out twice)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture(scope="session")
 def free_ports_factory() -> Callable[[int], list[int]]:
     return free_ports
-
-
-def traversable_tmpdir(prefix: str) -> Path:
-    """A temp dir the unprivileged run-as user can reach (pytest's own tmp dirs are 0700 root)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    path.chmod(0o755)
-    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

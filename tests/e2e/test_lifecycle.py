@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CbmEnv, free_ports, traversable_tmpdir
+from stackfixtures import CbmEnv, free_ports, traversable_tmpdir
 
 from cbmflow.dev import stack as stackmod
 from provisioner.drivers.local import LocalDriver, local_worker_command

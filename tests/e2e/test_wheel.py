@@ -24,8 +24,8 @@ from pathlib import Path
 import psycopg2
 import pytest
 import yaml
-from conftest import Stack
 from psycopg2 import sql
+from stackfixtures import Stack
 
 from cbmflow import db
 from cbmflow.errors import ConfigError

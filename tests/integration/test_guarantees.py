@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 import shapely
-from conftest import free_ports
 from moto.server import ThreadedMotoServer
+from stackfixtures import free_ports
 
 from card.testworld import WorldSummary, generate
 from catalog_watcher.service import upsert_scene, watch_once

@@ -30,8 +30,8 @@ import pytest
 import rasterio
 import typer
 from botocore.exceptions import ClientError
-from conftest import free_ports
 from moto.server import ThreadedMotoServer
+from stackfixtures import free_ports
 from starlette.testclient import TestClient
 from test_api import ROOT, _hash, _json
 from typer.testing import CliRunner

@@ -18,8 +18,8 @@ from typing import Any
 
 import boto3
 import pytest
-from conftest import free_ports
 from moto.server import ThreadedMotoServer
+from stackfixtures import free_ports
 from test_s3 import _run_worker, upload
 
 from card.testworld import WorldSummary, generate
