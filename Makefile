@@ -3,10 +3,12 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
-DEB_PACKAGES := postgresql-15 postgresql-15-postgis-3 rabbitmq-server cloud-init systemd proj-data
+# otb-bin: the independent calibration/noise oracle of the CARD-BS tests; chromium(-driver): the
+# explorer's browser test (tests/e2e/test_explorer.py).
+DEB_PACKAGES := postgresql-15 postgresql-15-postgis-3 rabbitmq-server cloud-init systemd proj-data otb-bin chromium chromium-driver
 SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages venv demo test test-unit lint typecheck bench bench-extract bench-api chaos clean stack-down
+.PHONY: setup system-packages venv demo test test-unit lint typecheck bench bench-extract bench-api bench-card bench-chain chaos clean stack-down
 
 setup: system-packages venv
 
@@ -56,6 +58,14 @@ bench-extract: setup
 bench-api: setup
 	@dpkg -s wrk >/dev/null 2>&1 || { $(SUDO) apt-get update -qq; DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends wrk; }
 	$(PY) -m cbmflow.dev.bench.api
+
+# Sentinel-1 CARD generation (GRD -> CARD-BS, SLC pair -> CARD-COH) against sarsen, 1 and 2 cores.
+bench-card: setup
+	$(PY) -m cbmflow.dev.bench.card $(BENCH_ARGS)
+
+# A national-scale rehearsal (the Netherlands' season) through the real chain; BENCH_ARGS=--scale 0.1
+bench-chain: setup
+	$(PY) -m cbmflow.dev.bench.chain $(BENCH_ARGS)
 
 # Minutes, bounded: the chain at 50 scenes x 5,000 parcels under a seeded schedule of faults, on
 # servers of its own; prints the faults and the tally (docs/reliability.md). CHAOS_ARGS=--seed 7 ...
