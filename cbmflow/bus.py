@@ -38,19 +38,24 @@ def connect(bus: BusSettings | None = None) -> pika.BlockingConnection:
 
 
 def declare_topology(channel: Channel, bus: BusSettings) -> None:
-    """Idempotently declare the job queue, the dead-letter exchange and its queue."""
+    """Idempotently declare the job queues, the dead-letter exchange and its queue.
+
+    Both job queues (extraction, CARD generation) share one dead-letter queue: a letter keeps its
+    ``type`` (the job kind), so ``jobs retry`` knows which queue it goes back to.
+    """
     channel.exchange_declare(bus.dead_letter_exchange, exchange_type="fanout", durable=True)
     channel.queue_declare(bus.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"})
     channel.queue_bind(bus.dead_letter_queue, bus.dead_letter_exchange)
-    channel.queue_declare(
-        bus.queue,
-        durable=True,
-        arguments={
-            "x-queue-type": "quorum",
-            "x-delivery-limit": bus.delivery_limit,
-            "x-dead-letter-exchange": bus.dead_letter_exchange,
-        },
-    )
+    for queue in bus.job_queues:
+        channel.queue_declare(
+            queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": bus.delivery_limit,
+                "x-dead-letter-exchange": bus.dead_letter_exchange,
+            },
+        )
 
 
 def publish(channel: Channel, bus: BusSettings, body: bytes, message_id: str, kind: str) -> None:
@@ -61,7 +66,7 @@ def publish(channel: Channel, bus: BusSettings, body: bytes, message_id: str, ki
     """
     channel.basic_publish(
         exchange="",
-        routing_key=bus.queue,
+        routing_key=bus.queue_for(kind),
         body=body,
         mandatory=True,
         properties=pika.BasicProperties(
@@ -99,7 +104,7 @@ def management_get(bus: BusSettings, path: str, timeout_s: float = 10.0) -> Any:
     return resp.json()
 
 
-def queue_depth(bus: BusSettings | None = None) -> QueueDepth:
+def queue_depth(bus: BusSettings | None = None, queue: str | None = None) -> QueueDepth:
     """Ready + unacked from the management API (the AMQP passive declare cannot see unacked).
 
     The management API samples every ~5 s, so a just-published message may read as 0 for a few
@@ -119,7 +124,7 @@ def queue_depth(bus: BusSettings | None = None) -> QueueDepth:
         # A queue not yet sampled by the management plugin answers ``[]`` for a columns query.
         return data if isinstance(data, dict) else {}
 
-    q = one(bus.queue)
+    q = one(queue or bus.queue)
     dl = one(bus.dead_letter_queue)
     return QueueDepth(
         ready=int(q.get("messages_ready", 0) or 0),
@@ -182,9 +187,9 @@ def keep_dead_letter(channel: Channel, bus: BusSettings, letter: DeadLetter) -> 
     channel.basic_ack(letter.tag)
 
 
-def passive_depth(channel: Channel, bus: BusSettings) -> tuple[int, int]:
+def passive_depth(channel: Channel, bus: BusSettings, queue: str | None = None) -> tuple[int, int]:
     """(ready, consumers) by passive declare: instant, unlike the sampled management figures."""
-    ok = channel.queue_declare(bus.queue, passive=True)
+    ok = channel.queue_declare(queue or bus.queue, passive=True)
     return int(ok.method.message_count), int(ok.method.consumer_count)
 
 
@@ -220,7 +225,8 @@ def role_permissions(bus: BusSettings, role: str) -> dict[str, str]:
     import re
 
     role_user_name(role)
-    q, dlq, dlx = (re.escape(n) for n in (bus.queue, bus.dead_letter_queue, bus.dead_letter_exchange))
+    q = "|".join(re.escape(n) for n in bus.job_queues)
+    dlq, dlx = (re.escape(n) for n in (bus.dead_letter_queue, bus.dead_letter_exchange))
     configure = f"^({q}|{dlq}|{dlx})$"
     if role == "worker":
         return {"configure": configure, "write": f"^({dlq}|{dlx})$", "read": f"^({q}|{dlq}|{dlx})$"}

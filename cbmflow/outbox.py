@@ -15,13 +15,13 @@ import psycopg2.extensions
 from cbmflow import bus as busmod
 from cbmflow import db
 from cbmflow.logging import get_logger
-from cbmflow.messages import ExtractParcels
+from cbmflow.messages import Job
 from cbmflow.settings import BusSettings
 
 log = get_logger("watch")
 
 
-def enqueue(cur: psycopg2.extensions.cursor, msg: ExtractParcels) -> int:
+def enqueue(cur: psycopg2.extensions.cursor, msg: Job) -> int:
     """Write one job row in the caller's transaction; returns its outbox id."""
     cur.execute(
         "INSERT INTO outbox (message_id, kind, body) VALUES (%s, %s, %s) RETURNING id",

@@ -114,10 +114,21 @@ class BusSettings(BaseSettings):
         "", description="RabbitMQ management API base URL with credentials; default: the local stack's"
     )
     queue: str = Field("cbmflow.extract", description="quorum queue of ExtractParcels jobs")
+    card_queue: str = Field(
+        "cbmflow.card", description="quorum queue of GenerateCard jobs (minutes and gigabytes each: their own pool)"
+    )
     dead_letter_exchange: str = Field("cbmflow.dlx", description="exchange that receives rejected and over-limit jobs")
     dead_letter_queue: str = Field("cbmflow.extract.dead", description="queue bound to the dead-letter exchange")
     delivery_limit: int = Field(5, description="x-delivery-limit of the job queue: deliveries before dead-lettering")
     heartbeat_s: int = Field(60, description="AMQP heartbeat")
+
+    def queue_for(self, kind: str) -> str:
+        """The queue a job kind travels on: CARD generation apart from extraction."""
+        return self.card_queue if kind == "GenerateCard" else self.queue
+
+    @property
+    def job_queues(self) -> tuple[str, ...]:
+        return (self.queue, self.card_queue)
 
     def resolved_amqp_url(self) -> str:
         url = self.amqp_url or str(stack_info().get("amqp_url", ""))
@@ -240,6 +251,11 @@ class WorkerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CBMFLOW_WORKER_")
 
+    job_kinds: list[str] = Field(
+        default_factory=lambda: ["ExtractParcels", "GenerateCard"],
+        description="job kinds this worker consumes (JSON list; each kind has its queue): a pool of CARD VMs"
+        ' sets ["GenerateCard"], an extraction pool ["ExtractParcels"]',
+    )
     lease_s: float = Field(
         120.0, description="scene lease; renewed every heartbeat, taken over by another worker after expiry"
     )

@@ -18,6 +18,10 @@ SceneStatus = Literal["discovered", "queued", "processing", "extracted", "failed
 then done (``extracted``, or ``no_parcels`` when no parcel falls on it) or ``failed`` with a reason."""
 SCENE_STATUSES: tuple[SceneStatus, ...] = get_args(SceneStatus)
 
+CardProduct = Literal["bs", "coh"]
+"""What a ``GenerateCard`` job makes from a CARD input: ``bs`` backscatter (from a GRD) or ``coh``
+coherence (from an SLC and its predecessor on the same relative orbit)."""
+
 CardInputKind = Literal["grd", "slc"]
 """Sentinel-1 Level-1 products that are inputs of CARD generation, never extracted as such:
 ``grd`` (Ground Range Detected, SAFE or COG) and ``slc`` (Single Look Complex). The values of
