@@ -346,6 +346,45 @@ class ApiSettings(BaseSettings):
         return self.dsn or DbSettings().resolved_dsn()
 
 
+class PoolSettings(BaseModel):
+    """One worker pool (an entry of ``CBMFLOW_PROVISION_POOLS``): the job kinds its workers consume,
+    whose queues' backlog drives it, and its own bounds, flavor and image.
+
+    Pools exist because jobs differ by orders of magnitude: a CARD job takes minutes and gigabytes,
+    an extraction seconds, so each kind gets machines of its size that grow and shrink with their
+    own queue. A key left out takes the ``CBMFLOW_PROVISION_<KEY>`` value; the control law is the
+    same for every pool.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]{0,39}$",
+        description="pool name: tagged on its servers (cbmflow-pool-<name>) and part of their names",
+    )
+    job_kinds: list[str] = Field(min_length=1, description="job kinds its workers consume (CBMFLOW_WORKER_JOB_KINDS)")
+    min_workers: int | None = None
+    max_workers: int | None = None
+    per_worker: int | None = None
+    max_surge: int | None = None
+    scale_down_window_s: float | None = None
+    cooldown_s: float | None = None
+    boot_timeout_s: float | None = None
+    max_lifetime_s: float | None = None
+    drain_timeout_s: float | None = None
+    stale_heartbeat_s: float | None = None
+    image: str | None = None
+    flavor: str | None = None
+    network: str | None = None
+    key_name: str | None = None
+    security_groups: list[str] | None = None
+    install: str | None = None
+    wheel_url: str | None = None
+    index_url: str | None = None
+    userdata_template: str | None = None
+    worker_env: dict[str, str] | None = None
+
+
 class ProvisionSettings(BaseSettings):
     """Provisioner: driver, scaling bounds and timings, OpenStack placement, SSH for operator commands.
 
@@ -395,7 +434,28 @@ class ProvisionSettings(BaseSettings):
     )
     index_url: str = Field("", description="package index for install=index; empty = PyPI")
     pool: str = Field(
-        "default", description="pool name, tagged on every server, so provisioners of two pools never touch each other"
+        "default",
+        description="name of the one pool when `pools` is empty; tagged on its servers, so two pools never touch"
+        " each other's servers",
+    )
+    job_kinds: list[str] = Field(
+        default_factory=lambda: ["ExtractParcels", "GenerateCard"],
+        description="job kinds the workers of the one pool consume (JSON list; written into their"
+        " CBMFLOW_WORKER_JOB_KINDS): the backlog that drives the pool is the sum of those kinds' queues",
+    )
+    worker_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra environment written into every worker's user-data (JSON object), e.g."
+        ' {"CBMFLOW_WORKER_STOP_DEADLINE_S": "1800"} for long CARD jobs; a pool may set its own',
+    )
+    pools: list[PoolSettings] = Field(
+        default_factory=list,
+        description="JSON list of worker pools, each scaled on its own queue(s) by the same control law: name,"
+        " job_kinds, and any of min_workers, max_workers, per_worker, max_surge, scale_down_window_s, cooldown_s,"
+        " image, flavor, network, worker_env… (a key left out takes the CBMFLOW_PROVISION_ value); e.g."
+        ' [{"name": "extract", "job_kinds": ["ExtractParcels"], "max_workers": 20}, {"name": "card",'
+        ' "job_kinds": ["GenerateCard"], "flavor": "eo2.xlarge", "per_worker": 1, "max_workers": 8}];'
+        " a job kind belongs to one pool at most. Empty = one pool from the settings above",
     )
     cloud: str = Field("", description="clouds.yaml entry for the openstack driver; empty = OS_CLOUD")
     image: str = Field("", description="image name or id of worker VMs (openstack)")
@@ -421,6 +481,33 @@ class ProvisionSettings(BaseSettings):
         description="AMQP URL written into worker user-data (`cbmflow bus role-url worker`); empty ="
         " CBMFLOW_BUS_AMQP_URL with a warning",
     )
+
+    @field_validator("pools")
+    @classmethod
+    def _pools_apart(cls, pools: list[PoolSettings]) -> list[PoolSettings]:
+        """Two pools on one queue would each scale on the whole backlog: twice the workers wanted."""
+        names = [p.name for p in pools]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"pool names must be unique: {', '.join(twice)}")
+        owner: dict[str, str] = {}
+        for p in pools:
+            for kind in p.job_kinds:
+                if kind in owner and owner[kind] != p.name:
+                    raise ValueError(f"job kind {kind} is in pools {owner[kind]} and {p.name}: give it to one")
+                owner[kind] = p.name
+        return pools
+
+    def resolved_pools(self) -> list[ProvisionSettings]:
+        """One ``ProvisionSettings`` per pool, the pool's keys over these settings (its ``pool`` = its
+        name, no ``pools`` of its own); without ``pools``, these settings are the one pool."""
+        if not self.pools:
+            return [self]
+        out = []
+        for p in self.pools:
+            update = p.model_dump(exclude={"name"}, exclude_none=True)
+            out.append(self.model_copy(update={**update, "pool": p.name, "pools": []}))
+        return out
 
     def effective_scale_down_window_s(self) -> float:
         if self.scale_down_window_s is not None:
