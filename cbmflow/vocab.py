@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-CardKind = Literal["s2", "bs", "c6"]
-"""``s2``: Sentinel-2 L2A as published; ``bs``: Sentinel-1 CARD backscatter; ``c6``: Sentinel-1
-CARD 6-day coherence."""
+CardKind = Literal["s2", "bs", "c6", "c12"]
+"""``s2``: Sentinel-2 L2A as published; ``bs``: Sentinel-1 CARD backscatter; ``c6``/``c12``:
+Sentinel-1 CARD 6-day / 12-day coherence (sql/013_card_jobs.sql adds ``c12``)."""
 CARD_KINDS: tuple[CardKind, ...] = get_args(CardKind)
 
 SceneStatus = Literal["discovered", "queued", "processing", "extracted", "failed", "no_parcels"]
@@ -28,9 +28,12 @@ CardInputKind = Literal["grd", "slc"]
 ``card_inputs.kind`` (sql/008_card_inputs.sql)."""
 CARD_INPUT_KINDS: tuple[CardInputKind, ...] = get_args(CardInputKind)
 
-CardInputStatus = Literal["awaiting_card"]
-"""A CARD input's life: recorded by the watcher, it waits for the CARD-generation job (not built
-yet), which will add its own states. The values of ``card_inputs.status``."""
+CardInputStatus = Literal["awaiting_card", "queued", "processing", "done", "failed"]
+"""A CARD input's life (sql/013_card_jobs.sql): recorded by the watcher with its ``GenerateCard`` job
+in the outbox (``awaiting_card``; SLC inputs stay there until coherence is a job), the job confirmed
+by the broker (``queued``), claimed by a worker under a lease (``processing``), then ``done`` (its
+scenes registered and their extractions queued) or ``failed`` with a reason. The values of
+``card_inputs.status``."""
 CARD_INPUT_STATUSES: tuple[CardInputStatus, ...] = get_args(CardInputStatus)
 
 AOI_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
