@@ -25,7 +25,7 @@ from catalog_watcher.stac import Offline, Rejected, SceneRecord
 from cbmflow import db
 from cbmflow.errors import CbmflowError
 from cbmflow.logging import get_logger
-from cbmflow.messages import ExtractParcels
+from cbmflow.messages import ExtractParcels, GenerateCard
 from cbmflow.outbox import enqueue, flush_outbox, pending_outbox
 from cbmflow.settings import BusSettings, DbSettings, WatchSettings
 
@@ -55,8 +55,9 @@ class WatchReport:
     deleted: int = 0
     """Scenes whose product the catalogue deleted (marked, rows kept)."""
     card_inputs: dict[str, int] = field(default_factory=dict)
-    """Sentinel-1 GRD/SLC products recorded as CARD inputs (awaiting CARD generation, no job),
-    by outcome (``new``, ``changed``, ``superseded``, ``same``, ``duplicate``); never rejections."""
+    """Sentinel-1 GRD/SLC products recorded as CARD inputs (a GRD's ``GenerateCard`` job written for
+    ``new``/``changed``/``superseded``), by outcome (``new``, ``changed``, ``superseded``, ``same``,
+    ``duplicate``); never rejections."""
     published: int = 0
     pending: int = 0
     rejected: list[str] = field(default_factory=list)
@@ -194,13 +195,18 @@ def upsert_scene(
     return scene_id, outcome
 
 
-def upsert_card_input(cur: psycopg2.extensions.cursor, rec: SceneRecord, source: str = "") -> tuple[int, str]:
+def upsert_card_input(
+    cur: psycopg2.extensions.cursor, rec: SceneRecord, source: str = "", store_profile: str = ""
+) -> tuple[int, str]:
     """Record a Sentinel-1 GRD/SLC product as a CARD input; returns (row id, outcome).
 
     The same identity rules as :func:`upsert_scene` (key = acquisition, a higher baseline or a new
-    checksum re-points the row, an equal one is a duplicate), but nothing is enqueued: the input
-    waits in ``awaiting_card`` for the CARD-generation job, which does not exist yet. A re-pointed
-    row goes back to ``awaiting_card`` so that job generates from the new product.
+    checksum re-points the row, an equal one is a duplicate). A GRD's ``GenerateCard(bs)`` job is
+    written to the outbox in the same transaction when the outcome is ``new``, ``changed`` or
+    ``superseded`` (never for ``same`` or ``duplicate``); SLC inputs only wait in ``awaiting_card``
+    (coherence generation is not a job yet). A re-pointed row goes back to ``awaiting_card`` with its
+    generation bumped and its lease cleared, so a worker still generating the previous version has
+    its commit refused and the new job generates from the new product.
     """
     cur.execute(
         "SELECT id, product_id, baseline, coalesce(checksum, '') FROM card_inputs"
@@ -214,8 +220,8 @@ def upsert_card_input(cur: psycopg2.extensions.cursor, rec: SceneRecord, source:
             """
             INSERT INTO card_inputs (acq_key, kind, product_id, product_name, mission, product_type,
                                      relative_orbit, acquired_at, footprint, location, source, collection,
-                                     baseline, checksum, source_updated, published_at)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, ST_Multi(ST_GeomFromWKB(%s, 4326)), %s, %s, %s, %s, %s, %s, %s)
+                                     baseline, checksum, source_updated, published_at, store_profile)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, ST_Multi(ST_GeomFromWKB(%s, 4326)), %s, %s, %s, %s, %s, %s, %s, %s)
             ON CONFLICT DO NOTHING
             RETURNING id
             """,
@@ -236,11 +242,13 @@ def upsert_card_input(cur: psycopg2.extensions.cursor, rec: SceneRecord, source:
                 rec.checksum or None,
                 rec.updated,
                 rec.published,
+                store_profile or None,
             ),
         )
         inserted = cur.fetchone()
         if inserted is None:  # another watcher inserted it since our SELECT: take the locked path
-            return upsert_card_input(cur, rec, source)
+            return upsert_card_input(cur, rec, source, store_profile)
+        _enqueue_card(cur, int(inserted[0]), rec)
         return int(inserted[0]), "new"
     input_id = int(row[0])
     outcome = _identity_outcome(rec, str(row[1]), int(row[2]), str(row[3]))
@@ -258,6 +266,8 @@ def upsert_card_input(cur: psycopg2.extensions.cursor, rec: SceneRecord, source:
            SET product_id = %s, product_name = %s, location = %s, footprint = ST_Multi(ST_GeomFromWKB(%s, 4326)),
                source_updated = %s, baseline = %s, checksum = %s, source = %s, collection = %s,
                published_at = %s, deleted_at = NULL, status = 'awaiting_card', updated_at = now(),
+               store_profile = %s, reason = NULL, generation = generation + 1, lease_owner = NULL,
+               lease_until = NULL,
                superseded_ids = CASE WHEN product_id = %s THEN superseded_ids
                                      ELSE array_append(superseded_ids, product_id) END
          WHERE id = %s
@@ -273,11 +283,19 @@ def upsert_card_input(cur: psycopg2.extensions.cursor, rec: SceneRecord, source:
             source or None,
             rec.collection or None,
             rec.published,
+            store_profile or None,
             rec.product_id,
             input_id,
         ),
     )
+    _enqueue_card(cur, input_id, rec)
     return input_id, outcome
+
+
+def _enqueue_card(cur: psycopg2.extensions.cursor, input_id: int, rec: SceneRecord) -> None:
+    """A GRD's backscatter job, in the caller's transaction; SLC inputs wait (coherence is not a job yet)."""
+    if rec.card == "grd":
+        enqueue(cur, GenerateCard(card_input_id=input_id, product_id=rec.product_id, card="bs", location=rec.location))
 
 
 def record_rejected(cur: psycopg2.extensions.cursor, source: str, item: Rejected) -> None:
@@ -355,7 +373,7 @@ def _scan(
                 report.offline += 1
                 log.info("watch.item_offline", source=src.name, collection=collection, item_id=cand.item_id)
             elif cand.is_card_input:
-                input_id, what = upsert_card_input(cur, cand, src.name)
+                input_id, what = upsert_card_input(cur, cand, src.name, src.store)
                 report.card_inputs[what] = report.card_inputs.get(what, 0) + 1
                 if what in ("new", "changed", "superseded"):
                     log.info(

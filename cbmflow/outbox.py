@@ -81,6 +81,12 @@ def flush_outbox(dsn: str, bus: BusSettings, batch: int = 500) -> int:
                                 " WHERE id = %s AND status = 'discovered'",
                                 (int(body["scene_id"]),),
                             )
+                        elif kind == "GenerateCard":
+                            cur.execute(
+                                "UPDATE card_inputs SET status = 'queued', updated_at = now()"
+                                " WHERE id = %s AND status = 'awaiting_card'",
+                                (int(body["card_input_id"]),),
+                            )
                         confirmed += 1
                 published += confirmed
                 log.info("watch.outbox_flushed", count=confirmed)

@@ -114,11 +114,11 @@ def stac_api(stack: Any, free_ports_factory: Any, tmp_path_factory: pytest.TempP
         yield server
 
 
-def _queue_depth(bus: BusSettings) -> int:
+def _queue_depth(bus: BusSettings, queue: str = "") -> int:
     conn = busmod.connect(bus)
     try:
         ch = conn.channel()
-        q = ch.queue_declare(bus.queue, passive=True)
+        q = ch.queue_declare(queue or bus.queue, passive=True)
         return int(q.method.message_count)
     finally:
         conn.close()
@@ -180,14 +180,16 @@ def test_s1_grd_and_slc_items_wait_as_card_inputs(
     assert first.rejected == [] and first.errors == []
     assert first.card_inputs.get("new") == 4
     assert first.card_inputs.get("duplicate", 0) >= 1, "the day-2 GRD in its second packaging"
-    assert (first.new, first.published, first.pending) == (0, 0, 0)
+    assert (first.new, first.published, first.pending) == (0, 3, 0), "one GenerateCard(bs) per GRD, none per SLC"
     assert _queue_depth(bus) == 0, "no extraction job for a CARD input"
+    assert _queue_depth(bus, bus.card_queue) == 3, "the GRDs' jobs travel on the CARD queue"
 
     rows = _inputs(pg_dsn)
     assert [r[0] for r in rows] == sorted([acq_key(2), acq_key(14), acq_key(8), acq_key(2, "SLC_")])
     by_key = {r[0]: r for r in rows}
-    assert {r[2] for r in rows} == {"awaiting_card"}
-    assert by_key[acq_key(2)][1:3] == ("grd", "awaiting_card")
+    assert {r[2] for r in rows if r[1] == "grd"} == {"queued"}, "their jobs were confirmed by the broker"
+    assert by_key[acq_key(2)][1:3] == ("grd", "queued")
+    assert by_key[acq_key(2, "SLC_")][2] == "awaiting_card", "coherence is not a job yet"
     assert by_key[acq_key(2, "SLC_")][1] == "slc"
     # (Both sources read the one test server, so each sees the other's items: identity, not the
     # source, decides; the day-8 product exists only in earth-search's shape.)
@@ -199,11 +201,14 @@ def test_s1_grd_and_slc_items_wait_as_card_inputs(
     with db.transaction(pg_dsn) as cur:
         cur.execute("SELECT count(*) FROM scenes")
         scenes = cur.fetchone()
-        cur.execute("SELECT count(*) FROM outbox")
-        outbox = cur.fetchone()
+        cur.execute("SELECT message_id, kind, published_at IS NOT NULL FROM outbox ORDER BY message_id")
+        outbox = cur.fetchall()
+        cur.execute("SELECT 'card-bs-' || id, 'GenerateCard', true FROM card_inputs WHERE kind = 'grd' ORDER BY 1")
+        expected_jobs = cur.fetchall()
         cur.execute("SELECT count(*) FROM rejected_items")
         rejected = cur.fetchone()
-    assert (scenes, outbox, rejected) == ((0,), (0,), (0,))
+    assert (scenes, rejected) == ((0,), (0,))
+    assert outbox == expected_jobs and len(outbox) == 3
 
     # A second poll (fresh sources, as after a restart) changes nothing.
     second = watch_once(dsn=pg_dsn, bus=bus, settings=settings)
@@ -211,10 +216,11 @@ def test_s1_grd_and_slc_items_wait_as_card_inputs(
     assert set(second.card_inputs) <= {"same", "duplicate"} and second.card_inputs
     assert _inputs(pg_dsn) == rows
     assert _queue_depth(bus) == 0
+    assert _queue_depth(bus, bus.card_queue) == 3, "a same or duplicate product enqueues nothing"
 
     # `cbmflow status` shows them by kind and status, apart from the rejections.
     from cbmflow.ops.status import collect
 
     shown = collect()
-    assert shown["card_inputs"] == {"grd": {"awaiting_card": 3}, "slc": {"awaiting_card": 1}}
+    assert shown["card_inputs"] == {"grd": {"queued": 3}, "slc": {"awaiting_card": 1}}
     assert shown["rejected"]["count"] == 0
