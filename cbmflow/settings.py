@@ -291,6 +291,34 @@ class WorkerSettings(BaseSettings):
         " lowest time per scene); 1 = one core, decode and reduce take turns (run one worker per core for the"
         " most scenes per hour)",
     )
+    card_output_url: str = Field(
+        "",
+        description="where GenerateCard jobs write their COGs: a local directory or s3://bucket/prefix; empty ="
+        " CBMFLOW_STORE_URL, else <state dir>/store (local: only workers on this machine can read them)",
+    )
+    card_dem: str = Field(
+        "flat",
+        description="DEM of CARD generation: flat (height 0 on the WGS84 ellipsoid: GTC, not RTC) or the path of a"
+        " DEM raster GDAL opens (GeoTIFF, VRT, /vsis3/...)",
+    )
+    card_dem_geoid: str = Field(
+        "", description="vertical datum of card_dem: egm96 (geoid heights, made ellipsoidal); empty = ellipsoidal"
+    )
+    card_quantity: Literal["gamma0-rtc", "gamma0", "sigma0", "beta0"] = Field(
+        "gamma0-rtc", description="backscatter quantity of bs scenes (linear): gamma0-rtc is terrain-flattened"
+    )
+    card_denoise: bool = Field(True, description="remove thermal noise (IPF noise vectors) before calibration")
+    card_extent: Literal["aoi", "tile"] = Field(
+        "aoi",
+        description="aoi: per MGRS tile, only the part covering the AOIs (plus card_margin_m), on the tile's own 10 m"
+        " lattice; tile: the whole 109.8 km tile (minutes of CPU per polarisation)",
+    )
+    card_margin_m: float = Field(200.0, ge=0, description="margin around the AOIs of an aoi-extent CARD grid")
+    card_scratch_dir: str = Field(
+        "",
+        description="where a CARD job downloads its GRD and writes its COGs before publishing them (about the"
+        " GRD's size plus one tile's outputs, removed after the job); empty = the system's temporary directory",
+    )
 
 
 class ApiSettings(BaseSettings):
