@@ -1,9 +1,10 @@
 """``cbmflow provision``: scale workers by queue depth, show and drain the fleet, operate on VMs.
 
-``scale`` is one idempotent control step (read backlog, list workers, decide, apply) meant to be
-run every 30-60 s by a timer; ``watch`` is the same step in a loop, for a daemon. Neither keeps
-state of its own beyond what the driver records on the servers and a small history file (the
-stabilisation window), so a crashed or restarted provisioner simply carries on.
+``scale`` is one idempotent control step per pool (read its queues' backlog, list its workers,
+decide, apply) meant to be run every 30-60 s by a timer; ``watch`` is the same steps in a loop,
+for a daemon. Neither keeps state of its own beyond what the driver records on the servers and a
+small history file per pool (the stabilisation window), so a crashed or restarted provisioner
+simply carries on. Every command acts on every pool unless ``--pool`` names some.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import typer
 from cbmflow.errors import CbmflowError, InvalidInputError
 from cbmflow.logging import get_logger
 from cbmflow.settings import ProvisionSettings
-from provisioner.controller import Applied
-from provisioner.drivers import WorkerDriver
-from provisioner.policy import Plan, Policy, WorkerView
+from provisioner import pools as poolsmod
+from provisioner import service
+from provisioner.policy import Policy, WorkerView
 from provisioner.service import (
+    PoolStep,
     base_config,
     make_driver,
     run_step,
@@ -33,7 +35,9 @@ from provisioner.service import (
 
 log = get_logger("provisioner")
 
-provision_app = typer.Typer(help="Scale workers by queue depth: local processes or OpenStack VMs.")
+provision_app = typer.Typer(help="Scale workers by queue depth, one pool per queue: local processes or OpenStack VMs.")
+
+POOL_OPTION_HELP = "Only this pool (repeatable; default: every pool, see CBMFLOW_PROVISION_POOLS)."
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -49,67 +53,96 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _plan_tables(step: Plan, applied: Applied | None, dry_run: bool) -> list[Any]:
+def _plan_tables(steps: list[PoolStep], dry_run: bool) -> list[Any]:
     from rich.table import Table
 
     summary = Table(title="scaling plan" + (" (dry run)" if dry_run else ""))
-    for col in ("backlog", "fleet", "want", "window target", "start", "drain", "delete", "note"):
+    for col in ("pool", "queues", "backlog", "fleet", "want", "window target", "start", "drain", "delete", "note"):
         summary.add_column(col)
-    summary.add_row(
-        str(step.backlog),
-        str(step.fleet),
-        str(step.want),
-        str(step.target),
-        str(step.start),
-        str(len(step.drain)),
-        str(len(step.delete)),
-        step.reason,
-    )
-    tables = [summary]
-    if step.actions or step.start:
-        actions = Table(title="actions")
-        for col in ("action", "worker", "why"):
-            actions.add_column(col)
+    actions = Table(title="actions")
+    for col in ("pool", "action", "worker", "why"):
+        actions.add_column(col)
+    for ps in steps:
+        name, queues, step, applied = ps.pool.name, ", ".join(ps.pool.queues), ps.plan, ps.applied
+        if step is None:
+            summary.add_row(name, queues, "", "", "", "", "", "", "", f"[red]step failed: {ps.error}[/red]")
+            continue
+        summary.add_row(
+            name,
+            queues,
+            str(step.backlog),
+            str(step.fleet),
+            str(step.want),
+            str(step.target),
+            str(step.start),
+            str(len(step.drain)),
+            str(len(step.delete)),
+            step.reason,
+        )
         for a in step.actions:
-            actions.add_row(a.kind, a.worker_id, a.why)
+            actions.add_row(name, a.kind, a.worker_id, a.why)
         for worker_id in applied.started if applied else []:
-            actions.add_row("start", worker_id, f"want {step.want}")
+            actions.add_row(name, "start", worker_id, f"want {step.want}")
         if dry_run and step.start:
-            actions.add_row("start", f"({step.start} new)", f"want {step.want}")
-        tables.append(actions)
-    return tables
+            actions.add_row(name, "start", f"({step.start} new)", f"want {step.want}")
+    return [summary, actions] if actions.row_count else [summary]
 
 
 def _settings(**overrides: Any) -> ProvisionSettings:
     return ProvisionSettings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
 
 
+def _pools(names: list[str] | None, settings: ProvisionSettings | None = None) -> list[poolsmod.Pool]:
+    return poolsmod.select(poolsmod.resolve(settings or ProvisionSettings()), names)
+
+
 @provision_app.command("scale")
 def scale_cmd(
     min_workers: int | None = typer.Option(
-        None, "--min", help="Fewest workers (default: CBMFLOW_PROVISION_MIN_WORKERS)."
+        None, "--min", help="Fewest workers (default: the pool's min_workers, CBMFLOW_PROVISION_MIN_WORKERS)."
     ),
     max_workers: int | None = typer.Option(
-        None, "--max", help="Most workers (default: CBMFLOW_PROVISION_MAX_WORKERS)."
+        None, "--max", help="Most workers (default: the pool's max_workers, CBMFLOW_PROVISION_MAX_WORKERS)."
     ),
     per_worker: int | None = typer.Option(
-        None, "--per-worker", help="Backlog one worker absorbs (default: CBMFLOW_PROVISION_PER_WORKER)."
+        None,
+        "--per-worker",
+        help="Backlog one worker absorbs (default: the pool's per_worker, CBMFLOW_PROVISION_PER_WORKER).",
     ),
+    pool: list[str] = typer.Option(None, "--pool", help=POOL_OPTION_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; start, drain and delete nothing."),
 ) -> None:
-    """One control step: want = clamp(ceil(backlog / per-worker), min, max); boot now, drain idle after the window."""
+    """One control step per pool: want = clamp(ceil(backlog / per-worker), min, max) on the pool's own
+    queues; boot now, drain idle after the window. --min/--max/--per-worker need one pool."""
     from rich.console import Console
 
-    settings = _settings(min_workers=min_workers, max_workers=max_workers, per_worker=per_worker)
+    overrides = {"min_workers": min_workers, "max_workers": max_workers, "per_worker": per_worker}
     try:
-        step, applied = run_step(settings, dry_run=dry_run)
+        selected = _pools(pool)
+        if any(v is not None for v in overrides.values()):
+            if len(selected) != 1:
+                names = ", ".join(p.name for p in selected)
+                raise InvalidInputError(f"--min, --max and --per-worker change one pool: name it with --pool ({names})")
+            [one] = selected
+            step, applied = run_step(
+                one.settings.model_copy(update={k: v for k, v in overrides.items() if v is not None}), dry_run=dry_run
+            )
+            steps = [PoolStep(one, step, applied)]
+        else:
+            steps = service.scale_pools(dry_run=dry_run, names=[p.name for p in selected])
     except Exception as exc:  # noqa: BLE001 - config, broker, cloud and management API errors come in many types
         raise _fail(exc) from exc
     console = Console()
-    for table in _plan_tables(step, applied, dry_run):
+    for table in _plan_tables(steps, dry_run):
         console.print(table)
-    if not dry_run and step.start and len(applied.started) < step.start:
-        console.print(f"[yellow]started {len(applied.started)} of {step.start}: see the log (quota or API error)")
+    for ps in steps:
+        if not dry_run and ps.plan and ps.applied and ps.plan.start and len(ps.applied.started) < ps.plan.start:
+            console.print(
+                f"[yellow]pool {ps.pool.name}: started {len(ps.applied.started)} of {ps.plan.start}:"
+                " see the log (quota or API error)"
+            )
+    if any(ps.error for ps in steps):
+        raise typer.Exit(2)
 
 
 @provision_app.command("watch")
@@ -118,8 +151,10 @@ def watch_cmd(
         None, "--interval", help="Seconds between steps (default: CBMFLOW_PROVISION_INTERVAL_S)."
     ),
     iterations: int = typer.Option(0, "--iterations", help="Stop after this many steps (0 = until SIGTERM)."),
+    pool: list[str] = typer.Option(None, "--pool", help=POOL_OPTION_HELP),
 ) -> None:
-    """The control loop, for a daemon: one step every interval; a failed step is logged and retried."""
+    """The control loop, for a daemon: one step of every pool every interval; a failed step is logged
+    and retried, and never stops the other pools' steps."""
     settings = _settings(interval_s=interval_s)
     stop = False
 
@@ -131,16 +166,18 @@ def watch_cmd(
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        driver = make_driver(settings)
+        selected = _pools(pool, settings)
+        # One driver per pool for the daemon's life: it caches the cloud connection and lookups.
+        drivers = {p.name: make_driver(p.settings) for p in selected}
     except CbmflowError as exc:
         raise _fail(exc) from exc
+    unserved = poolsmod.unserved_kinds(poolsmod.resolve(settings))
+    if unserved:
+        log.warning("provision.kinds_without_pool", job_kinds=unserved)
     steps = 0
     while not stop:
         began = time.monotonic()
-        try:
-            run_step(settings, driver=driver)
-        except Exception as exc:  # noqa: BLE001 - a broker or cloud outage must not end the daemon
-            log.error("provision.step_failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        service.scale_pools(settings, names=list(drivers), drivers=drivers)
         steps += 1
         if iterations and steps >= iterations:
             break
@@ -148,30 +185,63 @@ def watch_cmd(
             time.sleep(min(0.5, settings.interval_s))
 
 
-def _fleet(settings: ProvisionSettings | None = None) -> tuple[WorkerDriver, list[WorkerView]]:
-    driver = make_driver(settings or ProvisionSettings())
-    return driver, driver.list_workers()
-
-
 @provision_app.command("status")
-def status_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """The fleet: each server, its status and age, the worker's registry state and current job."""
+def status_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output: {pools: [...], workers: [...]}."),
+    pool: list[str] = typer.Option(None, "--pool", help=POOL_OPTION_HELP),
+) -> None:
+    """Each pool (its queues, backlog, the law's want, workers running, booting and draining), then
+    each server: its pool, status and age, the worker's registry state and current job."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     try:
-        _, workers = _fleet()
+        statuses = service.pool_status(names=pool)
+        unserved = poolsmod.unserved_kinds(poolsmod.resolve(ProvisionSettings()))
     except CbmflowError as exc:
         raise _fail(exc) from exc
     now = time.time()
     if as_json:
-        typer.echo(json.dumps([w.__dict__ for w in workers], indent=2))
+        out = {
+            "pools": [st.summary() for st in statuses],
+            "workers": [{"pool": st.pool.name, **w.__dict__} for st in statuses for w in st.workers],
+            "unserved_job_kinds": unserved,
+        }
+        typer.echo(json.dumps(out, indent=2))
         return
+    console = Console()
+    pools_table = Table(title=f"pools ({len(statuses)})")
+    for col in ("pool", "job kinds", "queues", "backlog", "want", "running", "busy", "booting", "draining", "bounds"):
+        pools_table.add_column(col)
+    for st in statuses:
+        row = st.summary()
+        pools_table.add_row(
+            st.pool.name,
+            ", ".join(row["job_kinds"]),
+            ", ".join(row["queues"]),
+            "?" if st.backlog is None else str(st.backlog),
+            "?" if st.want is None else str(st.want),
+            str(row["running"]),
+            str(row["busy"]),
+            str(row["booting"]),
+            str(row["draining"]),
+            f"{row['min_workers']}..{row['max_workers']}, {row['per_worker']} per worker"
+            + (f", {row['flavor']}" if row["flavor"] else ""),
+        )
+    console.print(pools_table)
+    for st in statuses:
+        if st.error:
+            console.print(f"[red]pool {st.pool.name}: {escape(st.error)}[/red]")
+    if unserved:
+        console.print(f"[yellow]no pool consumes {', '.join(unserved)}: those jobs wait in their queue[/yellow]")
+    workers = [(st.pool.name, w) for st in statuses for w in st.workers]
     table = Table(title=f"workers ({len(workers)})")
-    for col in ("server", "status", "age", "worker", "job (scene)", "heartbeat", "address / log"):
+    for col in ("pool", "server", "status", "age", "worker", "job (scene)", "heartbeat", "address / log"):
         table.add_column(col)
-    for w in workers:
+    for name, w in workers:
         table.add_row(
+            name,
             w.id,
             w.server_status,
             _age(now - w.started_at_s) if w.started_at_s else "",
@@ -180,25 +250,32 @@ def status_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-reada
             f"{w.heartbeat_age_s:.0f} s ago" if w.heartbeat_age_s is not None else "",
             w.address or w.detail,
         )
-    Console().print(table)
+    console.print(table)
 
 
 @provision_app.command("drain")
 def drain_cmd(
     servers: list[str] = typer.Argument(None, help="Worker ids / server names (see `provision status`)."),
-    all_: bool = typer.Option(False, "--all", help="Drain every worker."),
+    all_: bool = typer.Option(False, "--all", help="Drain every worker (of the --pool ones)."),
+    pool: list[str] = typer.Option(None, "--pool", help=POOL_OPTION_HELP),
 ) -> None:
     """Ask workers to finish (or requeue) their current job and exit; `scale` deletes them once stopped."""
     if bool(servers) == all_:
         raise _fail(InvalidInputError("name the servers to drain, or pass --all"))
     try:
-        driver, workers = _fleet()
-        known = {w.id for w in workers}
+        fleets = service.pool_fleets(names=pool)
         if not all_:
+            known = {w.id for _, _, workers in fleets for w in workers}
             unknown = sorted(set(servers) - known)
             if unknown:
                 raise InvalidInputError(f"no such worker: {', '.join(unknown)}")
-        drained = driver.down() if all_ else driver.drain(list(servers))
+        drained = []
+        for _, driver, workers in fleets:
+            if all_:
+                drained += driver.down()
+            else:
+                mine = [s for s in servers if s in {w.id for w in workers}]
+                drained += driver.drain(mine) if mine else []
     except CbmflowError as exc:
         raise _fail(exc) from exc
     typer.echo(f"draining {len(drained)} worker(s){': ' + ', '.join(drained) if drained else ''}")
@@ -207,16 +284,19 @@ def drain_cmd(
 @provision_app.command("down")
 def down_cmd(
     wait_s: float = typer.Option(0.0, "--wait", help="Seconds to wait for the workers to stop (0 = don't wait)."),
+    pool: list[str] = typer.Option(None, "--pool", help=POOL_OPTION_HELP),
 ) -> None:
-    """Drain every worker: each finishes (or requeues) its current job and exits; with --wait, remove them."""
+    """Drain every worker of every pool: each finishes (or requeues) its current job and exits; with
+    --wait, remove them."""
     try:
-        driver = make_driver(ProvisionSettings())
-        drained = driver.down()
+        fleets = service.pool_fleets(names=pool)
+        drained = [worker_id for _, driver, _ in fleets for worker_id in driver.down()]
     except CbmflowError as exc:
         raise _fail(exc) from exc
     typer.echo(f"draining {len(drained)} worker(s){': ' + ', '.join(drained) if drained else ''}")
     if wait_s > 0:
-        left = wait_down(driver, wait_s)
+        deadline = time.monotonic() + wait_s
+        left = [w for _, driver, _ in fleets for w in wait_down(driver, max(0.0, deadline - time.monotonic()))]
         if left:
             typer.echo(f"still running after {wait_s:.0f} s: {', '.join(left)}")
             raise typer.Exit(1)
@@ -234,10 +314,11 @@ def render_userdata_cmd(
     example: bool = typer.Option(
         False, "--example", help="Placeholder values (cloud-init/*.example.yaml); --install picks the variant."
     ),
+    pool: str | None = typer.Option(None, "--pool", help="The pool whose workers' user-data (needed with several)."),
 ) -> None:
     """Print the worker's #cloud-config user-data to stdout (it contains secrets)."""
     from provisioner.drivers.local import local_worker_command
-    from provisioner.userdata import example_userdata, render_userdata, resolve_install, worker_env
+    from provisioner.userdata import example_userdata, pool_env, render_userdata, resolve_install, worker_env
 
     if example:
         try:
@@ -245,12 +326,15 @@ def render_userdata_cmd(
         except CbmflowError as exc:
             raise _fail(exc) from exc
         return
-    settings = ProvisionSettings()
-    url = settings.wheel_url if wheel_url is None else wheel_url
     try:
+        selected = _pools([pool] if pool else None)
+        if len(selected) != 1:
+            raise InvalidInputError(f"name the pool with --pool ({', '.join(p.name for p in selected)})")
+        settings = selected[0].settings
+        url = settings.wheel_url if wheel_url is None else wheel_url
         mode = resolve_install(settings.install if install is None else install, url)
         text = render_userdata(
-            worker_env(),
+            {**worker_env(), **pool_env(settings)},
             install=mode,
             wheel_url=url,
             index_url=settings.index_url if index_url is None else index_url,
@@ -268,11 +352,11 @@ def render_userdata_cmd(
 
 
 def _worker(server: str) -> tuple[ProvisionSettings, WorkerView]:
-    settings = ProvisionSettings()
-    _, workers = _fleet(settings)
-    for w in workers:
-        if server in (w.id, w.server_id):
-            return settings, w
+    """The worker of whichever pool holds it, with that pool's settings (its SSH user, its driver)."""
+    for pool, _, workers in service.pool_fleets():
+        for w in workers:
+            if server in (w.id, w.server_id):
+                return pool.settings, w
     raise InvalidInputError(f"no such worker: {server}")
 
 

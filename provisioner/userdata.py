@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 import os
 import re
 import shlex
@@ -104,6 +105,16 @@ def worker_env(environ: Mapping[str, str] | None = None, *, remote: bool = True)
             " and `cbmflow bus role-url worker`",
         )
     return env
+
+
+def pool_env(pool: ProvisionSettings) -> dict[str, str]:
+    """What the workers of one pool get on top of ``worker_env``: the job kinds they consume (so a
+    CARD VM never takes an extraction and the reverse) and the pool's own ``worker_env``.
+
+    JSON, as pydantic-settings reads a list from the environment; compact, so the env file line
+    has no space in it.
+    """
+    return {**pool.worker_env, "CBMFLOW_WORKER_JOB_KINDS": json.dumps(list(pool.job_kinds), separators=(",", ":"))}
 
 
 def _env_file(env: Mapping[str, str]) -> str:

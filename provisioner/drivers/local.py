@@ -6,12 +6,18 @@ user-data a VM would receive. State lives in files, not in this object, because 
 ``cbmflow provision`` invocation is a new process: ``<dir>/<id>.pid`` holds the pid and the kernel
 start time (so a recycled pid is never mistaken for a worker), ``<id>.log`` the output, and
 ``<id>.draining`` marks a worker already told to stop.
+
+Pools share the directory (``cbmflow stack down`` stops every worker in it) and are told apart by
+the id: ``local-<8 hex>`` for the pool named ``default``, ``local-<pool>-<8 hex>`` for any other.
+A driver made for one pool lists, drains and deletes only ids of that form; one made without a
+pool (``stop``, the demo's clean-up) sees them all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -27,6 +33,8 @@ from provisioner.policy import WorkerView
 from provisioner.userdata import parse_worker_launch
 
 log = get_logger("provisioner")
+
+DEFAULT_POOL = "default"
 
 # Workers started by this process, whichever driver object started them, so they are reaped (no
 # zombies, no ResourceWarning) when the provisioner lives on, as in the demo; any other process
@@ -45,6 +53,11 @@ def local_worker_command() -> list[str]:
     if script.exists():
         return [str(script), "worker"]
     return [sys.executable, "-m", "cbmflow", "worker"]
+
+
+def worker_id_prefix(pool: str) -> str:
+    """``local-`` for the default pool (the ids workers always had), ``local-<pool>-`` for the others."""
+    return "local-" if pool == DEFAULT_POOL else f"local-{pool}-"
 
 
 def _proc_start_ticks(pid: int) -> int | None:
@@ -69,11 +82,21 @@ class LocalDriver:
         *,
         userdata: str | Callable[[], str],
         dsn: str | None = None,
+        pool: str | None = None,
     ) -> None:
-        """``userdata`` may be a callable so that listing and draining never need the secrets resolved."""
+        """``userdata`` may be a callable so that listing and draining never need the secrets resolved.
+
+        ``pool`` None: every worker of the directory (clean-up); a name: only that pool's workers.
+        """
         self.workers_dir = workers_dir or state_dir() / "workers"
         self._userdata = userdata
         self.dsn = dsn
+        self.pool = pool
+        self._mine = None if pool is None else re.compile(re.escape(worker_id_prefix(pool)) + r"[0-9a-f]{8}")
+
+    def owns(self, worker_id: str) -> bool:
+        """Whether this driver's pool holds the worker (always, without a pool)."""
+        return self._mine is None or self._mine.fullmatch(worker_id) is not None
 
     # ---- files ------------------------------------------------------------------------------
     def _pid_path(self, worker_id: str) -> Path:
@@ -109,6 +132,8 @@ class LocalDriver:
         live: list[tuple[str, int, float]] = []
         for path in sorted(self.workers_dir.glob("*.pid")):
             worker_id = path.stem
+            if not self.owns(worker_id):
+                continue
             pid = self._live_pid(worker_id)
             if pid is not None:
                 live.append((worker_id, pid, path.stat().st_mtime))
@@ -152,7 +177,7 @@ class LocalDriver:
         self.workers_dir.mkdir(parents=True, exist_ok=True)
         started = []
         for _ in range(n):
-            worker_id = f"local-{secrets.token_hex(4)}"
+            worker_id = f"{worker_id_prefix(self.pool or DEFAULT_POOL)}{secrets.token_hex(4)}"
             env = {
                 # Local workers share this machine's cores: one core each (decode and reduce take
                 # turns) scales with their number, where each using every core would oversubscribe
@@ -197,7 +222,7 @@ class LocalDriver:
         """SIGTERM: the worker stops consuming, finishes or requeues its job, and exits 0."""
         signalled = []
         for worker_id in ids:
-            pid = self._live_pid(worker_id)
+            pid = self._live_pid(worker_id) if self.owns(worker_id) else None
             if pid is None:
                 continue
             self._marker(worker_id).touch()
@@ -213,7 +238,7 @@ class LocalDriver:
         """SIGKILL the whole session: only for workers that never registered, exited or hung in a drain."""
         killed = []
         for worker_id in ids:
-            pid = self._live_pid(worker_id)
+            pid = self._live_pid(worker_id) if self.owns(worker_id) else None
             if pid is None:
                 continue
             with contextlib.suppress(ProcessLookupError):

@@ -61,8 +61,13 @@ def test_scale_status_drain_and_down_on_the_local_driver(cbm_env: Any, monkeypat
             time.sleep(0.2)
         status = _invoke("status", "--json")
         assert status.exit_code == 0, status.output
-        [row] = json.loads(status.stdout)
+        seen = json.loads(status.stdout)
+        [row] = seen["workers"]
         assert row["id"] == worker.id and row["state"] in ("idle", "busy") and row["server_status"] == "running"
+        assert row["pool"] == "default"
+        [pool] = seen["pools"]
+        assert pool["pool"] == "default" and pool["queues"] == ["cbmflow.extract", "cbmflow.card"]
+        assert pool["running"] + pool["booting"] == 1 and pool["draining"] == 0
         table = _invoke("status")
         assert worker.id in table.stdout and "job (scene)" in table.stdout
         logs = _invoke("logs", worker.id, "-n", "50")
@@ -82,13 +87,13 @@ def test_scale_status_drain_and_down_on_the_local_driver(cbm_env: Any, monkeypat
 
 def test_watch_runs_steps_until_told_to_stop(cbm_env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     plans = []
-    real_step = cli_mod.run_step
+    real_step = service_mod.run_step
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         plans.append(real_step(*args, **kwargs))
         return plans[-1]
 
-    monkeypatch.setattr(cli_mod, "run_step", counting)
+    monkeypatch.setattr(service_mod, "run_step", counting)
     result = _invoke("watch", "--interval", "0.2", "--iterations", "2")
     assert result.exit_code == 0, result.output
     assert [(p.backlog, p.want) for p, _ in plans] == [(0, 0), (0, 0)]
@@ -97,7 +102,7 @@ def test_watch_runs_steps_until_told_to_stop(cbm_env: Any, monkeypatch: pytest.M
 def test_watch_survives_a_failing_step(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def broken() -> int:
+    def broken(*_: object) -> int:
         calls.append(1)
         raise RuntimeError("broker away")
 
