@@ -15,9 +15,9 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 
-from api import chips, openapi, routes, v1
+from api import chips, explorer, openapi, routes, tiles, v1
 from api.aiodb import AsyncPool
-from api.auth import Authenticator, LoginThrottle
+from api.auth import LoginThrottle
 from api.errors import add_exception_handlers
 from api.infra import AppState, DatasetCache, Endpoint, Pool, route
 from cbmflow.logging import get_logger
@@ -28,7 +28,7 @@ log = get_logger("api")
 
 def endpoints() -> list[Endpoint]:
     """Every route of the API, in the order Starlette matches them (the OpenAPI document's too)."""
-    served = [*routes.routes(), *v1.routes(), *chips.routes()]
+    served = [*routes.routes(), *v1.routes(), *chips.routes(), *tiles.routes(), *explorer.routes()]
     return [*served, *openapi.routes(served)]
 
 
@@ -41,13 +41,14 @@ def create_app(dsn: str, settings: ApiSettings | None = None) -> Starlette:
         size = max(1, api_settings.pool_size)
         pool = await run_in_threadpool(Pool, dsn, size, api_settings.statement_timeout_s)
         aio = AsyncPool(pool.dsn, size)
+        chip_secret = chips.load_secret(api_settings)
         app.state.cbmflow = AppState(
             settings=api_settings,
             pool=pool,
             aio=aio,
-            auth=Authenticator(api_settings.auth_cache_s),
+            auth=explorer.SessionAuthenticator(api_settings.auth_cache_s, explorer.session_key(chip_secret)),
             polygon_limit=max(1, api_settings.polygon_limit),
-            chip_secret=chips.load_secret(api_settings),
+            chip_secret=chip_secret,
             datasets=DatasetCache(api_settings.dataset_cache_s),
             throttle=LoginThrottle(
                 api_settings.login_backoff_base_s, api_settings.login_backoff_max_s, api_settings.login_free_failures
@@ -62,7 +63,7 @@ def create_app(dsn: str, settings: ApiSettings | None = None) -> Starlette:
             await run_in_threadpool(pool.close)
             log.info("api.stopped")
 
-    app = Starlette(routes=[route(endpoint) for endpoint in endpoints()], lifespan=lifespan)
+    app = Starlette(routes=[explorer.token_route(), *(route(endpoint) for endpoint in endpoints())], lifespan=lifespan)
     add_exception_handlers(app)
     return app
 
