@@ -16,17 +16,28 @@ from cbmflow.settings import BusSettings, DbSettings, WorkerSettings
 
 
 def collect() -> dict[str, Any]:
+    """``queues``: every job queue (extraction, CARD generation) by name; ``queue``: the extraction
+    queue alone with the dead-letter count, as before the CARD queue existed."""
     out: dict[str, Any] = {}
-    try:
-        depth = busmod.queue_depth(BusSettings())
-        out["queue"] = {
-            "ready": depth.ready,
-            "unacked": depth.unacked,
-            "consumers": depth.consumers,
-            "dead_lettered": depth.dead_lettered,
-        }
-    except Exception as exc:  # noqa: BLE001 - status must show what it can
-        out["queue"] = {"error": str(exc)}
+    bus = BusSettings()
+    out["queues"] = {}
+    for name in bus.job_queues:
+        try:
+            depth = busmod.queue_depth(bus, queue=name)
+            out["queues"][name] = {
+                "ready": depth.ready,
+                "unacked": depth.unacked,
+                "consumers": depth.consumers,
+                "dead_lettered": depth.dead_lettered,
+            }
+        except Exception as exc:  # noqa: BLE001 - status must show what it can
+            out["queues"][name] = {"error": str(exc)}
+    out["queue"] = dict(out["queues"][bus.queue])
+    dead = next((q["dead_lettered"] for q in out["queues"].values() if "dead_lettered" in q), None)
+    for q in out["queues"].values():
+        q.pop("dead_lettered", None)  # one dead-letter queue for all: shown once
+    if dead is not None:
+        out["dead_lettered"] = dead
     # A worker silent for three heartbeats is probably dead; its lease expires on its own.
     stale_s = 3 * WorkerSettings().heartbeat_s
     try:
@@ -120,14 +131,20 @@ def print_status(as_json: bool = False) -> None:
     from rich.table import Table
 
     console = Console()
-    q = data["queue"]
-    if "error" in q:
-        console.print(f"[red]queue: {q['error']}[/red]")
-    else:
-        console.print(
-            f"[bold]queue[/bold] ready {q['ready']}  unacked {q['unacked']}  consumers {q['consumers']}"
-            f"  dead-lettered {q['dead_lettered']}"
-        )
+    errors = [q["error"] for q in data["queues"].values() if "error" in q]
+    if errors and len(errors) == len(data["queues"]):
+        # The broker or its management API is away: one fact, not one line per queue.
+        console.print(f"[red]queue: {errors[0]} (no job queue readable)[/red]")
+        data = {**data, "queues": {}}
+    for name, q in data["queues"].items():
+        if "error" in q:
+            console.print(f"[red]queue {name}: {q['error']}[/red]")
+        else:
+            console.print(
+                f"[bold]queue {name}[/bold] ready {q['ready']}  unacked {q['unacked']}  consumers {q['consumers']}"
+            )
+    if "dead_lettered" in data:
+        console.print(f"[bold]dead-lettered[/bold] {data['dead_lettered']}")
     if data.get("outbox_pending"):
         # Jobs recorded but not yet confirmed by the broker: the watcher's next cycle sends them.
         console.print(f"[yellow]outbox pending {data['outbox_pending']}[/yellow]")
@@ -167,5 +184,5 @@ def print_status(as_json: bool = False) -> None:
             console.print(
                 escape(f"  {r['source']}/{r['collection']}/{r['item_id']}: {r['reason']} (seen {r['seen_count']}x)")
             )
-    if q.get("dead_lettered"):
+    if data.get("dead_lettered"):
         console.print("fix the cause, then `cbmflow jobs retry --dead-lettered` re-publishes those jobs")
