@@ -17,6 +17,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -27,7 +28,7 @@ from card.s1grd.calibration import calibrate
 from card.s1grd.dem import Dem
 from card.s1grd.geocode import Geocoder, RadarPosition, ecef
 from card.s1grd.rtc import MASK_NODATA, bilinear, facets, splat_oversampled
-from card.s1grd.safe import Polarisation
+from card.s1grd.safe import Polarisation, SafeSource
 
 FloatArray = npt.NDArray[np.float64]
 QUANTITIES = ("gamma0-rtc", "gamma0", "sigma0", "beta0")
@@ -214,7 +215,7 @@ class BsOutputs:
 
 
 def generate_bs(
-    product_path: str,
+    product_path: str | SafeSource,
     grid: GeoBox,
     dem: Dem,
     out_dir: str,
@@ -226,21 +227,28 @@ def generate_bs(
     readers: dict[str, DnReader] | None = None,
     block_px: int = 512,
     software: str = "card.s1grd",
+    orbit_file: str | Path | bytes | None = None,
 ) -> BsOutputs:
     """Write one float32 COG per polarisation, a uint8 mask COG and a local-incidence COG to ``out_dir``.
 
     Names: ``<product>_<grid>_<POL>_<QUANTITY>_<RTC|GTC>.tif``, ``<product>_<grid>_MASK.tif``,
     ``<product>_<grid>_LIA.tif``. Files appear only when complete (written to ``*.part.tif`` first).
+    ``product_path``: a local SAFE/zip or a :class:`~card.s1grd.safe.SafeSource` (e.g. on S3);
+    ``orbit_file``: a POEORB/RESORB EOF (path or bytes) replacing the annotation's state vectors.
     """
     import time
-    from pathlib import Path
 
     from card.s1grd.cog import ScratchRaster
+    from card.s1grd.orbit import ANNOTATION_ORBIT, read_orbit_file, with_orbit_file
     from card.s1grd.rtc import MASK_LAYOVER, MASK_SHADOW
     from card.s1grd.safe import open_grd
 
     started = time.perf_counter()
     product = open_grd(product_path, polarisations)
+    orbit_label = ANNOTATION_ORBIT
+    if orbit_file is not None:
+        eof = read_orbit_file(orbit_file)
+        product, orbit_label = with_orbit_file(product, eof), eof.label
     proc = BsProcessor(product.polarisations, grid, dem, quantity, denoise, block_px, readers=dict(readers or {}))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +261,7 @@ def generate_bs(
         "IPF_VERSION": product.ipf_version,
         "GRID": gname,
         "DEM": dem.label,
-        "ORBIT": "annotation state vectors (Hermite)",
+        "ORBIT": orbit_label,
         "SOFTWARE": software,
         "MISSION": first.mission,
         "PASS": first.pass_direction,

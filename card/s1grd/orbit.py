@@ -1,22 +1,39 @@
-"""Satellite orbit from the annotation's Earth-fixed state vectors.
+"""Satellite orbit: the annotation's Earth-fixed state vectors, or a POEORB/RESORB orbit file.
 
-Piecewise cubic Hermite interpolation of position with the annotated velocities as slopes: it
-passes through every state vector and its velocity exactly, and its error on a 10 s spacing is a
-fraction of a millimetre (h⁴·|x⁽⁴⁾|/384 with |x⁽⁴⁾| ≈ ω⁴·r ≈ 1e-5 m/s⁴), far below a range pixel.
-sarsen fits one degree-5 polynomial instead; Hermite keeps the nodes exact and needs no fit.
-The same interpolant serves a POEORB file's vectors (not read yet).
+Piecewise cubic Hermite interpolation of position with the state vectors' velocities as slopes:
+it passes through every state vector and its velocity exactly, and its error on a 10 s spacing is
+a fraction of a millimetre (h⁴·|x⁽⁴⁾|/384 with |x⁽⁴⁾| ≈ ω⁴·r ≈ 1e-5 m/s⁴), far below a range
+pixel. sarsen fits one degree-5 polynomial instead; Hermite keeps the nodes exact and needs no fit.
+
+Orbit files (Earth Explorer XML, ``S1A_OPER_AUX_POEORB_OPOD_<created>_V<start>_<stop>.EOF``) hold
+a day of 10 s state vectors in the Earth-fixed frame with UTC, TAI and UT1 time tags; the
+annotation's own vectors are UTC and Earth-fixed too, so the file's vectors simply replace them
+over the product's time span (plus a margin). POEORB (precise, ~5 cm, ~3 weeks after sensing) is
+what CARD needs for geometry; the annotation's vectors are the predicted or restituted orbit of
+the processing time (decimetres to a metre or two along track, a tenth of a pixel or more).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from card.s1grd.safe import Orbit
+from card.s1grd.safe import Orbit, SafeError, parse_time
+
+if TYPE_CHECKING:
+    from card.s1grd.safe import GrdProduct
 
 FloatArray = npt.NDArray[np.float64]
+
+ANNOTATION_ORBIT = "annotation state vectors (Hermite)"
+ORBIT_MARGIN_S = 60.0
+"""State vectors kept either side of the product: Newton's first iterations may step outside it."""
 
 
 @dataclass(frozen=True)
@@ -43,3 +60,115 @@ class OrbitInterpolator:
         vel = ((6 * s2 - 6 * s) * p0 + (3 * s2 - 4 * s + 1) * v0 + (-6 * s2 + 6 * s) * p1 + (3 * s2 - 2 * s) * v1) / h
         acc = ((12 * s - 6) * p0 + (6 * s - 4) * v0 + (-12 * s + 6) * p1 + (6 * s - 2) * v1) / (h * h)
         return pos, vel, acc
+
+
+@dataclass(frozen=True)
+class OrbitFile:
+    """The state vectors of an Earth Explorer orbit file (``AUX_POEORB``, ``AUX_RESORB``)."""
+
+    name: str
+    mission: str
+    """``Sentinel-1A`` … as the file's Fixed_Header says."""
+    file_type: str
+    validity_start: np.datetime64
+    validity_stop: np.datetime64
+    utc: npt.NDArray[np.datetime64]
+    pos: FloatArray
+    vel: FloatArray
+
+    @property
+    def kind(self) -> str:
+        """``POEORB`` or ``RESORB`` (the file type without ``AUX_``)."""
+        return self.file_type.removeprefix("AUX_")
+
+    @property
+    def label(self) -> str:
+        """What the output's ORBIT tag says."""
+        return f"{self.kind} {self.name} (Hermite)"
+
+
+def _eof_time(text: str | None, where: str) -> np.datetime64:
+    if not text or "=" not in text:
+        raise SafeError(f"orbit file: {where} is not a UTC=… time ({text!r})")
+    scale, value = text.strip().split("=", 1)
+    if scale != "UTC":
+        raise SafeError(f"orbit file: {where} is on the {scale} scale, UTC expected")
+    return parse_time(value)
+
+
+def read_orbit_file(source: str | Path | bytes) -> OrbitFile:
+    """Parse an EOF (path or its bytes); only Earth-fixed files with UTC state vectors are accepted."""
+    raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+    try:
+        root = ET.fromstring(raw)
+    except ET.ParseError as exc:
+        raise SafeError(f"orbit file is not XML: {exc}") from exc
+    header = root.find("Earth_Explorer_Header/Fixed_Header")
+    if root.tag != "Earth_Explorer_File" or header is None:
+        raise SafeError("not an Earth Explorer orbit file (no Earth_Explorer_File/Earth_Explorer_Header/Fixed_Header)")
+    frame = root.findtext("Earth_Explorer_Header/Variable_Header/Ref_Frame")
+    if frame is not None and frame.strip() != "EARTH_FIXED":
+        raise SafeError(f"orbit file reference frame is {frame.strip()}, EARTH_FIXED expected")
+    file_type = (header.findtext("File_Type") or "").strip()
+    if file_type not in ("AUX_POEORB", "AUX_RESORB"):
+        raise SafeError(f"orbit file type {file_type!r} is neither AUX_POEORB nor AUX_RESORB")
+    osvs = root.findall("Data_Block/List_of_OSVs/OSV")
+    if len(osvs) < 4:
+        raise SafeError(f"orbit file holds {len(osvs)} state vectors, at least 4 are needed")
+
+    def num(osv: ET.Element, tag: str) -> float:
+        text = osv.findtext(tag)
+        if text is None:
+            raise SafeError(f"orbit file: an OSV has no {tag}")
+        return float(text)
+
+    utc = np.array([_eof_time(o.findtext("UTC"), "OSV/UTC") for o in osvs])
+    pos = np.array([[num(o, a) for a in ("X", "Y", "Z")] for o in osvs])
+    vel = np.array([[num(o, a) for a in ("VX", "VY", "VZ")] for o in osvs])
+    order = np.argsort(utc)
+    return OrbitFile(
+        name=(header.findtext("File_Name") or "").strip(),
+        mission=(header.findtext("Mission") or "").strip(),
+        file_type=file_type,
+        validity_start=_eof_time(header.findtext("Validity_Period/Validity_Start"), "Validity_Start"),
+        validity_stop=_eof_time(header.findtext("Validity_Period/Validity_Stop"), "Validity_Stop"),
+        utc=utc[order],
+        pos=pos[order],
+        vel=vel[order],
+    )
+
+
+def orbit_for_product(
+    eof: OrbitFile, t0: np.datetime64, first_s: float, last_s: float, mission: str, margin_s: float = ORBIT_MARGIN_S
+) -> Orbit:
+    """The file's state vectors over [first − margin, last + margin] (seconds since ``t0``), as an :class:`Orbit`.
+
+    The file must be for the product's satellite (``S1A`` ↔ ``Sentinel-1A``) and its validity must
+    cover the product; both are checked, since a wrong file geocodes silently kilometres off.
+    """
+    if eof.mission and not eof.mission.upper().endswith(mission.upper()[-2:]):
+        raise SafeError(f"orbit file {eof.name} is for {eof.mission}, the product is {mission}")
+    start = t0 + np.timedelta64(round(first_s * 1e9), "ns")
+    stop = t0 + np.timedelta64(round(last_s * 1e9), "ns")
+    if not (eof.validity_start <= start and stop <= eof.validity_stop):
+        raise SafeError(
+            f"orbit file {eof.name} is valid {eof.validity_start}–{eof.validity_stop}, the product spans {start}–{stop}"
+        )
+    t = (eof.utc - t0) / np.timedelta64(1, "ns") * 1e-9
+    keep = (t >= first_s - margin_s) & (t <= last_s + margin_s)
+    idx = np.flatnonzero(keep)
+    if idx.size == 0 or t[idx[0]] > first_s or t[idx[-1]] < last_s:
+        raise SafeError(f"orbit file {eof.name} has no state vectors around the product ({start}–{stop})")
+    # one more vector either side, so that Hermite interpolates (never extrapolates) near the ends
+    lo, hi = max(idx[0] - 1, 0), min(idx[-1] + 2, t.size)
+    return Orbit(t[lo:hi].astype(np.float64), eof.pos[lo:hi], eof.vel[lo:hi])
+
+
+def with_orbit_file(product: GrdProduct, eof: OrbitFile) -> GrdProduct:
+    """The product with every polarisation's annotation orbit replaced by the file's vectors."""
+    pols = {}
+    for name, pol in product.polarisations.items():
+        ann = pol.annotation
+        orbit = orbit_for_product(eof, ann.t0, ann.first_line_s, ann.last_line_s, ann.mission)
+        pols[name] = dataclasses.replace(pol, annotation=dataclasses.replace(ann, orbit=orbit))
+    return dataclasses.replace(product, polarisations=pols)

@@ -12,11 +12,13 @@ holds, not from the IPF version alone, since the version is also recorded for th
 
 from __future__ import annotations
 
+import io
 import re
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -59,27 +61,40 @@ def _float(root: ET.Element, path: str) -> float:
 
 
 class SafeSource:
-    """A SAFE product's files, in a directory or a zip (with or without a top folder)."""
+    """A SAFE product's files, in a directory or a zip (with or without a top folder).
+
+    Subclasses read the same layout elsewhere (:class:`S3SafeSource`: an S3 prefix or zip object);
+    everything downstream sees names relative to the SAFE root, :meth:`read` and :meth:`gdal_path`.
+    """
+
+    _zip: zipfile.ZipFile | None
+    _prefix: str
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if self.path.is_dir():
-            self._zip: zipfile.ZipFile | None = None
+            self._zip = None
             self._prefix = ""
             names = [str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file()]
         elif self.path.is_file() and zipfile.is_zipfile(self.path):
-            self._zip = zipfile.ZipFile(self.path)
-            manifests = [n for n in self._zip.namelist() if n.endswith("manifest.safe")]
-            if not manifests:
-                raise SafeError(f"{self.path}: zip holds no manifest.safe")
-            self._prefix = manifests[0][: -len("manifest.safe")]
-            names = [n[len(self._prefix) :] for n in self._zip.namelist() if n.startswith(self._prefix)]
+            names = self._open_zip(zipfile.ZipFile(self.path))
         else:
             raise SafeError(f"{self.path}: neither a SAFE directory nor a zip")
+        self._set_names(names, self.path.name)
+
+    def _open_zip(self, zf: zipfile.ZipFile) -> list[str]:
+        self._zip = zf
+        manifests = [n for n in zf.namelist() if n.endswith("manifest.safe")]
+        if not manifests:
+            raise SafeError(f"{self.path}: zip holds no manifest.safe")
+        self._prefix = manifests[0][: -len("manifest.safe")]
+        return [n[len(self._prefix) :] for n in zf.namelist() if n.startswith(self._prefix)]
+
+    def _set_names(self, names: list[str], file_name: str) -> None:
         self.names = sorted(n.replace("\\", "/") for n in names)
         if "manifest.safe" not in self.names:
             raise SafeError(f"{self.path}: no manifest.safe")
-        stem = self.path.name
+        stem = file_name
         for suffix in (".zip", ".SAFE"):
             stem = stem.removesuffix(suffix)
         self.product_name = stem
@@ -113,6 +128,92 @@ class SafeSource:
             if m:
                 pols.add(m.group(1).upper())
         return tuple(sorted(pols, key=lambda p: ("VV", "HH", "VH", "HV").index(p)))
+
+
+class _S3RangeFile(io.RawIOBase):
+    """A seekable read-only file over one S3 object, read by ranged GETs in blocks (for ``zipfile``)."""
+
+    def __init__(self, client: Any, bucket: str, key: str, block_bytes: int = 4 << 20) -> None:
+        super().__init__()
+        self._client, self._bucket, self._key, self._block = client, bucket, key, block_bytes
+        self.size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        self._pos = 0
+        self._cache: dict[int, bytes] = {}
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(base + offset, 0)
+        return self._pos
+
+    def _block_at(self, k: int) -> bytes:
+        if k not in self._cache:
+            if len(self._cache) >= 8:
+                self._cache.pop(next(iter(self._cache)))
+            start = k * self._block
+            end = min(start + self._block, self.size) - 1
+            resp = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={start}-{end}")
+            self._cache[k] = resp["Body"].read()
+        return self._cache[k]
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self.size - self._pos)
+        done = 0
+        while done < n:
+            k, off = divmod(self._pos + done, self._block)
+            chunk = self._block_at(k)[off : off + n - done]
+            view[done : done + len(chunk)] = chunk
+            done += len(chunk)
+        self._pos += n
+        return n
+
+
+class S3SafeSource(SafeSource):
+    """A SAFE on S3: a ``….SAFE`` prefix (CDSE's eodata layout) or a ``.zip`` object.
+
+    ``client`` is a boto3 S3 client for the store that holds it (card/ knows no store settings:
+    the caller passes its client, credentials and endpoint included). The XML is read through it;
+    the measurement is handed to GDAL as ``/vsis3/…`` (``/vsizip//vsis3/…`` in a zip), so the
+    caller must also have GDAL's ``/vsis3/`` options set for that bucket while the pixels are read.
+    """
+
+    def __init__(self, location: str, client: Any) -> None:
+        m = re.match(r"^(?:s3://|/vsis3/)([^/]+)/(.+?)/?$", location)
+        if not m:
+            raise SafeError(f"{location}: not an s3://bucket/key or /vsis3/bucket/key location")
+        self._client, self._bucket, self._key = client, m.group(1), m.group(2)
+        self.path = Path(f"/vsis3/{self._bucket}/{self._key}")
+        if self._key.lower().endswith(".zip"):
+            names = self._open_zip(zipfile.ZipFile(_S3RangeFile(client, self._bucket, self._key)))
+            self._root = f"/vsizip//vsis3/{self._bucket}/{self._key}/{self._prefix}"
+        else:
+            self._zip, self._prefix = None, ""
+            prefix = self._key + "/"
+            names = []
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=prefix):
+                names += [o["Key"][len(prefix) :] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+            if not names:
+                raise SafeError(f"s3://{self._bucket}/{self._key}: no such SAFE (nothing under that prefix)")
+            self._root = f"/vsis3/{self._bucket}/{prefix}"
+        self._set_names(names, self._key.rsplit("/", 1)[-1])
+
+    def read(self, name: str) -> bytes:
+        if self._zip is not None:
+            return self._zip.read(self._prefix + name)
+        body: bytes = self._client.get_object(Bucket=self._bucket, Key=f"{self._key}/{name}")["Body"].read()
+        return body
+
+    def gdal_path(self, name: str) -> str:
+        return self._root + name
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,9 +474,14 @@ def read_ipf_version(manifest: ET.Element) -> str:
     return "unknown"
 
 
-def open_grd(path: str | Path, polarisations: tuple[str, ...] | None = None) -> GrdProduct:
-    """Read the metadata of every (or the named) polarisation of a GRD SAFE; no pixels are read."""
-    src = SafeSource(path)
+def open_grd(path: str | Path | SafeSource, polarisations: tuple[str, ...] | None = None) -> GrdProduct:
+    """Read the metadata of every (or the named) polarisation of a GRD SAFE; no pixels are read.
+
+    ``path``: a local ``.SAFE`` directory or ``.zip``, or any :class:`SafeSource` (e.g. an
+    :class:`S3SafeSource`). CDSE's COG-GRD products (``…_COG.SAFE``, ``…-cog.tiff`` measurements and
+    ``…-cog.xml`` annotation) have the same layout and are read the same way.
+    """
+    src = path if isinstance(path, SafeSource) else SafeSource(path)
     ipf = read_ipf_version(src.xml("manifest.safe"))
     pols = polarisations or src.polarisations()
     if not pols:
