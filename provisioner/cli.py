@@ -411,47 +411,96 @@ def exec_cmd(
 @provision_app.command("simulate")
 def simulate_cmd(
     scenario: list[str] = typer.Option(
-        None, "--scenario", "-s", help="daily | backfill | trickle (repeatable; default: daily and backfill)."
+        None,
+        "--scenario",
+        "-s",
+        help="daily | backfill | trickle (repeatable; default: daily and backfill, or custom with --burst/--rate).",
     ),
-    per_worker: list[int] = typer.Option(None, "--per-worker", help="Backlog per worker (repeatable; default: 5)."),
-    max_workers: int = typer.Option(20, "--max", help="Most workers."),
-    min_workers: int = typer.Option(0, "--min", help="Fewest workers."),
-    window_s: float = typer.Option(900.0, "--window", help="Scale-down stabilisation window (s)."),
-    cooldown_s: float = typer.Option(300.0, "--cooldown", help="Scale-down cooldown after a scale event (s)."),
+    per_worker: list[int] = typer.Option(
+        None, "--per-worker", help="Backlog per worker (repeatable; default: the pool's, else 5)."
+    ),
+    max_workers: int | None = typer.Option(None, "--max", help="Most workers (default: the pool's, else 20)."),
+    min_workers: int | None = typer.Option(None, "--min", help="Fewest workers (default: the pool's, else 0)."),
+    max_surge: int | None = typer.Option(None, "--surge", help="Most boots per step (default: the pool's, else 4)."),
+    window_s: float | None = typer.Option(
+        None, "--window", help="Scale-down stabilisation window (s) (default: the pool's, else 900)."
+    ),
+    cooldown_s: float | None = typer.Option(
+        None, "--cooldown", help="Scale-down cooldown after a scale event (s) (default: the pool's, else 300)."
+    ),
+    pool: str | None = typer.Option(
+        None, "--pool", help="Take the law's bounds and timings from this configured pool (CBMFLOW_PROVISION_POOLS)."
+    ),
     boot_delay_s: float = typer.Option(180.0, "--boot-delay", help="Seconds from boot to a registered worker."),
-    job_median_s: float = typer.Option(120.0, "--job-median", help="Median job duration (s), log-normal."),
+    job_median_s: float = typer.Option(
+        120.0, "--job-median", help="Median job duration (s), log-normal: the pool's per-job cost."
+    ),
+    job_sigma: float = typer.Option(0.5, "--job-sigma", help="Log-normal sigma of the job duration."),
+    burst_jobs: int = typer.Option(0, "--burst", help="Custom load: this many jobs published at once."),
+    rate_per_h: float = typer.Option(0.0, "--rate", help="Custom load: Poisson jobs per hour, in 5-minute polls."),
+    hours: float = typer.Option(24.0, "--hours", help="Custom load: hours the --rate arrivals last."),
+    quota: int | None = typer.Option(None, "--quota", help="Servers the cloud project admits (default: unlimited)."),
     seed: int = typer.Option(1, "--seed", help="Random seed (arrivals, durations, boot jitter)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Run the real control law against a simulated queue and VM fleet; report cost, waits, scale events."""
+    """Run the real control law of one pool against a simulated queue and VM fleet; report cost, waits,
+    scale events. A pool is simulated alone: give it its own job time and load (a CARD pool: minutes
+    per job, a few hundred inputs a day)."""
     from dataclasses import replace
 
     from rich.console import Console
     from rich.table import Table
 
-    from provisioner.simulate import SCENARIOS, simulate
+    from provisioner.simulate import SCENARIOS, custom, simulate
 
-    names = scenario or ["daily", "backfill"]
+    try:
+        base = Policy(
+            per_worker=5, min_workers=0, max_workers=20, max_surge=4, scale_down_window_s=900.0, cooldown_s=300.0
+        )
+        if pool:
+            [chosen] = _pools([pool])
+            base = Policy.from_settings(chosen.settings)
+        changes: dict[str, Any] = {
+            "min_workers": min_workers,
+            "max_workers": max_workers,
+            "max_surge": max_surge,
+            "scale_down_window_s": window_s,
+            "cooldown_s": cooldown_s,
+        }
+        base = replace(base, **{k: v for k, v in changes.items() if v is not None})
+    except (CbmflowError, ValueError) as exc:
+        raise _fail(exc) from exc
+    timings: dict[str, Any] = {
+        "boot_delay_s": boot_delay_s,
+        "job_median_s": job_median_s,
+        "job_sigma": job_sigma,
+        "quota": quota,
+    }
+    loads = []
+    if burst_jobs > 0 or rate_per_h > 0:
+        loads.append(custom(burst_jobs, rate_per_h, hours, **timings))
+    names = scenario or ([] if loads else ["daily", "backfill"])
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         raise _fail(InvalidInputError(f"unknown scenario {', '.join(unknown)}; use {', '.join(SCENARIOS)}"))
+    loads += [replace(SCENARIOS[name], **timings) for name in names]
     rows = []
-    for name in names:
-        sc = replace(SCENARIOS[name], boot_delay_s=boot_delay_s, job_median_s=job_median_s)
-        for k in per_worker or [5]:
-            policy = Policy(
-                per_worker=k,
-                min_workers=min_workers,
-                max_workers=max_workers,
-                max_surge=4,
-                scale_down_window_s=window_s,
-                cooldown_s=cooldown_s,
-            )
+    for sc in loads:
+        for k in per_worker or [base.per_worker]:
+            try:
+                policy = replace(base, per_worker=k)
+            except ValueError as exc:
+                raise _fail(exc) from exc
             rows.append(simulate(sc, policy, seed=seed).row())
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"simulation: max {max_workers}, window {window_s:.0f} s, cooldown {cooldown_s:.0f} s")
+    title = (
+        f"simulation{f' of pool {pool}' if pool else ''}: min {base.min_workers}, max {base.max_workers},"
+        f" window {base.scale_down_window_s:.0f} s, cooldown {base.cooldown_s:.0f} s,"
+        f" jobs median {job_median_s:.0f} s"
+    )
+    table = Table(title=title)
     for col in rows[0]:
         table.add_column(col)
     for row in rows:
