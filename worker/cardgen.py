@@ -1,15 +1,19 @@
 """``cbmflow card bs``: a Sentinel-1 GRD → CARD-BS COGs on a map grid, without a database or a queue.
 
-The physics lives in :mod:`card.s1grd`; this module only turns options into a grid, a DEM provider
-and a call, and errors into one line. The grid is given as ``--crs/--bounds/--resolution``
-(snapped outwards to whole pixels); Sentinel-2 MGRS tile names (``--tile``) are not resolved yet.
+The physics lives in :mod:`card.s1grd`; this module only turns options into grids, a DEM provider,
+an orbit and a call, and errors into one line. The grid is one or more Sentinel-2 tiles
+(``--tile 32UPU``, the S2 10 m grid unless ``--resolution`` says 20, 60 …) or ``--crs/--bounds/
+--resolution`` (snapped outwards to whole pixels). Inputs on S3 (``s3://bucket/…SAFE`` or a zip)
+and a GLO-30 bucket other than AWS's public one are read through the object store's settings
+(``CBMFLOW_STORE_*``), as the worker reads scenes.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -17,8 +21,12 @@ from cbmflow import __version__
 
 if TYPE_CHECKING:
     from card.geobox import GeoBox
+    from card.s1grd.dem import Dem
 
 QUANTITY_HELP = "gamma0-rtc (terrain-flattened), gamma0 (ellipsoid, JRC's Gamma0), sigma0 or beta0."
+DEM_HELP = (
+    "'flat' (height 0 on the WGS84 ellipsoid), 'glo30' (Copernicus GLO-30 tiles from S3, cached) or a DEM raster."
+)
 
 
 def build_grid(crs: str, bounds: tuple[float, float, float, float], resolution_m: float) -> GeoBox:
@@ -37,63 +45,135 @@ def build_grid(crs: str, bounds: tuple[float, float, float, float], resolution_m
     return GeoBox((ny, nx), Affine(resolution_m, 0.0, x0, 0.0, -resolution_m, y1), crs.upper())
 
 
+def output_grids(
+    tiles: list[str], crs: str | None, bounds: tuple[float, float, float, float] | None, resolution_m: float | None
+) -> list[tuple[str | None, GeoBox]]:
+    """(name for the file names, grid) per output grid: one per ``--tile``, or the one ``--crs/--bounds`` grid."""
+    from card.mgrs import parse_tile
+
+    if tiles and (crs is not None or bounds is not None):
+        raise ValueError("give either --tile or --crs/--bounds, not both")
+    if tiles:
+        out: list[tuple[str | None, GeoBox]] = []
+        for name in tiles:
+            tile = parse_tile(name)
+            out.append((tile.name, tile.geobox(resolution_m or 10.0)))
+        return out
+    if crs is None or bounds is None:
+        raise ValueError("give the output grid: --tile 32UPU or --crs EPSG:N --bounds XMIN YMIN XMAX YMAX")
+    return [(None, build_grid(crs, bounds, resolution_m or 10.0))]
+
+
+def default_dem_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cbmflow" / "glo30"
+
+
+def glo30_client(location: str) -> Any:
+    """AWS's public bucket: an unsigned client there; any other bucket: the object store's client."""
+    from card.s1grd.dem import GLO30_AWS
+
+    if location.rstrip("/") == GLO30_AWS:
+        import boto3
+        from botocore import UNSIGNED
+        from botocore.config import Config
+
+        return boto3.client("s3", region_name="eu-central-1", config=Config(signature_version=UNSIGNED))
+    from cbmflow import store
+
+    return store.s3_client()
+
+
+def make_dem(dem: str, geoid: str | None, bucket: str, cache: Path | None) -> Dem:
+    from card.s1grd.dem import FileDem, FlatDem, Glo30Dem
+
+    if dem == "flat":
+        return FlatDem()
+    if dem == "glo30":
+        return Glo30Dem(glo30_client(bucket), cache or default_dem_cache(), bucket, geoid=geoid)
+    if not Path(dem).is_file():
+        raise FileNotFoundError(f"DEM {dem} not found")
+    return FileDem(Path(dem), geoid)
+
+
 def register(app: typer.Typer) -> None:
     card_app = typer.Typer(help="Generate CARD (analysis-ready) rasters from Copernicus inputs.", no_args_is_help=True)
     app.add_typer(card_app, name="card")
 
     @card_app.command("bs")
     def bs_cmd(
-        source: Path = typer.Argument(..., help="Sentinel-1 GRD: the .SAFE directory or its .zip."),
-        out: Path = typer.Option(..., "--out", help="Output directory."),
-        dem: str = typer.Option("flat", "--dem", help="'flat' (height 0 on the WGS84 ellipsoid) or a DEM raster."),
-        dem_geoid: str | None = typer.Option(
-            None, "--dem-geoid", help="Vertical datum of --dem heights: 'egm96' (else ellipsoidal)."
+        source: str = typer.Argument(
+            ..., help="Sentinel-1 GRD: the .SAFE directory or its .zip (also CDSE's …_COG.SAFE), local or s3://…"
         ),
-        tile: str | None = typer.Option(None, "--tile", help="Sentinel-2 MGRS tile (not implemented yet)."),
-        crs: str | None = typer.Option(None, "--crs", help="Output CRS, e.g. EPSG:32633."),
+        out: Path = typer.Option(..., "--out", help="Output directory."),
+        dem: str = typer.Option("flat", "--dem", help=DEM_HELP),
+        dem_geoid: str | None = typer.Option(
+            None,
+            "--dem-geoid",
+            help="Geoid of the DEM heights: 'egm96' or 'egm2008' (a file DEM: else ellipsoidal; glo30: its grid"
+            " if installed, else egm96).",
+        ),
+        dem_bucket: str = typer.Option(
+            "s3://copernicus-dem-30m",
+            "--dem-bucket",
+            help="Where the GLO-30 tiles are: s3://bucket[/prefix] (CDSE: s3://eodata/auxdata/CopDEM_COG/copernicus-dem-30m).",
+        ),
+        dem_cache: Path | None = typer.Option(
+            None, "--dem-cache", help="Local GLO-30 tile cache (default ~/.cache/cbmflow/glo30)."
+        ),
+        tile: list[str] = typer.Option([], "--tile", help="Sentinel-2 tile(s), e.g. 32UPU: its grid (repeatable)."),
+        crs: str | None = typer.Option(None, "--crs", help="Output CRS, e.g. EPSG:32633 (instead of --tile)."),
         bounds: tuple[float, float, float, float] | None = typer.Option(
             None, "--bounds", help="XMIN YMIN XMAX YMAX in --crs units."
         ),
-        resolution: float = typer.Option(10.0, "--resolution", help="Pixel size in --crs units (metres)."),
+        resolution: float | None = typer.Option(
+            None, "--resolution", help="Pixel size in metres (default 10; with --tile 10, 20, 60 … dividing 109 800)."
+        ),
         quantity: str = typer.Option("gamma0-rtc", "--quantity", help=QUANTITY_HELP),
         no_denoise: bool = typer.Option(False, "--no-denoise", help="Keep the thermal noise (not recommended)."),
         polarisation: list[str] = typer.Option([], "--pol", help="Polarisations (default: all in the product)."),
+        orbit: Path | None = typer.Option(
+            None, "--orbit", help="POEORB (or RESORB) .EOF file; default: the annotation's state vectors."
+        ),
     ) -> None:
-        """Calibrated, noise-removed, geocoded (and terrain-flattened) backscatter: one COG per polarisation."""
+        """Calibrated, noise-removed, geocoded (and terrain-flattened) backscatter: a COG per polarisation and grid."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
         from card.s1grd.bs import QUANTITIES, generate_bs
-        from card.s1grd.dem import Dem, FileDem, FlatDem
-        from card.s1grd.safe import SafeError
+        from card.s1grd.safe import S3SafeSource, SafeError, SafeSource
+        from cbmflow import store
 
         def fail(message: str) -> typer.Exit:
             typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
             return typer.Exit(1)
 
-        if tile is not None:
-            raise fail("--tile is not implemented yet: give --crs, --bounds and --resolution")
-        if crs is None or bounds is None:
-            raise fail("give the output grid: --crs EPSG:N --bounds XMIN YMIN XMAX YMAX [--resolution M]")
         if quantity not in QUANTITIES:
             raise fail(f"--quantity must be one of {', '.join(QUANTITIES)}")
         try:
-            grid = build_grid(crs, bounds, resolution)
-            provider: Dem = FlatDem() if dem == "flat" else FileDem(Path(dem), dem_geoid)
-            if dem != "flat" and not Path(dem).is_file():
-                raise FileNotFoundError(f"DEM {dem} not found")
-            result = generate_bs(
-                str(source),
-                grid,
-                provider,
-                str(out),
-                quantity=quantity,
-                denoise=not no_denoise,
-                polarisations=tuple(p.upper() for p in polarisation) or None,
-                software=f"cbmflow {__version__}",
-            )
-        except (SafeError, FileNotFoundError, ValueError) as exc:
+            grids = output_grids(tile, crs, bounds, resolution)
+            provider = make_dem(dem, dem_geoid, dem_bucket, dem_cache)
+            if orbit is not None and not orbit.is_file():
+                raise FileNotFoundError(f"orbit file {orbit} not found")
+            on_s3 = store.is_s3(source)
+            product: str | SafeSource = S3SafeSource(source, store.s3_client()) if on_s3 else source
+            for name, grid in grids:
+                with store.gdal_env(store.gdal_path(source) if on_s3 else None):
+                    result = generate_bs(
+                        product,
+                        grid,
+                        provider,
+                        str(out),
+                        quantity=quantity,
+                        denoise=not no_denoise,
+                        name=name,
+                        polarisations=tuple(p.upper() for p in polarisation) or None,
+                        software=f"cbmflow {__version__}",
+                        orbit_file=orbit,
+                    )
+                for pol, path in result.backscatter.items():
+                    typer.echo(f"{pol}\t{path}")
+                typer.echo(f"MASK\t{result.mask}")
+                typer.echo(f"LIA\t{result.local_incidence}")
+                rate = result.pixels / result.seconds if result.seconds > 0 else float("inf")
+                typer.echo(f"{result.pixels} pixels in {result.seconds:.1f} s ({rate:,.0f} pixels/s)", err=True)
+        except (SafeError, FileNotFoundError, ValueError, ClientError, BotoCoreError, store.StoreError) as exc:
             raise fail(str(exc)) from exc
-        for pol, path in result.backscatter.items():
-            typer.echo(f"{pol}\t{path}")
-        typer.echo(f"MASK\t{result.mask}")
-        typer.echo(f"LIA\t{result.local_incidence}")
-        rate = result.pixels / result.seconds if result.seconds > 0 else float("inf")
-        typer.echo(f"{result.pixels} pixels in {result.seconds:.1f} s ({rate:,.0f} pixels/s)", err=True)

@@ -2,31 +2,50 @@
 
 * :class:`FlatDem` — height 0 on the WGS84 ellipsoid. Geocoding on it is honest ellipsoid
   correction (output named GEC/GTC, never RTC-on-terrain), and the reference for the RTC tests.
-* :class:`FileDem` — any raster GDAL opens, bilinearly resampled onto the box. Geoid-referenced
-  heights (Copernicus GLO-30: EGM2008; SRTM and sarsen's Rome DEM: EGM96) are made ellipsoidal by
-  adding the undulation N of a PROJ geoid grid: ``egm96`` reads ``egm96_15.gtx`` from Debian's
-  proj-data (/usr/share/proj; the pyproj wheel ships no grids). EGM2008 − EGM96 is about ±1 m
-  (up to a few metres in mountains), ~0.1 px of range at 10 m pixels and 30–45° incidence; a
-  GLO-30 DEM with the EGM96 grid is documented as such in the output tags.
+* :class:`FileDem` — any raster GDAL opens, bilinearly resampled onto the box.
+* :class:`Glo30Dem` — Copernicus GLO-30 DEM COG tiles (1° × 1°, 1″) from an S3 bucket (the AWS
+  open-data bucket ``s3://copernicus-dem-30m/`` or CDSE's ``s3://eodata/auxdata/CopDEM_COG/
+  copernicus-dem-30m/``), fetched once into a local cache and mosaicked by a VRT, so that a block
+  on a tile corner is warped from all four tiles at once (no seam).
+
+Geoid-referenced heights (GLO-30: EGM2008; SRTM and sarsen's Rome DEM: EGM96) are made
+ellipsoidal by adding the undulation N of a PROJ geoid grid, read directly with rasterio (the
+pyproj wheel ships no grids): ``egm96`` is ``egm96_15.gtx`` from Debian's proj-data; ``egm2008``
+(``us_nga_egm08_25.tif`` or ``egm08_25.gtx``) is used where a deployment installed it (Debian's
+proj-data has none). GLO-30 is therefore converted with EGM96 by default, and the DEM tag says so.
+EGM2008 − EGM96 is 0.5 m RMS worldwide, up to ~10 m in a few places (ocean trenches, the
+Himalaya, the Andes; NGA / MICRODEM's EGM notes). A height error Δh moves a point by Δh/tan θ in
+ground range: at 30–45° incidence 1 m is 1.0–1.7 m, 0.10–0.17 px of 10 m, so the typical
+difference is ~0.05–0.1 px, and ~1 px where it reaches 10 m. Terrain flattening sees only the
+geoid's slope, which the two models share to 1e-5 (cm per km): no effect on RTC values.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+import re
+import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import rasterio
+from pyproj import Transformer
 from rasterio.warp import Resampling, reproject
 
 from card.geobox import GeoBox
 
 FloatArray = npt.NDArray[np.float64]
 
-GEOID_GRIDS = {"egm96": "egm96_15.gtx"}
+GEOID_GRIDS: dict[str, tuple[str, ...]] = {
+    "egm96": ("egm96_15.gtx", "us_nga_egm96_15.tif"),
+    "egm2008": ("us_nga_egm08_25.tif", "egm08_25.gtx"),
+}
 PROJ_DATA_DIRS = ("/usr/share/proj", "/usr/local/share/proj")
 
 
@@ -61,10 +80,21 @@ def geoid_grid_path(name: str) -> Path:
         raise ValueError(f"unknown geoid {name!r}; known: {sorted(GEOID_GRIDS)}")
     dirs = [d for d in os.environ.get("PROJ_DATA", "").split(os.pathsep) if d] + list(PROJ_DATA_DIRS)
     for d in dirs:
-        p = Path(d) / GEOID_GRIDS[name]
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"geoid grid {GEOID_GRIDS[name]} not found in {dirs}: install Debian's proj-data")
+        for file_name in GEOID_GRIDS[name]:
+            p = Path(d) / file_name
+            if p.is_file():
+                return p
+    hint = "install Debian's proj-data" if name == "egm96" else "install the PROJ grid (proj-data has none)"
+    raise FileNotFoundError(f"geoid grid {' or '.join(GEOID_GRIDS[name])} not found in {dirs}: {hint}")
+
+
+def best_geoid(preferred: str = "egm2008") -> str:
+    """``preferred`` if its grid is installed, else ``egm96`` (Debian's proj-data)."""
+    try:
+        geoid_grid_path(preferred)
+    except FileNotFoundError:
+        return "egm96"
+    return preferred
 
 
 def _warp(path: str | Path, box: GeoBox, resampling: Resampling) -> FloatArray:
@@ -100,3 +130,154 @@ class FileDem:
         if self.geoid:
             h = h + _warp(geoid_grid_path(self.geoid), box, Resampling.bilinear)
         return h
+
+
+# --------------------------------------------------------------------------------------------
+# Copernicus GLO-30 from S3
+
+
+GLO30_AWS = "s3://copernicus-dem-30m"
+"""The AWS open-data bucket (anonymous reads, eu-central-1)."""
+GLO30_CDSE = "s3://eodata/auxdata/CopDEM_COG/copernicus-dem-30m"
+"""The same tiles in CDSE's eodata (its S3 credentials)."""
+GLO30_DATUM = "egm2008"
+GLO30_RESOLUTION_DEG = 1 / 3600
+
+
+def glo30_tile_name(lat: int, lon: int) -> str:
+    """``Copernicus_DSM_COG_10_N41_00_E012_00_DEM``: the 1° tile whose south-west corner is (lat, lon)."""
+    ns, ew = ("N" if lat >= 0 else "S"), ("E" if lon >= 0 else "W")
+    return f"Copernicus_DSM_COG_10_{ns}{abs(lat):02d}_00_{ew}{abs(lon):03d}_00_DEM"
+
+
+@lru_cache(maxsize=64)
+def _to_lonlat(crs: str) -> Transformer:
+    return Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+
+
+def lonlat_bounds(box: GeoBox) -> tuple[float, float, float, float]:
+    """(west, south, east, north) of a box's outline (densified: UTM edges are curved in lon/lat)."""
+    left, bottom, right, top = box.bounds
+    n = 8
+    xs = np.r_[np.linspace(left, right, n), np.full(n, right), np.linspace(right, left, n), np.full(n, left)]
+    ys = np.r_[np.full(n, top), np.linspace(top, bottom, n), np.full(n, bottom), np.linspace(bottom, top, n)]
+    crs = box.crs if isinstance(box.crs, str) else f"EPSG:{box.crs}"
+    lon, lat = _to_lonlat(crs).transform(xs, ys)
+    return float(np.min(lon)), float(np.min(lat)), float(np.max(lon)), float(np.max(lat))
+
+
+class Glo30Dem:
+    """Copernicus GLO-30 heights from 1° COG tiles in an S3 bucket, cached on local disk.
+
+    ``client`` is a boto3 S3 client for the store that holds the tiles (card/ knows no store
+    settings: the caller passes its endpoint and credentials; for the AWS bucket an unsigned
+    client). Tiles are downloaded whole (~5–25 MB; a GRD needs ~10–40 of them) into
+    ``cache_dir`` once, atomically, so that concurrent jobs share them. A tile that is not in the
+    bucket (open sea: GLO-30 has no all-ocean tiles) is remembered as such and is height 0 on the
+    geoid; any other S3 error propagates (the caller decides whether to retry).
+    """
+
+    flat = False
+
+    def __init__(
+        self, client: Any, cache_dir: str | Path, location: str = GLO30_AWS, *, geoid: str | None = None
+    ) -> None:
+        m = re.match(r"^(?:s3://|/vsis3/)([^/]+)/?(.*?)/?$", location)
+        if not m:
+            raise ValueError(f"GLO-30 location {location!r} is not s3://bucket[/prefix]")
+        self.client = client
+        self.bucket, prefix = m.group(1), m.group(2)
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.geoid = geoid or best_geoid(GLO30_DATUM)
+        geoid_grid_path(self.geoid)  # fail at once, not in the first block, if the grid is missing
+
+    @property
+    def label(self) -> str:
+        return (
+            f"Copernicus GLO-30 (s3://{self.bucket}/{self.prefix}; EGM2008 heights + {self.geoid.upper()} geoid"
+            " → ellipsoid)"
+        )
+
+    def tile(self, name: str) -> Path | None:
+        """The cached tile file, downloaded first if needed; None when the bucket has no such tile."""
+        path = self.cache_dir / f"{name}.tif"
+        if path.is_file():
+            return path
+        missing = self.cache_dir / f"{name}.missing"
+        if missing.is_file():
+            return None
+        from botocore.exceptions import ClientError
+
+        part = self.cache_dir / f".{name}.{uuid.uuid4().hex}.part"
+        try:
+            self.client.download_file(self.bucket, f"{self.prefix}{name}/{name}.tif", str(part))
+        except ClientError as exc:
+            part.unlink(missing_ok=True)
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                missing.touch()
+                return None
+            raise
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        os.replace(part, path)
+        return path
+
+    def tiles_for(self, box: GeoBox) -> list[tuple[int, int]]:
+        """(lat, lon) of the south-west corners of the tiles the box needs (2 DEM pixels of margin)."""
+        west, south, east, north = lonlat_bounds(box)
+        m = 2 * GLO30_RESOLUTION_DEG
+        mlon = m / max(math.cos(math.radians(max(abs(south), abs(north)))), 0.05)
+        lats = range(math.floor(south - m), math.floor(north + m) + 1)
+        lons = range(math.floor(west - mlon), math.floor(east + mlon) + 1)
+        return [(lat, lon) for lat in lats for lon in lons if -90 <= lat < 90 and -180 <= lon < 180]
+
+    def mosaic(self, tiles: list[tuple[int, int]]) -> Path:
+        """A VRT over ``tiles`` (1″ grid, bilinear from tiles with coarser longitude spacing); absent tiles read 0."""
+        names = sorted(glo30_tile_name(lat, lon) for lat, lon in tiles)
+        vrt = self.cache_dir / f"mosaic-{hashlib.sha1(' '.join(names).encode()).hexdigest()[:16]}.vrt"
+        present = [(lat, lon, self.tile(glo30_tile_name(lat, lon))) for lat, lon in tiles]  # (re)fetched if evicted
+        if vrt.is_file():
+            return vrt
+        res = GLO30_RESOLUTION_DEG
+        lat0, lat1 = min(t[0] for t in tiles), max(t[0] for t in tiles) + 1
+        lon0, lon1 = min(t[1] for t in tiles), max(t[1] for t in tiles) + 1
+        # GLO-30 pixels are points on whole arc-seconds: the tile grids start half a pixel out
+        left, top = lon0 - res / 2, lat1 + res / 2
+        width, height = round((lon1 - lon0) / res), round((lat1 - lat0) / res)
+        sources = []
+        for _, _, path in present:
+            if path is None:
+                continue
+            with rasterio.open(path) as src:
+                t, (h, w) = src.transform, src.shape
+                x_off, y_off = round((t.c - left) / res), round((top - t.f) / res)
+                x_size, y_size = round(w * t.a / res), round(h * -t.e / res)
+                dtype = src.dtypes[0]
+            sources.append(
+                f'<ComplexSource resampling="bilinear"><SourceFilename relativeToVRT="0">{path.resolve()}'
+                f"</SourceFilename><SourceBand>1</SourceBand>"
+                f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+                f'<DstRect xOff="{x_off}" yOff="{y_off}" xSize="{x_size}" ySize="{y_size}"/></ComplexSource>'
+            )
+        xml = (
+            f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>EPSG:4326</SRS>'
+            f"<GeoTransform>{left!r}, {res!r}, 0, {top!r}, 0, {-res!r}</GeoTransform>"
+            f'<VRTRasterBand dataType="{"Float32" if not sources else _gdal_type(dtype)}" band="1">'
+            + "".join(sources)
+            + "</VRTRasterBand></VRTDataset>"
+        )
+        part = self.cache_dir / f".{vrt.name}.{uuid.uuid4().hex}.part"
+        part.write_text(xml)
+        os.replace(part, vrt)
+        return vrt
+
+    def heights(self, box: GeoBox) -> FloatArray:
+        h = _warp(self.mosaic(self.tiles_for(box)), box, Resampling.bilinear)
+        return h + _warp(geoid_grid_path(self.geoid), box, Resampling.bilinear)
+
+
+def _gdal_type(dtype: str) -> str:
+    return {"float32": "Float32", "float64": "Float64", "int16": "Int16", "uint16": "UInt16", "int32": "Int32"}[dtype]

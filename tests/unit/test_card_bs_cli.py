@@ -48,7 +48,9 @@ def test_card_bs_writes_one_cog_per_polarisation_and_fill_is_nan(tmp_path: Path)
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--tile", "33TUG"], "--tile is not implemented"),
+        (["--tile", "33TUG", "--crs", "EPSG:32633"], "either --tile or --crs/--bounds"),
+        (["--tile", "33TIG"], "not a Sentinel-2 tile name"),
+        (["--tile", "33TUG", "--resolution", "7"], "does not divide"),
         (["--crs", "EPSG:32633"], "give the output grid"),
         (["--crs", "EPSG:32633", "--bounds", "0", "0", "10", "10", "--quantity", "db"], "--quantity must be one of"),
         (["--crs", "EPSG:32633", "--bounds", "0", "0", "10", "10", "--dem", "/nonexistent.tif"], "not found"),
