@@ -241,12 +241,17 @@ ROLE_GRANTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("card_inputs_id_seq", "USAGE, SELECT"),
     ),
     # Claims and leases scenes, registers and heartbeats, takes fleet-wide task slots (the
-    # dead-letter reconciliation); sigs/hists: see grant_dataset.
+    # dead-letter reconciliation); sigs/hists: see grant_dataset. A CARD job (GenerateCard) leases
+    # its card input, registers the scenes it made and writes their extraction jobs to the outbox
+    # (INSERT and the id it returns only: it can neither read nor publish other rows).
     "cbmflow_worker": (
         ("aois", "SELECT"),
         ("datasets", "SELECT"),
-        ("scenes", "SELECT, UPDATE"),
-        ("card_inputs", "SELECT"),
+        ("scenes", "SELECT, INSERT, UPDATE"),
+        ("card_inputs", "SELECT, UPDATE"),
+        ("outbox", "SELECT (id), INSERT"),
+        ("scenes_id_seq", "USAGE, SELECT"),
+        ("outbox_id_seq", "USAGE, SELECT"),
         ("workers", "SELECT, INSERT, UPDATE"),
         ("worker_tasks", "SELECT, INSERT, UPDATE"),
     ),

@@ -144,7 +144,8 @@ def test_worker_role_writes_its_rows_and_cannot_read_users_or_tokens(pg_dsn: str
     assert _denied(worker, "DELETE FROM scenes")
     assert _denied(worker, "INSERT INTO ms.parcels_2024 (pid, parcel_id, geom) SELECT 99, 'x', geom FROM aois")
     assert _denied(worker, "UPDATE datasets SET srid = 4326")
-    assert _denied(worker, "INSERT INTO outbox (message_id, kind, body) VALUES ('x', 'y', '{}')")
+    # A CARD job queues its scenes' extraction through the outbox: it may add rows, never read or mark them.
+    assert _denied(worker, "SELECT body FROM outbox") and _denied(worker, "UPDATE outbox SET published_at = now()")
     assert _denied(worker, "DROP TABLE ms.sigs_2024")
 
 
