@@ -53,6 +53,15 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 
 from card.geobox import GeoBox
+from card.testworld_grd import (
+    BackscatterField,
+    GrdAcquisition,
+    SyntheticGrd,
+    grd_collection,
+    relative_to_absolute_orbit,
+    write_grd,
+)
+from card.testworld_grd import write_truth as write_grd_truth
 
 FloatArray = npt.NDArray[np.float64]
 Float32Array = npt.NDArray[np.float32]
@@ -210,6 +219,12 @@ class WorldSummary:
     """With ``earth_search_items``: per SAFE (in order), its ``sentinel-2-l2a`` then ``sentinel-2-c1-l2a`` Item."""
     s1_rtc_item_paths: tuple[Path, ...] = ()
     """With ``earth_search_items``: per CARD ``bs`` product, a ``sentinel-1-rtc``-shaped Item."""
+    grd_products: tuple[str, ...] = ()
+    """With ``grd_scenes``: Sentinel-1 IW GRDH products (CARD inputs), by name."""
+    grd_product_paths: tuple[Path, ...] = ()
+    """Their ``.SAFE`` directories, under ``products/s1``."""
+    truth_grd_path: Path | None = None
+    """With ``grd_scenes``: ``truth_grd.csv``, the γ0 per (parcel, GRD product, VVb/VHb)."""
 
 
 # --- internal model -----------------------------------------------------------------------------
@@ -330,6 +345,7 @@ def generate(
     s1_scenes: int = 0,
     c6_scenes: int = 0,
     earth_search_items: bool = False,
+    grd_scenes: int = 0,
 ) -> WorldSummary:
     """Write a complete test world under ``out`` (see the module docstring); same seed, same bytes.
 
@@ -344,6 +360,12 @@ def generate(
 
     ``out/products`` and ``out/stac`` are replaced, so that products of an earlier, larger world
     cannot linger in the catalogue.
+
+    ``grd_scenes`` Sentinel-1 IW GRDH products (SAFE, ``products/s1``, collection
+    ``sentinel-1-grd``: inputs of CARD-BS generation) are rendered by
+    :mod:`card.testworld_grd` from the ``bs`` level model on 12-day cycles the ``bs`` products
+    leave free, with their truth in ``truth_grd.csv`` (not ``truth.csv``: CARD-BS output equals
+    it within quantisation on interior pixels only). None by default; nothing else changes.
     """
     if parcels < 1:
         raise ValueError("parcels must be at least 1")
@@ -354,6 +376,8 @@ def generate(
     for label, n in (("s1_scenes", s1_scenes), ("c6_scenes", c6_scenes)):
         if not 0 <= n <= S1_MAX_SCENES:
             raise ValueError(f"{label} must be between 0 and {S1_MAX_SCENES} (one per {S1_REPEAT_DAYS}-day cycle)")
+    if not 0 <= grd_scenes <= S1_MAX_SCENES - s1_scenes:
+        raise ValueError(f"grd_scenes must be between 0 and {S1_MAX_SCENES} - s1_scenes (cycles of their own)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for owned in (out / "products", out / "stac"):
@@ -406,8 +430,9 @@ def generate(
         s1_truths.append(_render_s1(s1_plan, world, tif))
         s1_files.append(tif)
 
+    grds = _write_grds(grd_scenes, year, world, s1_plans, products_dir / "s1", out / "truth_grd.csv")
     catalog_path = _write_stac(
-        out / "stac", plans, safe_dirs, truths, footprint, aoi_name, list(zip(s1_plans, s1_files, strict=True))
+        out / "stac", plans, safe_dirs, truths, footprint, aoi_name, list(zip(s1_plans, s1_files, strict=True)), grds
     )
     truth_rows = _write_truth(out / "truth.csv", out / "truth_scl.csv", world, plans, truths)
     truth_rows += _append_s1_truth(out / "truth.csv", world, s1_plans, s1_truths)
@@ -439,6 +464,9 @@ def generate(
         s1_product_paths=tuple(s1_files),
         earth_search_item_paths=tuple(es_items),
         s1_rtc_item_paths=tuple(rtc_items),
+        grd_products=tuple(g.name for g in grds),
+        grd_product_paths=tuple(g.safe for g in grds),
+        truth_grd_path=out / "truth_grd.csv" if grds else None,
     )
 
 
@@ -1390,6 +1418,50 @@ def _render_s1(plan: _S1Plan, world: _World, path: Path) -> _Truth:
     return truth
 
 
+def _write_grds(
+    n: int, year: int, world: _World, s1_plans: list[_S1Plan], out_dir: Path, truth_path: Path
+) -> list[SyntheticGrd]:
+    """GRD inputs of CARD-BS on cycles the CARD ``bs`` products leave free (two products of one
+    acquisition with different values would contradict each other). γ0 per parcel and date from
+    the ``bs`` level model without speckle; lakes are calm water below the noise floor (γ0 = 0)."""
+    if n == 0:
+        return []
+    rng = np.random.default_rng(np.random.SeedSequence([world.seed, 2]))
+    first = datetime(year, *SEASON_START, 5, 25, 41, tzinfo=UTC) + timedelta(days=2)
+    used = {(p.start - first).days // S1_REPEAT_DAYS for p in s1_plans if p.card == "bs"}
+    free = [c for c in range(S1_MAX_SCENES) if c not in used]
+    grid, label = world.grids[10], world.labels[10]
+    water = (label == 0) & _ellipses(world.lakes, grid.x_centres(), grid.y_centres())
+    products: list[SyntheticGrd] = []
+    truths: list[tuple[str, dict[str, Float32Array]]] = []
+    for i in range(n):
+        start = first + timedelta(days=free[(i * len(free)) // n] * S1_REPEAT_DAYS, seconds=int(rng.integers(0, 4)))
+        plan = _S1Plan(
+            card="bs",
+            index=i,
+            start=start,
+            reference=None,
+            abs_orbit=relative_to_absolute_orbit(S1_MISSION, start, S1_RELATIVE_ORBIT),
+            datatake=int(rng.integers(0x10000, 0xFFFFFF)),
+            unique=int(rng.integers(0, 0xFFFF)),
+            moisture_db=float(rng.uniform(-1.5, 1.5)),
+            grid=grid,
+            nodata_patch=None,
+        )
+        levels = _s1_levels(plan, world)
+        bands = S1_BANDS["bs"]
+        truth = BackscatterField(
+            grid,
+            {pol: np.where(water, np.float32(0), levels[band][label]) for pol, band in bands},
+            {pol: float(levels[band][0]) for pol, band in bands},
+        )
+        acquisition = GrdAcquisition(start, plan.abs_orbit, plan.datatake, plan.unique, mission=S1_MISSION)
+        products.append(write_grd(out_dir, acquisition, truth, seed=world.seed))
+        truths.append((products[-1].name, levels))
+    write_grd_truth(truth_path, truths, label, [world.parcels.ids[i] for i in world.valid_index])
+    return products
+
+
 def _write_card_cog(path: Path, array: Float32Array, plan: _S1Plan) -> None:
     """cbmflow's CARD format: one COG, float32, linear, NaN nodata, bands described VV / VH."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1484,6 +1556,7 @@ def _write_stac(
     footprint: Any,
     aoi_name: str,
     s1: list[tuple[_S1Plan, Path]] | None = None,
+    grd: list[SyntheticGrd] | None = None,
 ) -> Path:
     """A self-contained static catalogue (relative hrefs), so the world can be moved or copied."""
     catalog = pystac.Catalog(
@@ -1556,6 +1629,8 @@ def _write_stac(
         mine = [(p, f) for p, f in s1 or [] if p.card == card]
         if mine:
             catalog.add_child(_s1_collection(card, mine))
+    if grd:
+        catalog.add_child(grd_collection(grd))
     catalog.normalize_hrefs(str(root.resolve()))
     catalog.make_all_asset_hrefs_relative()
     catalog.save(pystac.CatalogType.SELF_CONTAINED)
