@@ -25,6 +25,9 @@ NOVA = "https://nova.cloud.test/v2.1"
 GLANCE = "https://glance.cloud.test"
 NEUTRON = "https://neutron.cloud.test"
 FLAVOR = {"id": "f-4c8g", "name": "eo.4c8g", "vcpus": 4, "ram": 8192, "disk": 40}
+# A second size, for a pool of CARD workers beside the extraction pool.
+BIG_FLAVOR = {"id": "f-16c64g", "name": "eo.16c64g", "vcpus": 16, "ram": 65536, "disk": 80}
+FLAVORS = {f["id"]: f for f in (FLAVOR, BIG_FLAVOR)}
 IMAGE = {"id": "img-debian-12", "name": "debian-12-cbmflow", "status": "active"}
 NETWORK = {"id": "net-1234", "name": "cbm-private", "status": "ACTIVE"}
 ENV = {
@@ -89,8 +92,9 @@ class FakeCloud:
         mock.post(AUTH + "/auth/tokens", json=token, headers={"X-Subject-Token": "tok-1"}, status_code=201)
         mock.get(NOVA, json=nova_version)
         mock.get(NOVA + "/", json=nova_version)
-        mock.get(NOVA + "/flavors/detail", json={"flavors": [FLAVOR]})
-        mock.get(NOVA + "/flavors/" + FLAVOR["id"], json={"flavor": FLAVOR})
+        mock.get(NOVA + "/flavors/detail", json={"flavors": list(FLAVORS.values())})
+        for flavor in FLAVORS.values():
+            mock.get(NOVA + "/flavors/" + str(flavor["id"]), json={"flavor": flavor})
         mock.get(GLANCE + "/", json={"versions": [{"id": "v2.16", "status": "CURRENT",
                                                    "links": [{"rel": "self", "href": GLANCE + "/v2/"}]}]})  # fmt: skip
         mock.get(GLANCE + "/v2/images", json=self._by_name(IMAGE, "images"))
@@ -123,7 +127,8 @@ class FakeCloud:
             "created": "2025-05-01T10:00:00Z",
             "metadata": dict(body.get("metadata", {})),
             "tags": list(body.get("tags", [])),
-            "flavor": {"original_name": FLAVOR["name"], "vcpus": 4, "ram": 8192},
+            "flavor": {k: FLAVORS[body["flavorRef"]][k] for k in ("vcpus", "ram")}
+            | {"original_name": FLAVORS[body["flavorRef"]]["name"]},
             "addresses": {
                 "cbm-private": [{"addr": f"10.0.0.{len(self.servers) + 10}", "version": 4, "OS-EXT-IPS:type": "fixed"}]
             },  # fmt: skip
