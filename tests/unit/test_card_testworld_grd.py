@@ -184,6 +184,34 @@ def test_geometry_agrees_with_the_reader_geocoder(small: SyntheticGrd, small_pro
     assert 0.0014 < a.azimuth_time_interval_s < 0.0016
 
 
+def test_ascending_pass_across_a_sub_swath_boundary(tmp_path: Path) -> None:
+    """The other orbit branch, and a crop that straddles IW1|IW2 (36.28°): two azimuth noise blocks
+    with different η, one γ0 recovered on both sides."""
+    grid = SMALL_GRID[:120, :120]
+    field = BackscatterField(grid, {"VV": np.full(grid.shape, 0.08, np.float32)}, {"VV": 0.08})
+    when = datetime(2024, 5, 9, 17, 12, 30, tzinfo=UTC)
+    acq = GrdAcquisition(when, relative_to_absolute_orbit("S1A", when, 44), 0x05A2C3, 0x2D4E, "S1A", "ascending", 36.28)
+    grd = write_grd(tmp_path, acq, field, polarisations=("VV",))
+    vv = open_grd(grd.safe).polarisations["VV"]
+    a = vv.annotation
+    assert a.pass_direction == "Ascending" and np.all(a.orbit.vel[:, 2] > 0)
+    assert [b.swath for b in vv.noise.azimuth] == ["IW1", "IW2"]
+    assert vv.noise.azimuth[0].values[0] != vv.noise.azimuth[1].values[0]
+    pos = Geocoder(a).radar_position(ecef(a.grid.lon, a.grid.lat, a.grid.height))
+    assert np.max(np.abs(pos.line - a.grid.line)) < 0.01 and np.max(np.abs(pos.pixel - a.grid.pixel)) < 0.01
+    out = generate_bs(str(grd.safe), grid, FlatDem(), str(tmp_path / "bs"), quantity="gamma0")
+    with rasterio.open(out.backscatter["VV"]) as src:
+        x = src.read(1).astype(np.float64)
+    boundary = vv.noise.azimuth[0].last_sample
+    lon, lat = Transformer.from_crs(32632, 4326, always_xy=True).transform(
+        *np.meshgrid(grid.x_centres(), grid.y_centres())
+    )
+    _, sample = radar_position(grd, lon, lat)
+    for side in (sample < boundary - 2, sample > boundary + 2):
+        assert side.sum() > 1000
+        assert abs(x[side].mean() / 0.08 - 1) < 0.003 and np.percentile(np.abs(x[side] / 0.08 - 1), 99) < 0.03
+
+
 def test_noise_floor_is_zero_and_fill_is_nan(small: SyntheticGrd, tmp_path: Path) -> None:
     pad = 50  # 500 m beyond the field: past the 300 m margin and the fill border
     grid = SMALL_GRID.shifted(rows=-pad, cols=-pad, shape=(200 + 2 * pad, 200 + 2 * pad))
