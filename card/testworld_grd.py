@@ -1231,6 +1231,12 @@ def write_truth(
     γ0 of the parcel's pixel-centre pixels in the truth field (one value per parcel and date), so
     it is what CARD-BS gives on the ``interior_count`` pixels within quantisation; at the other
     (edge) pixels bilinear resampling mixes in the neighbourhood (see ``TRUTH_INTERIOR_PX``).
+
+    Measured (``generate_bs`` γ0 on the world's 10 m grid, flat DEM; seeds 3, 5, 21, 60 parcels):
+    interior means within 0.5 % (VV) / 1 % (VH) of ``mean`` for parcels with ≥ 25 interior pixels,
+    median 0.05 % / 0.15 %; ``gamma0-rtc`` the same to 0.01 %. Means over *all* pixel-centre pixels
+    (what an extraction returns) are 0.7–1.4 % low in the median and up to 9 % (VV) / 14 % (VH) off
+    for small parcels, whose edge pixels mix in the background.
     """
     n = len(label_ids) + 1
     counts = np.bincount(labels.ravel(), minlength=n)
