@@ -296,9 +296,12 @@ def test_userdata_boots_into_a_worker_that_extracts_a_real_scene(
 
     # exactly what the OpenStack driver would post for a server of this name
     name = f"cbmflow-sandbox-{secrets.token_hex(4)}"
-    userdata = server_userdata(ProvisionSettings(driver="openstack", install="preinstalled"), name)
+    # of an extraction pool: its workers consume ExtractParcels jobs only
+    pool = ProvisionSettings(driver="openstack", install="preinstalled", pool="extract", job_kinds=["ExtractParcels"])
+    userdata = server_userdata(pool, name)
     env, command = parse_worker_launch(userdata)
     assert env["CBMFLOW_WORKER_ID"] == name and command == [f"{VENV_DIR}/bin/cbmflow", "worker"]
+    assert env["CBMFLOW_WORKER_JOB_KINDS"] == '["ExtractParcels"]'
     seed = tmp_path / "seed"
     seed.mkdir()
     (seed / "user-data").write_text(userdata)
