@@ -69,11 +69,12 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 TILE_ID = "32UPU"
-"""A real MGRS tile (Bavaria, north of Munich). Its true origin is used, ULY included: S2 tiles
-start 20 m above the 100 km MGRS square, and a worker that assumes round numbers should fail here."""
+"""A real MGRS tile (Bavaria, north of Munich) with its true origin (card.mgrs.tile_geobox("32UPU")):
+S2 corners sit on the UTM zone's 60 m lattice counted from the equator, which 5 400 000 already is;
+other tiles' are not round (32TPP: ULY 4 900 020), so the crops below stay on that lattice."""
 TILE_EPSG = 32632
 TILE_ULX_M = 600000
-TILE_ULY_M = 5400020
+TILE_ULY_M = 5400000
 TILE_SIZE_M = 109800
 PARCELS_EPSG = 3035
 """ETRS89-LAEA, as national LPIS data often is: the extractor must reproject parcels to UTM."""

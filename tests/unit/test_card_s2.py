@@ -76,8 +76,8 @@ def test_band_files_match_tile_geocoding(product: S2Product) -> None:
     g60, g10 = product.tile_grid(60), product.tile_grid(10)
     assert (g60.bounds.left, g60.bounds.top) == (g10.bounds.left, g10.bounds.top)
     assert g60.width * 6 == g10.width
-    # Crops sit on the real tile's 60 m lattice (T32UPU: ULX 600000, ULY 5400020).
-    assert (g60.bounds.left - 600000) % 60 == 0 and (5400020 - g60.bounds.top) % 60 == 0
+    # Crops sit on the real tile's 60 m lattice (T32UPU: ULX 600000, ULY 5400000).
+    assert (g60.bounds.left - 600000) % 60 == 0 and (5400000 - g60.bounds.top) % 60 == 0
 
 
 def test_footprint_contains_the_aoi(world: WorldSummary, product: S2Product) -> None:
@@ -132,8 +132,8 @@ _TILE = """<?xml version="1.0" encoding="UTF-8"?>
       <HORIZONTAL_CS_CODE>EPSG:32632</HORIZONTAL_CS_CODE>
       <Size resolution="10"><NROWS>10980</NROWS><NCOLS>10980</NCOLS></Size>
       <Size resolution="20"><NROWS>5490</NROWS><NCOLS>5490</NCOLS></Size>
-      <Geoposition resolution="10"><ULX>600000</ULX><ULY>5400020</ULY><XDIM>10</XDIM><YDIM>-10</YDIM></Geoposition>
-      <Geoposition resolution="20"><ULX>600000</ULX><ULY>5400020</ULY><XDIM>20</XDIM><YDIM>-20</YDIM></Geoposition>
+      <Geoposition resolution="10"><ULX>600000</ULX><ULY>5400000</ULY><XDIM>10</XDIM><YDIM>-10</YDIM></Geoposition>
+      <Geoposition resolution="20"><ULX>600000</ULX><ULY>5400000</ULY><XDIM>20</XDIM><YDIM>-20</YDIM></Geoposition>
     </Tile_Geocoding>
   </n1:Geometric_Info>
 </n1:Level-2A_Tile_ID>
@@ -201,7 +201,7 @@ def test_pre_04_baseline_has_no_offset(tmp_path: Path) -> None:
         32632,
     )
     assert p.sensing_time == datetime(2019, 9, 27, 10, 20, 29, 24000, tzinfo=UTC)
-    assert tuple(p.tile_grid(10).transform)[:6] == (10.0, 0.0, 600000.0, 0.0, -10.0, 5400020.0)
+    assert tuple(p.tile_grid(10).transform)[:6] == (10.0, 0.0, 600000.0, 0.0, -10.0, 5400000.0)
     assert p.footprint.bounds == (10.3, 47.7, 11.8, 48.7)  # EXT_POS_LIST is lat, lon
     assert p.band_path("B04").name == "T32UPU_20190927T102021_B04_10m.jp2"  # native 10 m, not the 20 m copy
     with pytest.raises(MissingBandError, match="listed in MTD_MSIL2A.xml but its file is missing"):

@@ -316,3 +316,14 @@ def test_demo_data_cli_writes_s1_card_on_request(tmp_path: Path) -> None:
     with (out / "truth.csv").open() as fh:
         bands = {row["band"] for row in csv.DictReader(fh)}
     assert {"VVb", "VHb", "VVc", "VHc"} <= bands
+
+
+def test_world_tile_is_the_real_s2_tile() -> None:
+    """The demo's S2 products and S1 CARD made on card.mgrs's grid must share one 10 m grid."""
+    from card import testworld
+    from card.mgrs import tile_geobox
+
+    box = tile_geobox(testworld.TILE_ID)
+    assert box.crs.upper() == f"EPSG:{testworld.TILE_EPSG}"
+    assert (box.transform.c, box.transform.f) == (testworld.TILE_ULX_M, testworld.TILE_ULY_M)
+    assert box.shape == (testworld.TILE_SIZE_M // 10, testworld.TILE_SIZE_M // 10)
