@@ -53,11 +53,14 @@ import structlog
 
 from cbmflow import bus as busmod
 from cbmflow import db, store
-from cbmflow.errors import PermanentJobError
+from cbmflow.errors import ConfigError, PermanentJobError
 from cbmflow.logging import get_logger
-from cbmflow.messages import ExtractParcels, parse_message
+from cbmflow.messages import JOB_KINDS, ExtractParcels, GenerateCard, parse_message
+from cbmflow.outbox import flush_outbox
 from cbmflow.settings import BusSettings, DbSettings, WorkerSettings
+from worker.cardjob import CardJobs, ClaimedInput, UnknownCardInput, UnsupportedCardJob
 from worker.deadletters import reconcile_dead_letters
+from worker.leases import LeaseHeld, LeaseLost, SceneChanged
 from worker.metrics import WorkerMetrics
 from worker.scene import ClaimedScene, IndexCache, RowSink, RowSpool, SceneResult, extract_card, extract_s2
 
@@ -80,23 +83,6 @@ class Verdict:
     action: str  # "ack" | "requeue" | "dead_letter"
     reason: str = ""
     label: str = ""
-
-
-class LeaseHeld(Exception):
-    """Another live worker holds the scene's lease; wait for it to finish or expire."""
-
-    def __init__(self, remaining_s: float) -> None:
-        super().__init__(f"lease held for another {remaining_s:.0f} s")
-        self.remaining_s = remaining_s
-
-
-class LeaseLost(LeaseHeld):
-    """Our lease was taken over while we extracted; our rows are rolled back, the other writer wins."""
-
-
-class SceneChanged(Exception):
-    """The watcher found the product changed while we extracted it (its generation moved on): our
-    rows are rolled back, and the job claims the scene again to extract the new version."""
 
 
 class UnknownScene(PermanentJobError):
@@ -319,6 +305,7 @@ class Worker:
         self.settings = settings or WorkerSettings()
         self.me = worker_id()
         self.jobs = SceneJobs(self.dsn, self.me, self.settings)
+        self.card_jobs = CardJobs(self.dsn, self.me, self.settings)
         self.metrics = WorkerMetrics(self.me)
         self.metrics_port: int | None = None
         self.max_jobs = max_jobs
@@ -327,10 +314,16 @@ class Worker:
         self.exited = threading.Event()
         self.busy = threading.Event()
         self.current_scene: int | None = None
+        self.current_card_input: int | None = None
+        """The card input whose lease the heartbeat renews while a GenerateCard job runs."""
         self._stop_at: float | None = None
         self._conn: pika.BlockingConnection | None = None
         self._job: Delivery | None = None
         self._pending: deque[Delivery] = deque()
+        self._secondary: dict[str, str] = {}
+        """Queues consumed with callbacks besides the first (several job kinds) → consumer tag, "" paused."""
+        self._secondary_cancelled = False
+        self.queues()  # an unknown job kind fails here, before anything is started
         self._reconnect_attempt = 0
         self._last_job_end = time.monotonic()
         # Since when the broker / the database could not be reached (None: reachable as far as we
@@ -415,6 +408,13 @@ class Worker:
                 scene = self.current_scene
                 if scene is not None and not self.jobs.renew(conn, scene) and self.current_scene == scene:
                     log.warning("worker.lease_lost", scene_id=scene)  # the job finds out at its commit
+                card_input = self.current_card_input
+                if (
+                    card_input is not None
+                    and not self.card_jobs.renew(conn, card_input)
+                    and self.current_card_input == card_input
+                ):
+                    log.warning("worker.lease_lost", card_input_id=card_input)
             except psycopg2.Error as exc:
                 self._note_db(reachable=not db_unavailable(exc, conn))
                 log.warning("worker.heartbeat_failed", error=str(exc).strip()[:300])
@@ -561,6 +561,8 @@ class Worker:
         except PermanentJobError as exc:
             log.error("job.malformed", error=str(exc)[:500], body_prefix=repr(job.body[:64]))
             return Verdict("dead_letter", str(exc), "malformed")
+        if isinstance(msg, GenerateCard):
+            return self._handle_card(job, msg)
         if not isinstance(msg, ExtractParcels):
             log.error("job.malformed", error=f"unexpected message kind {msg.kind}")
             return Verdict("dead_letter", f"unexpected message kind {msg.kind}", "malformed")
@@ -626,6 +628,149 @@ class Worker:
                 if conn is not None:
                     self._mark_idle(conn)
                     conn.close()
+
+    def _handle_card(self, job: Delivery, msg: GenerateCard) -> Verdict:
+        """A ``GenerateCard`` job (``worker/cardjob.py``), with the extraction job's verdicts: a done
+        input is a duplicate, a live lease is waited for, a database or object store that cannot be
+        reached is retried in place (the message and the lease kept), a bad product is dead-lettered
+        with the reason on the input, anything else is requeued with backoff up to the delivery limit.
+        After the commit the scenes' extraction jobs are published (best effort: the watcher's next
+        outbox flush publishes what this worker may not)."""
+        structlog.contextvars.bind_contextvars(card_input_id=msg.card_input_id, product_id=msg.product_id)
+        db_attempt = 0
+        generation: int | None = None
+        while True:
+            conn: psycopg2.extensions.connection | None = None
+            try:
+                conn = db.connect(self.dsn)
+                claimed = self.card_jobs.claim(conn, msg)
+                if claimed is None:
+                    log.info("job.duplicate")
+                    return Verdict("ack", "", "duplicate")
+                generation = claimed.generation
+                self.current_card_input = claimed.id
+                self._mark(conn, "busy", None)
+                started = time.monotonic()
+                outcome = self._run_card_through_store_outages(conn, claimed)
+                if outcome is None:
+                    return Verdict("requeue", "stopping while the object store is unavailable", "stopping")
+                log.info("job.done", kind="GenerateCard", duration_s=round(time.monotonic() - started, 3), **outcome)
+                self._publish_outbox()
+                return Verdict("ack", "", "card_done")
+            except SceneChanged as exc:
+                log.warning("job.scene_changed", reason=str(exc))
+            except LeaseHeld as exc:
+                wait_s = min(max(exc.remaining_s, 1.0), self.settings.lease_s) + 1.0
+                if isinstance(exc, LeaseLost):
+                    log.warning("job.lease_lost", wait_s=round(wait_s, 1))
+                else:
+                    log.info("job.lease_held", wait_s=round(wait_s, 1))
+                if self.stopping.wait(min(wait_s, 30.0)):
+                    return Verdict("requeue", "stopping while waiting for a lease", "stopping")
+            except PermanentJobError as exc:
+                label = "unknown_card_input" if isinstance(exc, UnknownCardInput) else "product"
+                label = "unsupported" if isinstance(exc, UnsupportedCardJob) else label
+                log.error("job.failed_permanent", reason=str(exc)[:500], category=label)
+                self._fail_card(conn, msg.card_input_id, str(exc), permanent=True, generation=generation)
+                return Verdict("dead_letter", str(exc), label)
+            except psycopg2.Error as exc:
+                if not db_unavailable(exc, conn):
+                    return self._card_transient(job, msg, conn, exc, "database", generation)
+                self._note_db(reachable=False)
+                db_attempt += 1
+                delay_s = backoff_s(db_attempt, self.settings.backoff_max_s)
+                log.warning(
+                    "job.database_unavailable",
+                    error=str(exc).strip()[:300],
+                    attempt=db_attempt,
+                    retry_in_s=round(delay_s, 1),
+                )
+                if self.stopping.wait(delay_s):
+                    return Verdict("requeue", "stopping while the database is unavailable", "stopping")
+            except OSError as exc:
+                return self._card_transient(job, msg, conn, exc, "io", generation)
+            except Exception as exc:  # noqa: BLE001 - an unknown error must not kill the consumer
+                log.exception("job.failed_unexpected")
+                return self._card_transient(job, msg, conn, exc, "unexpected", generation)
+            finally:
+                self.current_card_input = None
+                if conn is not None:
+                    self._mark_idle(conn)
+                    conn.close()
+
+    def _run_card_through_store_outages(
+        self, conn: psycopg2.extensions.connection, claimed: ClaimedInput
+    ) -> dict[str, Any] | None:
+        """:meth:`_run_through_store_outages` for a CARD job: the GRD's store or the CARD store being
+        unreachable keeps the message and the lease, and the wait shows on the input."""
+        attempt = 0
+        while True:
+            try:
+                return self.card_jobs.run(conn, claimed)
+            except store.StoreUnavailable as exc:
+                attempt += 1
+                delay_s = backoff_s(attempt, self.settings.backoff_max_s)
+                log.warning(
+                    "job.store_unavailable", error=str(exc).strip()[:300], attempt=attempt, retry_in_s=round(delay_s, 1)
+                )
+                self.card_jobs.note(
+                    conn, claimed, f"object store unavailable, retrying in place (attempt {attempt}): {exc}"
+                )
+                if self.stopping.wait(delay_s):
+                    return None
+
+    def _publish_outbox(self) -> None:
+        """Publish the extraction jobs a CARD job just committed, so they need not wait for the
+        watcher's next cycle. Best effort: a broker user without the right to publish jobs (the
+        least-privilege worker role) or an outage leaves them pending for the watcher's flush."""
+        try:
+            flush_outbox(self.dsn, self.bus)
+        except Exception as exc:  # noqa: BLE001 - the job is done; the watcher publishes what is left
+            log.warning("job.outbox_deferred", error=str(exc).strip()[:300] or type(exc).__name__)
+
+    def _card_transient(
+        self,
+        job: Delivery,
+        msg: GenerateCard,
+        conn: psycopg2.extensions.connection | None,
+        exc: Exception,
+        label: str,
+        generation: int | None = None,
+    ) -> Verdict:
+        """:meth:`_transient` for a CARD job: the reason goes on the card input."""
+        reason = f"{label}: {type(exc).__name__}: {exc}".strip()
+        if job.delivery_count >= self.bus.delivery_limit:
+            reason = f"gave up after {job.delivery_count + 1} deliveries (delivery limit {self.bus.delivery_limit}): "
+            reason += f"{label}: {type(exc).__name__}: {exc}".strip()
+            log.error("job.failed_delivery_limit", reason=reason[:500])
+            self._fail_card(conn, msg.card_input_id, reason, permanent=True, generation=generation)
+            return Verdict("requeue", reason, "delivery_limit")
+        delay_s = backoff_s(job.delivery_count + 1, self.settings.backoff_max_s)
+        log.warning("job.failed_transient", reason=reason[:500], retry_in_s=round(delay_s, 1))
+        self._fail_card(conn, msg.card_input_id, reason, permanent=False, generation=generation)
+        self.stopping.wait(delay_s)
+        return Verdict("requeue", reason, label)
+
+    def _fail_card(
+        self,
+        conn: psycopg2.extensions.connection | None,
+        input_id: int,
+        reason: str,
+        permanent: bool,
+        generation: int | None = None,
+    ) -> None:
+        fresh = conn is None or bool(conn.closed)
+        try:
+            if fresh:
+                conn = db.connect(self.dsn)
+            assert conn is not None
+            try:
+                self.card_jobs.fail(conn, input_id, reason, permanent, generation)
+            finally:
+                if fresh:
+                    conn.close()
+        except psycopg2.Error as exc:
+            log.warning("job.fail_record_failed", error=str(exc).strip()[:300])
 
     def _run_through_store_outages(
         self, conn: psycopg2.extensions.connection, scene: ClaimedScene
@@ -787,11 +932,22 @@ class Worker:
         # consume() rather than basic_consume(): when the broker closes the channel (consumer_timeout,
         # or a late ack of an expired delivery) its generator raises ChannelClosedByBroker, with the
         # broker's reason, in our own context; basic_consume's callbacks would leave only is_closed.
-        deliveries = channel.consume(self.bus.queue, auto_ack=False, inactivity_timeout=0.5)
+        # A worker of several job kinds consumes the first queue so and the others with callbacks
+        # (pika allows one generator per channel); those are paused while a job runs (see _pause).
+        primary, *others = self.queues()
+        deliveries = channel.consume(primary, auto_ack=False, inactivity_timeout=0.5)
+        self._secondary = {q: "" for q in others}
+        self._secondary_cancelled = False
+        if others:
+            channel.add_on_cancel_callback(self._on_broker_cancel)
+            self._pause(channel, paused=False)
         self._reconnect_attempt = 0
         self._broker_down_since = None
         self._registry("idle")
-        log.info("worker.consuming", queue=self.bus.queue, metrics_port=self.metrics_port)
+        if others:
+            log.info("worker.consuming", queue=primary, queues=[primary, *others], metrics_port=self.metrics_port)
+        else:
+            log.info("worker.consuming", queue=primary, metrics_port=self.metrics_port)
         cancelled = False
         while True:
             if cancelled:
@@ -810,8 +966,13 @@ class Worker:
                     raise pika.exceptions.ChannelClosed(0, "consumer cancelled by the broker") from None
                 if method is not None:
                     self._on_message(channel, method, properties, body or b"")
+                if self._secondary_cancelled:
+                    log.warning("worker.channel_closed", reason="consumer cancelled by the broker")
+                    raise pika.exceptions.ChannelClosed(0, "consumer cancelled by the broker")
             self._settle_finished()
             self._start_next()
+            if self._secondary and not cancelled:
+                self._pause(channel, paused=self._job is not None or bool(self._pending))
             if self._drain_file_present() and not self.stopping.is_set():
                 log.info("worker.drain_requested", source="file")
                 self.request_stop()
@@ -822,6 +983,7 @@ class Worker:
             if self.stopping.is_set():
                 if not cancelled:
                     channel.cancel()  # deliveries the generator still holds go back to the queue
+                    self._pause(channel, paused=True)
                     cancelled = True
                     self._registry("draining")
                 self._requeue_pending(channel)
@@ -831,6 +993,33 @@ class Worker:
                     log.warning("worker.stop_deadline_passed", scene_id=self.current_scene)
                     break  # closing the connection requeues the unacked message
         conn.close()
+
+    def queues(self) -> list[str]:
+        """The queues of ``settings.job_kinds``, the CARD queue first: with prefetch 1 per consumer
+        (quorum queues have no channel-wide prefetch), the first queue's consumer is the one that can
+        still deliver while a job runs, and a CARD job waiting seconds behind an extraction is cheaper
+        than an extraction waiting minutes behind a CARD job."""
+        kinds = sorted(set(self.settings.job_kinds), key=lambda k: (k != "GenerateCard", k))
+        unknown = [k for k in kinds if k not in JOB_KINDS]
+        if unknown or not kinds:
+            raise ConfigError(
+                f"CBMFLOW_WORKER_JOB_KINDS: unknown job kind(s) {unknown} (known: {', '.join(JOB_KINDS)})"
+            )
+        return list(dict.fromkeys(self.bus.queue_for(k) for k in kinds))
+
+    def _pause(self, channel: Any, *, paused: bool) -> None:
+        """Cancel the secondary consumers while a job runs (or waits), consume again once idle, so a
+        worker of several kinds holds at most one message besides its job."""
+        for queue, tag in self._secondary.items():
+            if paused and tag:
+                channel.basic_cancel(tag)
+                self._secondary[queue] = ""
+            elif not paused and not tag:
+                self._secondary[queue] = channel.basic_consume(queue, self._on_message, auto_ack=False)
+
+    def _on_broker_cancel(self, _method: Any) -> None:
+        """The broker cancelled a consumer (its queue deleted): reconnect, as the generator's end does."""
+        self._secondary_cancelled = True
 
     def _close_quietly(self) -> None:
         conn = self._conn

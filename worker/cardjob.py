@@ -1,0 +1,597 @@
+"""``GenerateCard(bs)``: one Sentinel-1 GRD → backscatter COGs per MGRS tile → ``bs`` scenes whose
+extraction is queued.
+
+The job follows the extraction job's rules (``worker/consumer.py``, docs/reliability.md):
+
+* **Claim with a lease** on the ``card_inputs`` row (``processing``, ``lease_owner``, ``lease_until``,
+  ``generation``). A redelivered job whose input is ``done`` is acknowledged without work; one whose
+  input is under another worker's live lease waits for it.
+* **Work outside any transaction.** The GRD is read (an ``s3://`` product is first downloaded to
+  a scratch directory: see :func:`local_grd`), the COGs are generated tile by tile into scratch and
+  published to the CARD store (``CBMFLOW_WORKER_CARD_OUTPUT_URL``) under a path that names the
+  input's generation, then the scratch copy is deleted, so the disk holds the GRD and one tile's
+  outputs at a time.
+* **One short transaction** then registers one ``bs`` scene per tile (an upsert keyed on the
+  acquisition and tile, so a re-run updates its scenes and never adds one), writes each scene's
+  ``ExtractParcels`` to the outbox, and marks the input ``done``; it commits only if the worker
+  still holds the lease on the generation it claimed (checked under ``FOR UPDATE``).
+
+Grid: the output of a tile is on that tile's own 10 m lattice (``card.mgrs.tile_geobox``), so S1
+and S2 pixels of a parcel coincide. With ``CBMFLOW_WORKER_CARD_EXTENT=aoi`` (the default) only the
+window of the tile that covers the AOIs under the GRD (plus ``card_margin_m``) is generated: a whole
+109.8 km tile costs minutes of CPU per polarisation and is mostly outside any AOI. ``tile``
+generates the whole tile.
+
+Each tile is published as one COG per polarisation, the layover/shadow mask, the local incidence
+angle and a small STAC Item (``<scene product id>.json``, assets ``vv``/``vh`` with relative
+hrefs); the scene's location is that Item, which the worker's ``bs`` path already reads
+(``card/s1rtc.py``), from local disk or S3 alike.
+
+Errors: a GRD that cannot be read or processed (missing files, bad XML, a corrupt measurement) is
+permanent (``PermanentJobError``: failed with the reason, dead-lettered); a store that cannot be
+reached (:class:`cbmflow.store.StoreUnavailable`) is retried in place by the consumer; anything
+else is transient (requeued with backoff up to the delivery limit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import psycopg2
+import psycopg2.extensions
+import shapely
+from pyproj import Transformer
+from shapely.geometry import box, mapping
+from shapely.geometry.base import BaseGeometry
+
+from card.geobox import GeoBox
+from cbmflow import __version__, store
+from cbmflow.errors import PermanentJobError
+from cbmflow.logging import get_logger
+from cbmflow.messages import ExtractParcels, GenerateCard
+from cbmflow.outbox import enqueue
+from cbmflow.settings import StoreSettings, WorkerSettings, state_dir
+from worker.leases import LeaseHeld, LeaseLost, SceneChanged
+
+log = get_logger("worker")
+
+SAFE_PARTS = ("manifest.safe", "annotation/", "measurement/")
+"""What CARD-BS reads of a SAFE on S3: the manifest, the annotation (calibration and noise
+included) and the measurements; previews and support files are left where they are."""
+
+
+class UnknownCardInput(PermanentJobError):
+    """The job names a card input the database does not have (a foreign or stale message)."""
+
+
+class UnsupportedCardJob(PermanentJobError):
+    """A CARD job this worker cannot run yet (coherence), or an input of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class ClaimedInput:
+    id: int
+    product_id: str
+    product_name: str
+    kind: str
+    location: str
+    mission: str
+    acquired_at: datetime
+    generation: int
+    store_profile: str
+
+
+@dataclass(frozen=True)
+class TileOutput:
+    """One generated tile, published: its scene's identity, where its Item is, what it covers."""
+
+    tile: str
+    product_id: str
+    acq_key: str
+    location: str
+    footprint: BaseGeometry
+    """lon/lat: the generated grid's extent within the GRD's footprint."""
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    tile: str
+    grid: GeoBox
+    whole: bool
+
+
+class CardJobs:
+    """Database side of a CARD job: claim with a lease, renew it, finish or fail the input."""
+
+    def __init__(self, dsn: str, me: str, settings: WorkerSettings) -> None:
+        self.dsn = dsn
+        self.me = me
+        self.settings = settings
+
+    def claim(self, conn: psycopg2.extensions.connection, msg: GenerateCard) -> ClaimedInput | None:
+        """Claim the input, or None when it is already done (a duplicate job).
+
+        Like :meth:`worker.consumer.SceneJobs.claim`: an expired lease is taken over, a live one
+        raises :class:`LeaseHeld`, our own is re-claimed (a job retried in place).
+        """
+        if msg.card != "bs":
+            raise UnsupportedCardJob(f"GenerateCard({msg.card}) is not implemented yet (only bs from a GRD)")
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE card_inputs SET status = 'processing', lease_owner = %(me)s,"
+                "       lease_until = now() + make_interval(secs => %(lease)s), attempts = attempts + 1,"
+                "       updated_at = now(), reason = NULL"
+                " WHERE id = %(id)s AND (status IN ('awaiting_card', 'queued', 'failed')"
+                "       OR (status = 'processing' AND (lease_until < now() OR lease_owner = %(me)s)))"
+                " RETURNING product_id, product_name, kind, location, mission, acquired_at, generation,"
+                "           coalesce(store_profile, '')",
+                {"me": self.me, "lease": self.settings.lease_s, "id": msg.card_input_id},
+            )
+            row = cur.fetchone()
+            if row is not None:
+                claimed = ClaimedInput(msg.card_input_id, *row)
+                if claimed.kind != "grd":
+                    raise UnsupportedCardJob(f"card input {claimed.id} is a {claimed.kind}, not a GRD")
+                return claimed
+            cur.execute(
+                "SELECT status, extract(epoch FROM lease_until - now()) FROM card_inputs WHERE id = %s",
+                (msg.card_input_id,),
+            )
+            found = cur.fetchone()
+        if found is None:
+            raise UnknownCardInput(f"unknown card input {msg.card_input_id}")
+        status, remaining = found
+        if status == "done":
+            return None
+        raise LeaseHeld(float(remaining or 0.0))
+
+    def renew(self, conn: psycopg2.extensions.connection, input_id: int) -> bool:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE card_inputs SET lease_until = now() + make_interval(secs => %s)"
+                " WHERE id = %s AND lease_owner = %s AND status = 'processing'",
+                (self.settings.lease_s, input_id, self.me),
+            )
+            return bool(cur.rowcount == 1)
+
+    def note(self, conn: psycopg2.extensions.connection, claimed: ClaimedInput, reason: str) -> None:
+        """Show why a job we still hold is waiting (``card_inputs.reason``), keeping the input."""
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE card_inputs SET reason = %s, updated_at = now()"
+                " WHERE id = %s AND lease_owner = %s AND generation = %s AND status = 'processing'",
+                (reason[:2000], claimed.id, self.me, claimed.generation),
+            )
+
+    def fail(
+        self,
+        conn: psycopg2.extensions.connection,
+        input_id: int,
+        reason: str,
+        permanent: bool,
+        generation: int | None = None,
+    ) -> None:
+        """``failed`` for good, or back to ``queued`` for the next delivery; an input the watcher reset
+        meanwhile (a new version with its own job) is left alone."""
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE card_inputs SET status = %s, reason = %s, lease_owner = NULL, lease_until = NULL,"
+                " updated_at = now() WHERE id = %s AND (lease_owner = %s OR lease_owner IS NULL)"
+                " AND status <> 'done' AND (%s::bigint IS NULL OR generation = %s)",
+                ("failed" if permanent else "queued", reason[:2000], input_id, self.me, generation, generation),
+            )
+
+    def run(self, conn: psycopg2.extensions.connection, claimed: ClaimedInput) -> dict[str, Any]:
+        """Generate and publish every tile outside any transaction, then register the scenes, queue
+        their extraction and mark the input done in ONE short transaction (see the module docstring)."""
+        try:
+            store.profile_settings(claimed.store_profile)
+        except store.UnknownStoreProfile as exc:
+            raise PermanentJobError(f"card input {claimed.id} ({claimed.product_id}): {exc}") from exc
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                footprint, region = _footprint_and_aoi(cur, claimed.id)
+        finally:
+            if not conn.closed:
+                conn.autocommit = False
+        grids = tile_grids(region, footprint, self.settings) if region is not None else []
+        outputs: list[TileOutput] = []
+        if grids:
+            root = output_root(self.settings)
+            with scratch_dir(self.settings) as scratch:
+                with store.using_profile(claimed.store_profile):
+                    grd = local_grd(claimed.location, claimed.product_id, scratch / "input")
+                for tg in grids:
+                    outputs.append(_generate_tile(claimed, grd, tg, footprint, scratch / "out", root, self.settings))
+        with conn, conn.cursor() as cur:
+            self._check_current(cur, claimed, lock=True)
+            scene_ids = [_register_scene(cur, claimed, out) for out in outputs]
+            cur.execute(
+                "UPDATE card_inputs SET status = 'done', lease_owner = NULL, lease_until = NULL, reason = NULL,"
+                " scenes_written = %s, updated_at = now() WHERE id = %s",
+                (len(outputs), claimed.id),
+            )
+        return {
+            "status": "done",
+            "tiles": [o.tile for o in outputs],
+            "scenes": scene_ids,
+            "aoi": region is not None,
+        }
+
+    def _check_current(self, cur: psycopg2.extensions.cursor, claimed: ClaimedInput, *, lock: bool) -> None:
+        if lock:
+            cur.execute("SELECT lease_owner, generation FROM card_inputs WHERE id = %s FOR UPDATE", (claimed.id,))
+        else:
+            cur.execute("SELECT lease_owner, generation FROM card_inputs WHERE id = %s", (claimed.id,))
+        row = cur.fetchone()
+        if row is None or row[1] != claimed.generation:
+            raise SceneChanged(f"card input {claimed.id} changed (generation {claimed.generation} -> {row and row[1]})")
+        if row[0] != self.me:
+            raise LeaseLost(0.0)
+
+
+# --- geometry ------------------------------------------------------------------------------------
+
+
+def _footprint_and_aoi(cur: psycopg2.extensions.cursor, input_id: int) -> tuple[BaseGeometry, BaseGeometry | None]:
+    """The GRD's footprint and its intersection with the AOIs (None when it meets none)."""
+    cur.execute(
+        "SELECT ST_AsBinary(ci.footprint),"
+        "       (SELECT ST_AsBinary(ST_Intersection(ci.footprint, ST_Union(a.geom)))"
+        "          FROM aois a WHERE ST_Intersects(a.geom, ci.footprint))"
+        "  FROM card_inputs ci WHERE ci.id = %s",
+        (input_id,),
+    )
+    row = cur.fetchone()
+    if row is None:
+        raise UnknownCardInput(f"unknown card input {input_id}")
+    footprint = shapely.from_wkb(bytes(row[0]))
+    region = shapely.from_wkb(bytes(row[1])) if row[1] is not None else None
+    if region is not None and (region.is_empty or region.area == 0):
+        region = None
+    return footprint, region
+
+
+def _project(geom: BaseGeometry, src: str, dst: str) -> BaseGeometry:
+    """Reproject with densified edges: a GRD footprint's sides are ~250 km long, straight in lon/lat."""
+    step = 0.01 if src == "EPSG:4326" else 1000.0
+    transformer = Transformer.from_crs(src, dst, always_xy=True)
+    out = shapely.transform(shapely.segmentize(geom, step), transformer.transform, interleaved=False)
+    return out if out.is_valid else out.buffer(0)
+
+
+def tile_grids(region: BaseGeometry, footprint: BaseGeometry, settings: WorkerSettings) -> list[TileGrid]:
+    """Per MGRS tile meeting ``region`` (lon/lat: the AOIs under the GRD), the grid to generate.
+
+    ``tile`` extent: the whole tile. ``aoi``: the tile's window over ``region`` plus the margin,
+    on the tile's 10 m lattice (its origin a whole number of pixels from the tile's), clipped to the tile.
+    """
+    from card import mgrs
+
+    out: list[TileGrid] = []
+    for name in mgrs.tiles_intersecting(region):
+        tile = mgrs.tile_geobox(name, resolution_m=10)
+        crs = str(tile.crs)
+        left, bottom, right, top = tile.bounds
+        part = _project(region, "EPSG:4326", crs).intersection(box(left, bottom, right, top))
+        if part.is_empty or part.area == 0:
+            continue
+        if settings.card_extent == "tile":
+            out.append(TileGrid(name, tile, True))
+            continue
+        xmin, ymin, xmax, ymax = part.buffer(settings.card_margin_m).bounds
+        res = tile.transform.a
+        c0 = max(math.floor((xmin - left) / res), 0)
+        c1 = min(math.ceil((xmax - left) / res), tile.width)
+        r0 = max(math.floor((top - ymax) / res), 0)
+        r1 = min(math.ceil((top - ymin) / res), tile.height)
+        if c1 <= c0 or r1 <= r0:
+            continue
+        grid = tile[r0:r1, c0:c1]
+        out.append(TileGrid(name, grid, grid.shape == tile.shape))
+    return out
+
+
+def _grid_footprint(grid: GeoBox, footprint: BaseGeometry) -> BaseGeometry:
+    """The grid's extent within the GRD footprint, lon/lat, as a (multi)polygon."""
+    left, bottom, right, top = grid.bounds
+    extent = _project(box(left, bottom, right, top), str(grid.crs), "EPSG:4326")
+    covered = extent.intersection(footprint)
+    polys = [g for g in getattr(covered, "geoms", [covered]) if g.geom_type == "Polygon" and not g.is_empty]
+    return shapely.MultiPolygon(polys) if polys else extent
+
+
+# --- input, scratch, output --------------------------------------------------------------------
+
+
+@contextmanager
+def scratch_dir(settings: WorkerSettings) -> Iterator[Path]:
+    """A private directory for one job, removed afterwards whatever happens."""
+    base = settings.card_scratch_dir or None
+    if base:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="cbmflow-card-", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _store_failure(exc: BaseException, url: str) -> OSError | None:
+    """The store error a boto3/botocore failure stands for (None: not one of theirs)."""
+    from botocore import exceptions as bce
+
+    if isinstance(exc, bce.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return FileNotFoundError(f"{url}: no such object")
+        if status >= 500 or status == 429 or code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError"):
+            return store.StoreUnavailable(f"{url}: {code or status}: {error.get('Message', '')}")
+        return store.StoreRefused(f"{url}: {code or status}: {error.get('Message', '')}")
+    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError | bce.ParamValidationError):
+        return store.StoreRefused(f"{url}: {exc}")
+    if isinstance(exc, bce.BotoCoreError):  # connection refused or cut, timeouts, a broken stream
+        return store.StoreUnavailable(f"{url}: {exc}")
+    return None
+
+
+def local_grd(location: str, product_id: str, into: Path) -> Path:
+    """The GRD as a local SAFE directory or zip: a local location as it is; an ``s3://`` one
+    downloaded into ``into`` (the manifest, annotation and measurements only; a zip whole).
+
+    Downloading rather than reading ``/vsis3/`` windows in place: the chain reads every radar
+    window of every output block, overlapping ones several times, and ``card.s1grd`` opens
+    local paths; a GRD is ~1 GB per polarisation, which the scratch directory holds for the job.
+    A product that is not there or not a SAFE is permanent; an unreachable store is not.
+    """
+    parsed = urlparse(location)
+    if parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme else location)
+        if not path.exists():
+            raise PermanentJobError(f"unreadable GRD {product_id}: {path} does not exist")
+        return path
+    if parsed.scheme != "s3":
+        raise PermanentJobError(f"unreadable GRD {product_id}: unsupported location {location!r}")
+    bucket, key = store.parse_s3(location)
+    key = key.removesuffix("/manifest.safe")
+    client = store.s3_client()
+    into.mkdir(parents=True, exist_ok=True)
+    try:
+        if key.lower().endswith(".zip"):
+            target = into / key.rsplit("/", 1)[-1]
+            _download(client, bucket, key, target)
+            return target
+        prefix = key.rstrip("/") + "/"
+        keys: list[str] = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys += [obj["Key"] for obj in page.get("Contents", ())]
+    except (FileNotFoundError, store.StoreRefused) as exc:
+        raise PermanentJobError(f"unreadable GRD {product_id} at {location}: {exc}") from exc
+    except Exception as exc:
+        failure = _store_failure(exc, location)
+        if failure is None:
+            raise
+        if isinstance(failure, store.StoreUnavailable):
+            raise failure from exc
+        raise PermanentJobError(f"unreadable GRD {product_id} at {location}: {failure}") from exc
+    wanted = [k for k in keys if k[len(prefix) :].startswith(SAFE_PARTS)]
+    if not any(k.endswith("/manifest.safe") for k in wanted):
+        raise PermanentJobError(f"unreadable GRD {product_id}: no manifest.safe under {location}")
+    name = key.rstrip("/").rsplit("/", 1)[-1]
+    root = into / (name if name.upper().endswith(".SAFE") else f"{name}.SAFE")
+    for k in wanted:
+        try:
+            _download(client, bucket, k, root / k[len(prefix) :])
+        except FileNotFoundError as exc:  # listed a moment ago: the product is being replaced
+            raise store.StoreUnavailable(f"{location}: {exc}") from exc
+    return root
+
+
+def _download(client: Any, bucket: str, key: str, target: Path) -> None:
+    url = store.s3_url(bucket, key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            with open(target, "wb") as fh:
+                shutil.copyfileobj(body, fh, 8 << 20)
+        finally:
+            body.close()
+    except Exception as exc:
+        failure = _store_failure(exc, url)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def output_root(settings: WorkerSettings) -> str:
+    """Where CARD products are published: ``card_output_url``, else ``CBMFLOW_STORE_URL``, else
+    ``<state dir>/store``."""
+    root = settings.card_output_url or StoreSettings().url or str(state_dir() / "store")
+    return root.rstrip("/")
+
+
+def _publish(files: list[Path], dest: str) -> None:
+    """Copy finished files to ``dest`` (a local directory or ``s3://`` prefix), each appearing whole.
+
+    Local: written beside their final name and renamed. S3: one PUT per object (atomic). The
+    default store's settings are used: the scenes registered from them carry no store profile.
+    """
+    if store.is_s3(dest):
+        bucket, prefix = store.parse_s3(dest)
+        client = store.s3_client(store.profile_settings(""))
+        for f in files:
+            key = f"{prefix}/{f.name}"
+            try:
+                with open(f, "rb") as fh:
+                    client.put_object(Bucket=bucket, Key=key, Body=fh)
+            except Exception as exc:
+                failure = _store_failure(exc, store.s3_url(bucket, key))
+                if failure is None:
+                    raise
+                raise failure from exc
+        return
+    target = Path(urlparse(dest).path if dest.startswith("file://") else dest)
+    target.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        part = target / f".{f.name}.{os.getpid()}.part"
+        shutil.copyfile(f, part)
+        os.replace(part, target / f.name)
+
+
+def _item(
+    claimed: ClaimedInput, out_id: str, tile: str, grid: GeoBox, footprint: BaseGeometry, files: dict[str, str]
+) -> dict[str, Any]:
+    """A STAC Item for one tile's COGs (relative hrefs: it lives beside them)."""
+    cog = "image/tiff; application=geotiff; profile=cloud-optimized"
+    assets: dict[str, Any] = {
+        pol.lower(): {"href": f"./{name}", "type": cog, "roles": ["data"], "title": f"{pol} backscatter (linear)"}
+        for pol, name in files.items()
+        if pol not in ("MASK", "LIA")
+    }
+    assets["mask"] = {
+        "href": f"./{files['MASK']}",
+        "type": cog,
+        "roles": ["metadata"],
+        "title": "layover/shadow/no data bits",
+    }
+    assets["lia"] = {
+        "href": f"./{files['LIA']}",
+        "type": cog,
+        "roles": ["metadata"],
+        "title": "local incidence angle (degrees)",
+    }
+    epsg = int(str(grid.crs).split(":")[-1])
+    return {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "stac_extensions": [
+            "https://stac-extensions.github.io/projection/v1.1.0/schema.json",
+            "https://stac-extensions.github.io/sar/v1.0.0/schema.json",
+        ],
+        "id": out_id,
+        "geometry": mapping(footprint),
+        "bbox": list(footprint.bounds),
+        "properties": {
+            "datetime": claimed.acquired_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "platform": f"sentinel-{claimed.mission[1:].lower()}"
+            if claimed.mission.startswith("S1")
+            else claimed.mission,
+            "constellation": "sentinel-1",
+            "grid:code": f"MGRS-{tile}",
+            "proj:epsg": epsg,
+            "proj:shape": list(grid.shape),
+            "proj:transform": list(grid.transform)[:6],
+            "sar:polarizations": [p for p in files if p not in ("MASK", "LIA")],
+            "sar:product_type": "GRD",
+            "cbmflow:card_input": claimed.product_id,
+            "processing:software": {"cbmflow": __version__},
+        },
+        "assets": assets,
+        "links": [],
+    }
+
+
+def _dem(settings: WorkerSettings) -> Any:
+    from card.s1grd.dem import FileDem, FlatDem
+
+    if settings.card_dem == "flat":
+        return FlatDem()
+    return FileDem(Path(settings.card_dem), settings.card_dem_geoid or None)
+
+
+def _generate_tile(
+    claimed: ClaimedInput,
+    grd: Path,
+    tg: TileGrid,
+    footprint: BaseGeometry,
+    scratch: Path,
+    root: str,
+    settings: WorkerSettings,
+) -> TileOutput:
+    """Generate one tile's COGs into scratch, publish them and their Item, free the scratch space."""
+    import rasterio.errors
+
+    from card.s1grd.bs import generate_bs, grid_name
+    from card.s1grd.safe import SafeError
+
+    tile = tg.tile.removeprefix("T")
+    name = f"T{tile}" if tg.whole else f"T{tile}-{grid_name(tg.grid)}"
+    work = scratch / tile
+    try:
+        result = generate_bs(
+            str(grd),
+            tg.grid,
+            _dem(settings),
+            str(work),
+            quantity=settings.card_quantity,
+            denoise=settings.card_denoise,
+            name=name,
+            software=f"cbmflow {__version__}",
+        )
+    except (SafeError, ValueError, FileNotFoundError, rasterio.errors.RasterioIOError) as exc:
+        raise PermanentJobError(f"CARD-BS of {claimed.product_id} on tile {tile} failed: {exc}") from exc
+    files = {pol: Path(p).name for pol, p in result.backscatter.items()}
+    files["MASK"] = Path(result.mask).name
+    files["LIA"] = Path(result.local_incidence).name
+    product_id = f"{claimed.product_name}_{tile}_BS"
+    tile_footprint = _grid_footprint(tg.grid, footprint)
+    item_path = work / f"{product_id}.json"
+    item_path.write_text(json.dumps(_item(claimed, product_id, tile, tg.grid, tile_footprint, files), indent=1))
+    dest = f"{root}/card/bs/{claimed.product_name}/g{claimed.generation}/{tile}"
+    _publish([work / n for n in files.values()], dest)
+    _publish([item_path], dest)  # last: the Item names files that are all there
+    shutil.rmtree(work, ignore_errors=True)
+    acq_key = f"{claimed.mission}_bs_{tile}_{claimed.acquired_at.astimezone(UTC):%Y%m%dT%H%M%S}"
+    log.info("card.tile_done", tile=tile, pixels=result.pixels, seconds=round(result.seconds, 2), location=dest)
+    return TileOutput(tile, product_id, acq_key, f"{dest}/{product_id}.json", tile_footprint)
+
+
+def _register_scene(cur: psycopg2.extensions.cursor, claimed: ClaimedInput, out: TileOutput) -> int:
+    """Upsert the tile's ``bs`` scene by its acquisition key and queue its extraction (in the caller's
+    transaction). An existing scene (a re-run, a changed input) is re-pointed and reset with its
+    generation bumped, so an extraction of the previous output cannot commit."""
+    cur.execute(
+        """
+        INSERT INTO scenes (product_id, product_name, mission, sensor, card, acquired_at, footprint, location,
+                            acq_key, card_input_id, source_updated)
+        VALUES (%s, %s, %s, 'C-SAR', 'bs', %s, ST_Multi(ST_GeomFromWKB(%s, 4326)), %s, %s, %s, %s)
+        ON CONFLICT (acq_key) DO UPDATE
+           SET product_id = EXCLUDED.product_id, product_name = EXCLUDED.product_name,
+               location = EXCLUDED.location, footprint = EXCLUDED.footprint,
+               card_input_id = EXCLUDED.card_input_id, source_updated = EXCLUDED.source_updated,
+               store_profile = NULL, deleted_at = NULL, status = 'discovered', reason = NULL,
+               generation = scenes.generation + 1, lease_owner = NULL, lease_until = NULL, updated_at = now()
+        RETURNING id
+        """,
+        (
+            out.product_id,
+            out.product_id,
+            claimed.mission,
+            claimed.acquired_at,
+            psycopg2.Binary(shapely.to_wkb(out.footprint)),
+            out.location,
+            out.acq_key,
+            claimed.id,
+            f"card-input {claimed.id} generation {claimed.generation}",
+        ),
+    )
+    row = cur.fetchone()
+    assert row is not None
+    scene_id = int(row[0])
+    enqueue(cur, ExtractParcels(scene_id=scene_id, product_id=out.product_id, card="bs", location=out.location))
+    return scene_id
