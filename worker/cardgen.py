@@ -64,6 +64,16 @@ def output_grids(
     return [(None, build_grid(crs, bounds, resolution_m or 10.0))]
 
 
+BLOCK_GROUND_M = 5120.0
+"""Output blocks span ~5 km whatever the pixel size: a block's radar window (its memory and the
+calibration work) grows with its ground extent, so a 512-pixel block at 360 m would pull in the
+whole scene."""
+
+
+def block_px(resolution_m: float) -> int:
+    return max(32, min(512, round(BLOCK_GROUND_M / resolution_m)))
+
+
 def default_dem_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cbmflow" / "glo30"
 
@@ -98,6 +108,9 @@ def make_dem(dem: str, geoid: str | None, bucket: str, cache: Path | None) -> De
 def register(app: typer.Typer) -> None:
     card_app = typer.Typer(help="Generate CARD (analysis-ready) rasters from Copernicus inputs.", no_args_is_help=True)
     app.add_typer(card_app, name="card")
+    from worker.cardgen_coh import register_coh  # CARD-COH (issue 13): `cbmflow card coh`
+
+    register_coh(card_app)
 
     @card_app.command("bs")
     def bs_cmd(
@@ -168,6 +181,7 @@ def register(app: typer.Typer) -> None:
                         polarisations=tuple(p.upper() for p in polarisation) or None,
                         software=f"cbmflow {__version__}",
                         orbit_file=orbit,
+                        block_px=block_px(grid.resolution.x),
                     )
                 for pol, path in result.backscatter.items():
                     typer.echo(f"{pol}\t{path}")

@@ -1,0 +1,328 @@
+"""CARD-COH on the real geometry of a same-track IW2 pair 12 days apart, with synthetic pixels.
+
+The pair's annotation (orbits, burst lists, FM-rate and Doppler polynomials) is real
+(../shared/data/sentinel1/coh-pair, from hyp3-isce2). The pixels come from a ground field of
+point scatterers projected through each date's geometry by :mod:`card.s1slc.synthetic` (its own
+zero-Doppler solve and its own TOPS carrier), with a_late = γ·a_early + √(1−γ²)·n. Expectations
+come from the estimator's distribution (Touzi et al. 1999, checked here by Monte Carlo), from the
+single-date intensity statistics (equivalent number of looks) and from the pair's baseline, never
+from the processor's own output. The test area (1.5 km × 3 km at 10 m, mid-swath) straddles the
+boundary between bursts 3 and 4.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import rasterio.errors
+import typer
+from affine import Affine
+from pyproj import Transformer
+from typer.testing import CliRunner
+
+from card.geobox import GeoBox
+from card.s1grd.dem import FlatDem
+from card.s1grd.orbit import OrbitInterpolator
+from card.s1slc import synthetic as syn
+from card.s1slc.coh import BlockResult, CohProcessor, SwathDate, boxcar, expected_coherence
+from card.s1slc.safe import SlcProduct, SlcSwath, open_slc
+from card.s1slc.tops import BurstCarrier
+
+PAIR = Path("../shared/data/sentinel1/coh-pair")
+EARLY = PAIR / "S1A_IW_SLC__1SDV_20250406T022008_20250406T022035_058630_07421F_93A7.SAFE"
+LATE = PAIR / "S1A_IW_SLC__1SDV_20250418T022008_20250418T022035_058805_074946_C7D4.SAFE"
+C = 299792458.0
+ROWS, COLS = 300, 150
+K = 7
+
+
+def _require_pair() -> None:
+    if not EARLY.is_dir() or not LATE.is_dir():
+        pytest.skip(f"shared test data missing: {PAIR}")
+
+
+@dataclass
+class Scene:
+    early: SlcProduct
+    late: SlcProduct
+    grid: GeoBox
+    e_a: syn.SyntheticSwath
+    l_a: syn.SyntheticSwath
+    l_n: syn.SyntheticSwath
+
+    def late_with(self, gamma: float) -> syn.SyntheticSwath:
+        data = gamma * self.l_a.data + math.sqrt(1 - gamma * gamma) * self.l_n.data
+        return syn.SyntheticSwath(self.l_a.swath, self.l_a.row0, self.l_a.col0, data.astype(np.complex64))
+
+    def run(self, late: syn.SyntheticSwath, *, deramp: bool = True) -> BlockResult:
+        readers = {("early", "IW2", "VV"): self.e_a.reader(), ("late", "IW2", "VV"): late.reader()}
+        proc = CohProcessor(self.early, self.late, self.grid, FlatDem(), K, readers=readers, deramp=deramp)
+        proc.keep_geocoded = True
+        return proc.process_block(slice(0, ROWS), slice(0, COLS))
+
+
+def _window(swath: SlcSwath, points: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Measurement rows/cols the scatterers fall on (all bursts), with a margin for the kernels."""
+    t, r = syn.zero_doppler(OrbitInterpolator(swath.orbit), points, swath.bursts[4].azimuth_time_s)
+    sample = (2 * r / C - swath.slant_range_time_s) * swath.range_sampling_rate_hz
+    rows: list[int] = []
+    for b in swath.bursts:
+        line = (t - b.azimuth_time_s) / swath.azimuth_time_interval_s
+        if ((line > 0) & (line < b.lines)).any():
+            rows += [b.first_line + max(0, int(line.min()) - 10), b.first_line + min(b.lines, int(line.max()) + 10)]
+    return (min(rows), max(rows)), (int(sample.min()) - 10, int(sample.max()) + 10)
+
+
+@pytest.fixture(scope="module")
+def scene() -> Scene:
+    _require_pair()
+    early, late = open_slc(EARLY, ("VV",), ("IW2",)), open_slc(LATE, ("VV",), ("IW2",))
+    se, sl = early.swaths[("IW2", "VV")], late.swaths[("IW2", "VV")]
+    # centre: the early date's burst 3|4 boundary time, mid-swath, located on the geolocation grid
+    boundary = SwathDate({"VV": se}, {}, 0.0).span[4, 0]
+    g = se.grid
+    col = g.pixel == g.pixel[np.argmin(np.abs(g.pixel - 13000))]
+    order = np.argsort(g.azimuth_time[col])
+    lon = float(np.interp(boundary, g.azimuth_time[col][order], g.lon[col][order]))
+    lat = float(np.interp(boundary, g.azimuth_time[col][order], g.lat[col][order]))
+    crs = f"EPSG:{32600 + int((lon + 180) // 6) + 1}"
+    x, y = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
+    x0, y1 = round(x / 10) * 10 - COLS * 5, round(y / 10) * 10 + ROWS * 5
+    grid = GeoBox((ROWS, COLS), Affine(10.0, 0.0, x0, 0.0, -10.0, y1), crs)
+    rng = np.random.default_rng(2026)
+    field = grid.shifted(rows=-15, cols=-15, shape=(ROWS + 30, COLS + 30))
+    common = syn.scatterers(field, 5.0, rng)
+    other = syn.scatterers(field, 5.0, rng)  # an unrelated scene: n of s2 = γ·s1 + √(1−γ²)·n
+    a = syn.complex_gaussian(len(common.x), rng)
+    n = syn.complex_gaussian(len(other.x), rng)
+    we, wl = _window(se, common.points), _window(sl, np.concatenate([common.points, other.points]))
+    return Scene(
+        early,
+        late,
+        grid,
+        syn.simulate(se, common.points, a, *we),
+        syn.simulate(sl, common.points, a, *wl),
+        syn.simulate(sl, other.points, n, *wl),
+    )
+
+
+@pytest.fixture(scope="module")
+def identical(scene: Scene) -> BlockResult:
+    return scene.run(scene.l_a)
+
+
+def _enl(s: np.ndarray) -> float:
+    """Equivalent number of looks of one date's k × k mean intensity: mean² / variance."""
+    inten = np.asarray(boxcar(np.abs(s) ** 2, K), np.float64) / (K * K)
+    return float(inten.mean() ** 2 / inten.var())
+
+
+def _spectral_overlap(bandwidth: float, shift: float) -> float:
+    """Coherence of two band-limited signals whose spectra are ``shift`` apart (cycles/sample):
+    |∫|h(x)|² e^{j2π·shift·x} dx| / ∫|h|², h the generator's windowed-sinc response."""
+    x = np.arange(-syn.KERNEL_HALF * 64, syn.KERNEL_HALF * 64 + 1) / 64
+    u = x / syn.KERNEL_HALF
+    h = bandwidth * np.sinc(bandwidth * x) * (0.42 + 0.5 * np.cos(np.pi * u) + 0.08 * np.cos(2 * np.pi * u))
+    p = h * h
+    return float(abs(np.sum(p * np.exp(2j * np.pi * shift * x))) / p.sum())
+
+
+def _baseline_coherence(scene: Scene) -> float:
+    """Range spectral shift (perpendicular baseline) × azimuth Doppler offset (burst timing), from the orbits."""
+    se, sl = scene.early.swaths[("IW2", "VV")], scene.late.swaths[("IW2", "VV")]
+    xs, ys = scene.grid.xy(np.array([ROWS // 2]), np.array([COLS // 2]))
+    lon, lat = Transformer.from_crs(scene.grid.crs, "EPSG:4326", always_xy=True).transform(xs, ys)
+    from card.s1grd.geocode import ecef
+
+    p = ecef(lon, lat, np.zeros(1))
+    oe, ol = OrbitInterpolator(se.orbit), OrbitInterpolator(sl.orbit)
+    te, re = syn.zero_doppler(oe, p, se.bursts[4].azimuth_time_s)
+    tl, rl = syn.zero_doppler(ol, p, sl.bursts[4].azimuth_time_s)
+    s_e, s_l = oe.state(te)[0][0], ol.state(tl)[0][0]
+    los = (s_e - p[0]) / re[0]
+    b = s_l - s_e
+    b_perp = float(np.linalg.norm(b - np.dot(b, los) * los))
+    up = p[0] / np.linalg.norm(p[0])
+    incidence = math.acos(float(np.dot(los, up)))
+    range_shift_hz = se.radar_frequency_hz * b_perp / (re[0] * math.tan(incidence))
+    # the late burst starts at another ground position: its Doppler ramp is offset by k_t·Δη
+    dt = se.azimuth_time_interval_s
+    d_lines = (tl[0] - sl.bursts[4].azimuth_time_s) / dt - (te[0] - se.bursts[4].azimuth_time_s) / dt
+    kt = BurstCarrier.of(se, se.bursts[4]).range_terms(np.array([13000.0]))[0][0]
+    az_shift_hz = kt * d_lines * dt
+    return _spectral_overlap(syn.RANGE_BANDWIDTH, range_shift_hz / se.range_sampling_rate_hz) * _spectral_overlap(
+        syn.AZIMUTH_BANDWIDTH, az_shift_hz * dt
+    )
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def test_burst_list_and_polynomials_as_in_the_xml() -> None:
+    _require_pair()
+    product = open_slc(EARLY)
+    assert sorted(product.swaths) == [("IW2", "VH"), ("IW2", "VV")] and product.ipf_version == "003.91"
+    sw = product.swaths[("IW2", "VV")]
+    xml = next((EARLY / "annotation").glob("s1a-iw2-slc-vv-*.xml"))
+    root = ET.parse(xml).getroot()
+    bursts = root.findall("swathTiming/burstList/burst")
+    assert len(sw.bursts) == len(bursts) == 9 and sw.lines_per_burst == 1513 and sw.n_lines == 9 * 1513
+    b1 = bursts[1]
+    first = np.array(b1.findtext("firstValidSample", "").split(), dtype=int)
+    last = np.array(b1.findtext("lastValidSample", "").split(), dtype=int)
+    assert sw.bursts[1].burst_id == int(b1.findtext("burstId", "")) == 230133
+    assert sw.bursts[1].byte_offset == int(b1.findtext("byteOffset", ""))
+    assert sw.bursts[1].first_line == 1513
+    valid = np.flatnonzero(first >= 0)
+    assert sw.bursts[1].valid_lines == (valid[0], valid[-1])
+    assert sw.bursts[1].valid_samples == (first[valid].max(), last[valid].min())
+    assert sw.azimuth_steering_rate_rad_s == pytest.approx(math.radians(0.9798633249999998), rel=1e-12)
+    fm = root.find("generalAnnotation/azimuthFmRateList/azimuthFmRate/azimuthFmRatePolynomial")
+    dc = root.find("dopplerCentroid/dcEstimateList/dcEstimate/dataDcPolynomial")
+    assert fm is not None and dc is not None
+    np.testing.assert_array_equal(sw.fm_rate.coeffs[0], np.array((fm.text or "").split(), dtype=float))
+    np.testing.assert_array_equal(sw.doppler.coeffs[0], np.array((dc.text or "").split(), dtype=float))
+    assert sw.measurement is None  # annotation-only fixture
+
+
+def test_tops_carrier_agrees_with_the_generator_and_spans_many_prfs(scene: Scene) -> None:
+    sw = scene.early.swaths[("IW2", "VV")]
+    burst = sw.bursts[4]
+    carrier = BurstCarrier.of(sw, burst)
+    rng = np.random.default_rng(1)
+    line, sample = rng.uniform(0, burst.lines, 500), rng.uniform(0, sw.n_samples, 500)
+    speed = float(np.linalg.norm(OrbitInterpolator(sw.orbit).state(np.array(carrier.t_mid_s))[1]))
+    np.testing.assert_allclose(carrier.phase(line, sample), syn.tops_phase(sw, burst, line, sample, speed), atol=1e-6)
+    kt = carrier.range_terms(np.array([0.0, 13000.0, sw.n_samples - 1.0]))[0]
+    span_hz = kt * burst.lines * sw.azimuth_time_interval_s
+    prf = 1.0 / sw.azimuth_time_interval_s
+    assert np.all((span_hz > 8 * prf) & (span_hz < 10 * prf))  # ~4.5 kHz of Doppler over a ~0.49 kHz PRF
+
+
+# --- coherence -------------------------------------------------------------------------------------
+
+
+def test_estimator_bias_formula_matches_monte_carlo() -> None:
+    rng = np.random.default_rng(7)
+    for looks in (4, 25):
+        for gamma in (0.0, 0.5, 0.9):
+            a = (rng.normal(size=(20000, looks)) + 1j * rng.normal(size=(20000, looks))) / math.sqrt(2)
+            n = (rng.normal(size=(20000, looks)) + 1j * rng.normal(size=(20000, looks))) / math.sqrt(2)
+            b = gamma * a + math.sqrt(1 - gamma * gamma) * n
+            est = np.abs((a * b.conj()).sum(1)) / np.sqrt((np.abs(a) ** 2).sum(1) * (np.abs(b) ** 2).sum(1))
+            assert expected_coherence(gamma, looks) == pytest.approx(est.mean(), abs=0.005)
+    assert expected_coherence(0.0, 25) == pytest.approx(math.sqrt(math.pi / 100), rel=0.01)
+
+
+def test_common_field_through_both_geometries_gives_one(scene: Scene, identical: BlockResult) -> None:
+    coh = identical.coherence["VV"]
+    assert np.isfinite(coh).mean() == 1.0
+    predicted = _baseline_coherence(scene)
+    assert 0.99 < predicted < 1.0
+    assert np.mean(coh) >= 0.99 and np.percentile(coh, 1) >= 0.985
+    assert np.mean(coh) >= predicted - 0.005
+
+
+def test_burst_overlap_one_source_per_pixel_and_no_seam(identical: BlockResult) -> None:
+    src = identical.source[K // 2 : -(K // 2), K // 2 : -(K // 2)]
+    codes, counts = np.unique(src, return_counts=True)
+    assert list(codes) == [3, 4] and counts.min() > 0.3 * src.size  # two bursts, each pixel from one
+    row_mean = np.mean(identical.coherence["VV"], axis=1)
+    mixed = np.flatnonzero([(r == 3).any() and (r == 4).any() for r in src])
+    assert mixed.size > 0
+    near = np.abs(np.arange(ROWS)[:, None] - mixed[None, :]).min(axis=1) <= K
+    assert abs(row_mean[near].mean() - row_mean[~near].mean()) < 0.002
+    assert row_mean.min() > 0.99
+
+
+@pytest.mark.parametrize("gamma", [0.9, 0.7, 0.5, 0.3])
+def test_coherence_recovered_within_the_estimator_bias(scene: Scene, identical: BlockResult, gamma: float) -> None:
+    result = scene.run(scene.late_with(gamma))
+    s_early = result.geocoded["VV"][0][K // 2 : -(K // 2), K // 2 : -(K // 2)]
+    looks = _enl(s_early)
+    expected = expected_coherence(gamma * _baseline_coherence(scene), looks)
+    assert np.mean(result.coherence["VV"]) == pytest.approx(expected, abs=0.02)
+
+
+def test_independent_scenes_give_the_small_window_floor(scene: Scene) -> None:
+    result = scene.run(scene.l_n)
+    s_early = result.geocoded["VV"][0][K // 2 : -(K // 2), K // 2 : -(K // 2)]
+    looks = _enl(s_early)
+    assert 15 < looks < 60
+    assert np.mean(result.coherence["VV"]) == pytest.approx(math.sqrt(math.pi / (4 * looks)), rel=0.1)
+
+
+def test_skipping_the_deramp_breaks_the_recovery(scene: Scene, identical: BlockResult) -> None:
+    broken = scene.run(scene.l_a, deramp=False).coherence["VV"]
+    assert np.percentile(identical.coherence["VV"], 5) > 0.99
+    assert np.mean(broken) < 0.95 and np.percentile(broken, 5) < 0.85
+
+
+# --- files and the command -----------------------------------------------------------------------
+
+
+def _fake_safe(src: Path, dst: Path, data: syn.SyntheticSwath) -> Path:
+    """A SAFE directory: the real manifest and annotation, plus a sparse complex-int16 measurement
+    holding the synthetic window (the rest of the swath is 0, i.e. no signal)."""
+    safe = dst / src.name
+    (safe / "annotation").mkdir(parents=True)
+    (safe / "measurement").mkdir()
+    (safe / "manifest.safe").write_bytes((src / "manifest.safe").read_bytes())
+    xml = next((src / "annotation").glob("s1a-iw2-slc-vv-*.xml"))
+    (safe / "annotation" / xml.name).write_bytes(xml.read_bytes())
+    sw = data.swath
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(
+            safe / "measurement" / (xml.stem + ".tiff"),
+            "w",
+            driver="GTiff",
+            width=sw.n_samples,
+            height=sw.n_lines,
+            count=1,
+            dtype="complex_int16",
+            tiled=True,
+            blockxsize=256,
+            blockysize=256,
+            sparse_ok=True,
+        ) as ds:
+            ny, nx = data.data.shape
+            window = rasterio.windows.Window(data.col0, data.row0, nx, ny)
+            ds.write(np.round(data.data), 1, window=window)
+    return safe
+
+
+def test_card_coh_command_writes_a_tagged_cog(scene: Scene, identical: BlockResult, tmp_path: Path) -> None:
+    from worker.cardgen import register
+
+    early = _fake_safe(EARLY, tmp_path / "in", scene.e_a)
+    late = _fake_safe(LATE, tmp_path / "in", scene.late_with(0.5))
+    app = typer.Typer()
+    register(app)
+    left, bottom, right, top = scene.grid.bounds
+    args = ["card", "coh", str(late), str(early), "--out", str(tmp_path / "out"), "--crs", str(scene.grid.crs)]
+    args += ["--bounds", str(left), str(bottom), str(right), str(top), "--resolution", "10", "--workers", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (path,) = (tmp_path / "out").glob("*.tif")
+    assert path.name.startswith(f"{EARLY.stem}_{LATE.stem}_") and path.name.endswith("_VV_COH12.tif")
+    with rasterio.open(path) as ds:
+        assert ds.dtypes == ("float32",) and math.isnan(ds.nodata) and ds.shape == (ROWS, COLS)
+        assert ds.transform == scene.grid.transform and ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        tags = ds.tags()
+        values = ds.read(1)
+    assert tags["GAP_DAYS"] == "12" and tags["KIND"] == "COH12" and tags["POLARISATION"] == "VV"
+    assert tags["DATE_EARLY"].startswith("2025-04-06T02:20") and tags["DATE_LATE"].startswith("2025-04-18T02:20")
+    assert tags["DEM"] == "flat-ellipsoid" and "7x7" in tags["WINDOW"] and "annotation" in tags["ORBIT"]
+    assert np.isfinite(values).mean() > 0.99
+    looks = _enl(scene.run(scene.late_with(0.5)).geocoded["VV"][0][K // 2 : -(K // 2), K // 2 : -(K // 2)])
+    assert np.nanmean(values) == pytest.approx(expected_coherence(0.5 * _baseline_coherence(scene), looks), abs=0.03)
+    bad = CliRunner().invoke(app, ["card", "coh", str(early), str(late), "--out", str(tmp_path), "--window", "4"])
+    assert bad.exit_code == 1 and "give the output grid" in bad.output
