@@ -143,8 +143,12 @@ def queue_backlogs(queues: Sequence[str]) -> dict[str, int]:
                 try:
                     # A channel per queue: a passive declare of a missing queue closes its channel.
                     ready[queue], _ = busmod.passive_depth(conn.channel(), settings, queue=queue)
-                except pika.exceptions.ChannelClosedByBroker as exc:  # not declared yet
-                    log.info("provision.passive_depth_unavailable", queue=queue, error=str(exc)[:300])
+                except pika.exceptions.ChannelClosedByBroker as exc:
+                    if exc.reply_code == 404:
+                        # Not declared yet (no worker of the new topology has started): no jobs in it.
+                        ready[queue] = 0
+                    else:
+                        log.info("provision.passive_depth_unavailable", queue=queue, error=str(exc)[:300])
         finally:
             if conn.is_open:
                 conn.close()

@@ -208,3 +208,22 @@ def test_openstack_pools_boot_their_own_flavor_and_drain_only_their_own_servers(
 
 def _servers(cloud: FakeCloud, pool: str) -> list[tuple[str, str]]:
     return [(sid, s["name"]) for sid, s in cloud.servers.items() if f"cbmflow-pool-{pool}" in s["tags"]]
+
+
+def test_each_queues_backlog_is_read_apart_and_an_undeclared_queue_holds_nothing(
+    cbm_env: Any, monkeypatch: pytest.MonkeyPatch, free_ports_factory: Any
+) -> None:
+    """AMQP alone (management API away): a queue no one has declared yet is 0, not an unreadable backlog."""
+    (port,) = free_ports_factory(1)
+    monkeypatch.setenv("CBMFLOW_BUS_MANAGEMENT_URL", f"http://u:p@127.0.0.1:{port}")
+    conn = busmod.connect(BusSettings())
+    try:
+        channel = conn.channel()
+        channel.queue_declare("cbmflow.extract", durable=True, arguments={"x-queue-type": "quorum"})
+        channel.confirm_delivery()
+        for _ in range(4):
+            channel.basic_publish("", "cbmflow.extract", b"{}", mandatory=True)
+    finally:
+        conn.close()
+    assert service.queue_backlogs(["cbmflow.extract", "cbmflow.card"]) == {"cbmflow.extract": 4, "cbmflow.card": 0}
+    assert service.current_backlog(("cbmflow.card",)) == 0
