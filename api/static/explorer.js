@@ -162,13 +162,11 @@
     }
     const ds = wanted || state.datasets[0];
     select.value = ds.aoi + "/" + ds.year;
-    await openDataset(ds.aoi, ds.year);
-    if (wanted && query.get("pid")) {
-      await openParcel(query.get("pid"), { fly: true, timing: "deepLinkToChartMs", started: performance.now() });
-    }
+    await openDataset(ds.aoi, ds.year, wanted ? query.get("pid") : null);
   }
 
-  async function openDataset(aoi, year) {
+  async function openDataset(aoi, year, pid) {
+    const started = performance.now();
     state.aoi = aoi;
     state.year = Number(year);
     state.status = "loading-dataset";
@@ -176,8 +174,12 @@
     state.tilejson = await api(datasetBase() + "/tiles.json");
     buildLegend(state.tilejson.crops);
     buildMap(state.tilejson);
+    if (pid) {
+      // A deep link's charts first: the background imagery is the slowest thing the API renders.
+      await openParcel(pid, { fly: true, timing: "deepLinkToChartMs", started });
+    }
     await loadScenes();
-    state.status = "ready";
+    if (!pid) state.status = "ready";
     updateUrl();
   }
 
