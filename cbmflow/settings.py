@@ -298,11 +298,21 @@ class WorkerSettings(BaseSettings):
     )
     card_dem: str = Field(
         "flat",
-        description="DEM of CARD generation: flat (height 0 on the WGS84 ellipsoid: GTC, not RTC) or the path of a"
-        " DEM raster GDAL opens (GeoTIFF, VRT, /vsis3/...)",
+        description="DEM of CARD generation: flat (height 0 on the WGS84 ellipsoid: GTC, not RTC), glo30 (Copernicus"
+        " GLO-30 tiles from card_dem_bucket, cached) or the path of a DEM raster GDAL opens (GeoTIFF, VRT)",
     )
     card_dem_geoid: str = Field(
-        "", description="vertical datum of card_dem: egm96 (geoid heights, made ellipsoidal); empty = ellipsoidal"
+        "",
+        description="geoid of the card_dem heights: egm96 or egm2008 (made ellipsoidal); empty = ellipsoidal for a"
+        " file, the best installed grid for glo30",
+    )
+    card_dem_bucket: str = Field(
+        "s3://copernicus-dem-30m",
+        description="where glo30 tiles are (s3://bucket[/prefix]); AWS's public bucket is read unsigned, any other"
+        " through the default object store (CDSE: s3://eodata/auxdata/CopDEM_COG/copernicus-dem-30m)",
+    )
+    card_dem_cache_dir: str = Field(
+        "", description="local cache of glo30 tiles, shared by a machine's jobs; empty = <state dir>/glo30"
     )
     card_quantity: Literal["gamma0-rtc", "gamma0", "sigma0", "beta0"] = Field(
         "gamma0-rtc", description="backscatter quantity of bs scenes (linear): gamma0-rtc is terrain-flattened"
