@@ -22,11 +22,13 @@ geoid's slope, which the two models share to 1e-5 (cm per km): no effect on RTC 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import re
 import uuid
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,7 +38,8 @@ import numpy as np
 import numpy.typing as npt
 import rasterio
 from pyproj import Transformer
-from rasterio.warp import Resampling, reproject
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import Resampling
 
 from card.geobox import GeoBox
 
@@ -97,18 +100,38 @@ def best_geoid(preferred: str = "egm2008") -> str:
     return preferred
 
 
+def _local_env() -> AbstractContextManager[Any]:
+    """A GDAL environment for reading local files, without AWS credentials.
+
+    Outside any ``rasterio.Env`` each ``open`` builds its own, and with AWS keys in the environment
+    that is a boto3 session each time (~40 ms).
+    """
+    from rasterio.env import hasenv
+    from rasterio.session import DummySession
+
+    return contextlib.nullcontext() if hasenv() else rasterio.Env(session=DummySession())
+
+
 def _warp(path: str | Path, box: GeoBox, resampling: Resampling) -> FloatArray:
-    out = np.full(box.shape, np.nan, dtype=np.float64)
-    with rasterio.open(path) as src:
-        reproject(
-            source=rasterio.band(src, 1),
-            destination=out,
-            src_nodata=src.nodata,
-            dst_transform=box.transform,
-            dst_crs=box.crs if isinstance(box.crs, str) else f"EPSG:{box.crs}",
-            dst_nodata=np.nan,
+    """``path`` resampled onto ``box`` (NaN outside it or at its nodata), through a WarpedVRT.
+
+    Not ``rasterio.warp.reproject``: it builds ``rasterio.Env`` objects internally, each a boto3
+    session when AWS keys are in the environment (75 ms against 2 ms per call, the same values).
+    """
+    crs = box.crs if isinstance(box.crs, str) else f"EPSG:{box.crs}"
+    with _local_env(), rasterio.open(path) as src:
+        with WarpedVRT(
+            src,
+            crs=crs,
+            transform=box.transform,
+            width=box.width,
+            height=box.height,
             resampling=resampling,
-        )
+            src_nodata=src.nodata,
+            nodata=np.nan,
+            dtype="float64",
+        ) as vrt:
+            out: FloatArray = vrt.read(1)
     return out
 
 
@@ -190,8 +213,8 @@ class Glo30Dem:
         self.prefix = f"{prefix}/" if prefix else ""
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._bucket_ok = False
         self.geoid = geoid or best_geoid(GLO30_DATUM)
-        geoid_grid_path(self.geoid)  # fail at once, not in the first block, if the grid is missing
 
     @property
     def label(self) -> str:
@@ -216,6 +239,7 @@ class Glo30Dem:
         except ClientError as exc:
             part.unlink(missing_ok=True)
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                self._check_bucket()  # a HEAD 404 is also what a wrong bucket or prefix gives
                 missing.touch()
                 return None
             raise
@@ -224,6 +248,18 @@ class Glo30Dem:
             raise
         os.replace(part, path)
         return path
+
+    def _check_bucket(self) -> None:
+        """The bucket exists and its prefix holds GLO-30 tiles; else a 404 means no sea but a wrong location."""
+        if self._bucket_ok:
+            return
+        self.client.head_bucket(Bucket=self.bucket)
+        listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}Copernicus_DSM_", MaxKeys=1)
+        if not listing.get("KeyCount", len(listing.get("Contents", []))):
+            raise ValueError(
+                f"s3://{self.bucket}/{self.prefix} holds no Copernicus_DSM_… tiles: a wrong GLO-30 location?"
+            )
+        self._bucket_ok = True
 
     def tiles_for(self, box: GeoBox) -> list[tuple[int, int]]:
         """(lat, lon) of the south-west corners of the tiles the box needs (2 DEM pixels of margin)."""
@@ -235,39 +271,44 @@ class Glo30Dem:
         return [(lat, lon) for lat in lats for lon in lons if -90 <= lat < 90 and -180 <= lon < 180]
 
     def mosaic(self, tiles: list[tuple[int, int]]) -> Path:
-        """A VRT over ``tiles`` (1″ grid, bilinear from tiles with coarser longitude spacing); absent tiles read 0."""
+        """A VRT over ``tiles`` on the finest spacing among them; absent tiles read 0.
+
+        Tiles of one spacing (1″ south of 50°) are placed 1:1, so the warp onto the block sees one
+        seamless raster. North of 50° GLO-30's longitude spacing grows (1.5″, 2″, 3″, 5″, 10″);
+        where tiles of two spacings meet, the coarser ones are resampled bilinearly into the VRT,
+        which is exact inside them and up to a few centimetres off within one pixel of a seam.
+        """
         names = sorted(glo30_tile_name(lat, lon) for lat, lon in tiles)
         vrt = self.cache_dir / f"mosaic-{hashlib.sha1(' '.join(names).encode()).hexdigest()[:16]}.vrt"
-        present = [(lat, lon, self.tile(glo30_tile_name(lat, lon))) for lat, lon in tiles]  # (re)fetched if evicted
+        present = [p for lat, lon in tiles if (p := self.tile(glo30_tile_name(lat, lon))) is not None]  # refetch
         if vrt.is_file():
             return vrt
-        res = GLO30_RESOLUTION_DEG
+        grids = []
+        for path in present:
+            with _local_env(), rasterio.open(path) as src:
+                grids.append((path, src.transform, src.shape, src.dtypes[0]))
+        res_x = min((t.a for _, t, _, _ in grids), default=GLO30_RESOLUTION_DEG)
+        res_y = min((-t.e for _, t, _, _ in grids), default=GLO30_RESOLUTION_DEG)
         lat0, lat1 = min(t[0] for t in tiles), max(t[0] for t in tiles) + 1
         lon0, lon1 = min(t[1] for t in tiles), max(t[1] for t in tiles) + 1
-        # GLO-30 pixels are points on whole arc-seconds: the tile grids start half a pixel out
-        left, top = lon0 - res / 2, lat1 + res / 2
-        width, height = round((lon1 - lon0) / res), round((lat1 - lat0) / res)
+        # GLO-30 pixels are points on whole multiples of the spacing: the grids start half a pixel out
+        left, top = lon0 - res_x / 2, lat1 + res_y / 2
+        width, height = round((lon1 - lon0) / res_x), round((lat1 - lat0) / res_y)
         sources = []
-        for _, _, path in present:
-            if path is None:
-                continue
-            with rasterio.open(path) as src:
-                t, (h, w) = src.transform, src.shape
-                x_off, y_off = round((t.c - left) / res), round((top - t.f) / res)
-                x_size, y_size = round(w * t.a / res), round(h * -t.e / res)
-                dtype = src.dtypes[0]
+        for path, t, (h, w), _ in grids:
+            x_off, y_off = (t.c - left) / res_x, (top - t.f) / res_y  # fractional only for other spacings
+            x_size, y_size = w * t.a / res_x, h * -t.e / res_y
             sources.append(
                 f'<ComplexSource resampling="bilinear"><SourceFilename relativeToVRT="0">{path.resolve()}'
                 f"</SourceFilename><SourceBand>1</SourceBand>"
                 f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
-                f'<DstRect xOff="{x_off}" yOff="{y_off}" xSize="{x_size}" ySize="{y_size}"/></ComplexSource>'
+                f'<DstRect xOff="{x_off!r}" yOff="{y_off!r}" xSize="{x_size!r}" ySize="{y_size!r}"/></ComplexSource>'
             )
+        dtype = _gdal_type(grids[0][3]) if grids else "Float32"
         xml = (
             f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>EPSG:4326</SRS>'
-            f"<GeoTransform>{left!r}, {res!r}, 0, {top!r}, 0, {-res!r}</GeoTransform>"
-            f'<VRTRasterBand dataType="{"Float32" if not sources else _gdal_type(dtype)}" band="1">'
-            + "".join(sources)
-            + "</VRTRasterBand></VRTDataset>"
+            f"<GeoTransform>{left!r}, {res_x!r}, 0, {top!r}, 0, {-res_y!r}</GeoTransform>"
+            f'<VRTRasterBand dataType="{dtype}" band="1">' + "".join(sources) + "</VRTRasterBand></VRTDataset>"
         )
         part = self.cache_dir / f".{vrt.name}.{uuid.uuid4().hex}.part"
         part.write_text(xml)
