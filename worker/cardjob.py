@@ -57,7 +57,7 @@ from shapely.geometry.base import BaseGeometry
 
 from card.geobox import GeoBox
 from cbmflow import __version__, store
-from cbmflow.errors import PermanentJobError
+from cbmflow.errors import ConfigError, PermanentJobError
 from cbmflow.logging import get_logger
 from cbmflow.messages import ExtractParcels, GenerateCard
 from cbmflow.outbox import enqueue
@@ -507,11 +507,36 @@ def _item(
 
 
 def _dem(settings: WorkerSettings) -> Any:
-    from card.s1grd.dem import FileDem, FlatDem
+    """The DEM provider of ``CBMFLOW_WORKER_CARD_DEM``: flat, glo30 (S3 tiles, cached) or a raster file.
 
-    if settings.card_dem == "flat":
-        return FlatDem()
-    return FileDem(Path(settings.card_dem), settings.card_dem_geoid or None)
+    A DEM that cannot be set up (a missing file or geoid grid) is the worker's configuration, not
+    the product's: it raises ``ConfigError``, which the consumer treats as transient (requeued, the
+    input kept), so fixing the setting lets the backlog through.
+    """
+    from card.s1grd.dem import GLO30_AWS, FileDem, FlatDem, Glo30Dem
+
+    spec = settings.card_dem
+    geoid = settings.card_dem_geoid or None
+    try:
+        if spec == "flat":
+            return FlatDem()
+        if spec == "glo30":
+            bucket = settings.card_dem_bucket
+            if bucket.rstrip("/") == GLO30_AWS:
+                import boto3
+                from botocore import UNSIGNED
+                from botocore.config import Config
+
+                client = boto3.client("s3", region_name="eu-central-1", config=Config(signature_version=UNSIGNED))
+            else:
+                client = store.s3_client(store.profile_settings(""))
+            cache = settings.card_dem_cache_dir or str(state_dir() / "glo30")
+            return Glo30Dem(client, cache, bucket, geoid=geoid)
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"DEM {spec} not found")
+        return FileDem(Path(spec), geoid)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"CBMFLOW_WORKER_CARD_DEM={spec!r}: {exc}") from exc
 
 
 def _generate_tile(
@@ -532,11 +557,12 @@ def _generate_tile(
     tile = tg.tile.removeprefix("T")
     name = f"T{tile}" if tg.whole else f"T{tile}-{grid_name(tg.grid)}"
     work = scratch / tile
+    dem = _dem(settings)
     try:
         result = generate_bs(
             str(grd),
             tg.grid,
-            _dem(settings),
+            dem,
             str(work),
             quantity=settings.card_quantity,
             denoise=settings.card_denoise,
@@ -545,6 +571,13 @@ def _generate_tile(
         )
     except (SafeError, ValueError, FileNotFoundError, rasterio.errors.RasterioIOError) as exc:
         raise PermanentJobError(f"CARD-BS of {claimed.product_id} on tile {tile} failed: {exc}") from exc
+    except Exception as exc:  # the DEM's bucket (glo30): an outage is retried in place, a refusal is ours
+        failure = _store_failure(exc, settings.card_dem_bucket)
+        if failure is None:
+            raise
+        if isinstance(failure, store.StoreUnavailable):
+            raise failure from exc
+        raise ConfigError(f"CBMFLOW_WORKER_CARD_DEM_BUCKET: {failure}") from exc
     files = {pol: Path(p).name for pol, p in result.backscatter.items()}
     files["MASK"] = Path(result.mask).name
     files["LIA"] = Path(result.local_incidence).name
