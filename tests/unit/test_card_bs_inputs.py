@@ -14,41 +14,14 @@ import numpy as np
 import pytest
 import rasterio
 import typer
-from affine import Affine
-from grd_products import SAFE, build_grd, require_safe
-from pyproj import Transformer
+from grd_products import SAFE, build_grd, dn_pattern, grid_and_window, require_safe
 from typer.testing import CliRunner
 
 from card.geobox import GeoBox
 from card.s1grd.bs import generate_bs
 from card.s1grd.dem import FlatDem
-from card.s1grd.geocode import Geocoder, ecef
 from card.s1grd.safe import open_grd
 from worker.cardgen import register
-
-
-def dn_pattern(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """DN that vary in both directions, so that a misplaced or swapped read changes the values."""
-    return 200 + (cols % 97) * 3 + (rows % 89)
-
-
-def grid_and_window() -> tuple[GeoBox, tuple[int, int, int, int]]:
-    """A 48 × 48 10 m grid mid-scene and the GRD window (with margin) that it sees."""
-    a = open_grd(SAFE).polarisations["VV"].annotation
-    lon, lat = float(np.median(a.grid.lon)), float(np.median(a.grid.lat))
-    x, y = Transformer.from_crs("EPSG:4326", "EPSG:32633", always_xy=True).transform(lon, lat)
-    grid = GeoBox((48, 48), Affine(10, 0, round(x, -1), 0, -10, round(y, -1)), "EPSG:32633")
-    xx, yy = np.meshgrid(grid.x_centres(), grid.y_centres())
-    glon, glat = Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True).transform(xx, yy)
-    pos = Geocoder(a).radar_position(ecef(glon, glat, 0.0))
-    m = 20
-    window = (
-        int(pos.line.min()) - m,
-        int(pos.line.max()) + m,
-        int(pos.pixel.min()) - m,
-        int(pos.pixel.max()) + m,
-    )
-    return grid, window
 
 
 def _values(product: str, grid: GeoBox, out: Path) -> np.ndarray:
