@@ -16,7 +16,9 @@ the processing time (decimetres to a metre or two along track, a tenth of a pixe
 from __future__ import annotations
 
 import dataclasses
+import io
 import xml.etree.ElementTree as ET
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,8 +99,15 @@ def _eof_time(text: str | None, where: str) -> np.datetime64:
 
 
 def read_orbit_file(source: str | Path | bytes) -> OrbitFile:
-    """Parse an EOF (path or its bytes); only Earth-fixed files with UTC state vectors are accepted."""
+    """Parse an EOF (path or its bytes, or a ``.EOF.zip`` as the orbit services hand them out);
+    only Earth-fixed files with UTC state vectors are accepted."""
     raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if raw[:4] == b"PK\x03\x04":
+        with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+            eofs = [n for n in zf.namelist() if n.upper().endswith(".EOF")]
+            if len(eofs) != 1:
+                raise SafeError(f"orbit zip holds {len(eofs)} .EOF files, expected one")
+            raw = zf.read(eofs[0])
     try:
         root = ET.fromstring(raw)
     except ET.ParseError as exc:

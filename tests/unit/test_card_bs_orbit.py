@@ -8,6 +8,7 @@ the truth is that the two orbits are the same curve.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -117,11 +118,15 @@ def write_eof(
 """.encode()
 
 
-def test_reads_the_eof_shape(grd: GrdProduct) -> None:
+def test_reads_the_eof_shape(grd: GrdProduct, tmp_path: Path) -> None:
     eof = read_orbit_file(write_eof(grd))
     assert (eof.name, eof.mission, eof.kind) == (EOF_NAME, "Sentinel-1B", "POEORB")
     assert eof.utc.size == 15 and np.all(np.diff(eof.utc) == np.timedelta64(10, "s"))
     assert eof.label.startswith("POEORB S1B_OPER_AUX_POEORB_OPOD_")
+    zipped = tmp_path / f"{EOF_NAME}.EOF.zip"  # as the orbit services hand them out
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(f"{EOF_NAME}.EOF", write_eof(grd))
+    assert np.array_equal(read_orbit_file(zipped).pos, eof.pos)
 
 
 def test_poeorb_on_the_same_trajectory_geocodes_like_the_annotation(grd: GrdProduct) -> None:
