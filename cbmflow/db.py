@@ -182,39 +182,10 @@ def ensure_dataset(cur: psycopg2.extensions.cursor, aoi: str, year: int, srid: i
             ix=sql.Identifier(f"{ds.parcel_table}_geom_gix"), t=ds.parcels
         )
     )
+    # Signatures and histograms: one row per (parcel, scene) behind views of the row-per-band
+    # shape (sql/011_compact_signatures.sql, which also converts datasets made before it).
     cur.execute(
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {t} ("
-            " pid integer NOT NULL, scene_id bigint NOT NULL, band text NOT NULL,"
-            " count integer NOT NULL, mean double precision, std double precision,"
-            " min double precision, max double precision,"
-            " p25 double precision, p50 double precision, p75 double precision,"
-            # Covering key: one parcel's series is read from a few adjacent leaf pages of this
-            # index (index-only scan) although the worker appends rows scene by scene; see
-            # docs/performance.md "API" for the measurement behind it.
-            " PRIMARY KEY (pid, scene_id, band) INCLUDE (count, mean, std, min, max, p25, p50, p75))"
-            # Insert-only tables are vacuumed after 20% growth by default; the visibility map that
-            # index-only scans depend on should follow each day's scenes, not each fifth of a year.
-            " WITH (autovacuum_vacuum_insert_scale_factor = 0.01)"
-        ).format(t=ds.sigs)
-    )
-    cur.execute(
-        sql.SQL("CREATE INDEX IF NOT EXISTS {ix} ON {t} (scene_id)").format(
-            ix=sql.Identifier(f"{ds.sigs_table}_scene_idx"), t=ds.sigs
-        )
-    )
-    cur.execute(
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {t} ("
-            " pid integer NOT NULL, scene_id bigint NOT NULL, class smallint NOT NULL, count integer NOT NULL,"
-            " PRIMARY KEY (pid, scene_id, class) INCLUDE (count))"
-            " WITH (autovacuum_vacuum_insert_scale_factor = 0.01)"
-        ).format(t=ds.hists)
-    )
-    cur.execute(
-        sql.SQL("CREATE INDEX IF NOT EXISTS {ix} ON {t} (scene_id)").format(
-            ix=sql.Identifier(f"{ds.hists_table}_scene_idx"), t=ds.hists
-        )
+        "SELECT cbmflow_compact_signatures(%s, %s, %s)", (ds.schema_name, ds.sigs_table, ds.hists_table)
     )
     grant_dataset(cur, ds)
     return ds

@@ -86,34 +86,29 @@ class RowSpool:
 
     def __init__(self, memory_bytes: int = 16 << 20) -> None:
         self.memory_bytes = memory_bytes
-        self.items: list[tuple[Dataset, IO[bytes] | None, IO[bytes] | None]] = []
-
-    def _spool(self, chunks: list[bytes]) -> IO[bytes] | None:
-        if not chunks:
-            return None
-        f: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=self.memory_bytes)  # noqa: SIM115 - closed by close()
-        f.write(pgcopy.HEADER)
-        for chunk in chunks:
-            f.write(chunk)
-        f.write(pgcopy.TRAILER)
-        return f
+        self.items: list[tuple[Dataset, list[str], IO[bytes] | None]] = []
 
     def __call__(self, ds: Dataset, sig_chunks: list[bytes], hist_chunks: list[bytes]) -> None:
-        self.items.append((ds, self._spool(sig_chunks), self._spool(hist_chunks)))
+        bands, rows = pgcopy.observation_rows(sig_chunks, hist_chunks)
+        f: IO[bytes] | None = None
+        if rows:
+            f = tempfile.SpooledTemporaryFile(max_size=self.memory_bytes)  # noqa: SIM115 - closed by close()
+            f.write(pgcopy.HEADER)
+            f.write(rows)
+            f.write(pgcopy.TRAILER)
+        self.items.append((ds, bands, f))
 
     def write(self, cur: psycopg2.extensions.cursor, scene_id: int) -> None:
         """Replace the scene's rows of every dataset, inside the caller's transaction."""
-        for ds, sigs, hists in self.items:
-            for f in (sigs, hists):
-                if f is not None:
-                    f.seek(0)
-            copy_scene_rows(cur, ds, scene_id, sigs, hists)
+        for ds, bands, f in self.items:
+            if f is not None:
+                f.seek(0)
+            copy_scene_rows(cur, ds, scene_id, bands, f)
 
     def close(self) -> None:
-        for _, sigs, hists in self.items:
-            for f in (sigs, hists):
-                if f is not None:
-                    f.close()
+        for _, _, f in self.items:
+            if f is not None:
+                f.close()
         self.items.clear()
 
 
@@ -434,35 +429,24 @@ def write_scene_rows(
     cur: psycopg2.extensions.cursor, ds: Dataset, scene_id: int, sig_chunks: list[bytes], hist_chunks: list[bytes]
 ) -> None:
     """Replace the scene's rows of one dataset by binary COPY (idempotent re-extraction)."""
-    copy_scene_rows(
-        cur,
-        ds,
-        scene_id,
-        pgcopy.stream(sig_chunks) if sig_chunks else None,
-        pgcopy.stream(hist_chunks) if hist_chunks else None,
-    )
+    bands, rows = pgcopy.observation_rows(sig_chunks, hist_chunks)
+    copy_scene_rows(cur, ds, scene_id, bands, pgcopy.stream([rows]) if rows else None)
 
 
 def copy_scene_rows(
-    cur: psycopg2.extensions.cursor, ds: Dataset, scene_id: int, sigs: IO[bytes] | None, hists: IO[bytes] | None
+    cur: psycopg2.extensions.cursor, ds: Dataset, scene_id: int, bands: list[str], rows: IO[bytes] | None
 ) -> None:
-    """Delete the scene's rows of one dataset and COPY the given binary streams in their place."""
-    cur.execute(sql.SQL("DELETE FROM {} WHERE scene_id = %s").format(ds.sigs), (scene_id,))
-    cur.execute(sql.SQL("DELETE FROM {} WHERE scene_id = %s").format(ds.hists), (scene_id,))
-    if sigs is not None:
-        cur.copy_expert(
-            sql.SQL(
-                "COPY {} (pid, scene_id, band, count, mean, std, min, max, p25, p50, p75)"
-                " FROM STDIN WITH (FORMAT binary)"
-            )
-            .format(ds.sigs)
-            .as_string(cur),
-            sigs,
-        )
-    if hists is not None:
-        cur.copy_expert(
-            sql.SQL("COPY {} (pid, scene_id, class, count) FROM STDIN WITH (FORMAT binary)")
-            .format(ds.hists)
-            .as_string(cur),
-            hists,
-        )
+    """Delete the scene's rows of one dataset and COPY the given binary stream in their place.
+
+    One row per parcel in ``<sigs>_obs`` and the scene's band order in ``<sigs>_bands``
+    (sql/011_compact_signatures.sql; ``<sigs>`` and ``<hists>`` are views over them).
+    """
+    obs, band_table = ds.ident(f"{ds.sigs_table}_obs"), ds.ident(f"{ds.sigs_table}_bands")
+    cur.execute(sql.SQL("DELETE FROM {} WHERE scene_id = %s").format(obs), (scene_id,))
+    cur.execute(sql.SQL("DELETE FROM {} WHERE scene_id = %s").format(band_table), (scene_id,))
+    if rows is None:
+        return
+    cur.execute(sql.SQL("INSERT INTO {} (scene_id, bands) VALUES (%s, %s)").format(band_table), (scene_id, bands))
+    cur.copy_expert(
+        sql.SQL("COPY {} (scene_id, pid, stats, scl) FROM STDIN WITH (FORMAT binary)").format(obs).as_string(cur), rows
+    )

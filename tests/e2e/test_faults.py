@@ -393,7 +393,7 @@ class SigsLock:
         with tx(self.dsn) as cur:
             cur.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM \"ms\".\"sigs_2024\"%'"
+                " AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM \"ms\".\"sigs_2024_obs\"%'"
             )
             row = cur.fetchone()
         return int(row[0]) if row else 0
@@ -696,7 +696,7 @@ def test_poison_corrupt_raster_and_delivery_limit_are_dead_lettered_the_rest_una
             " RETURN NEW; END $$"
         )
         cur.execute(
-            "CREATE TRIGGER fault_reject BEFORE INSERT ON ms.sigs_2024 FOR EACH ROW EXECUTE FUNCTION fault_reject()"
+            "CREATE TRIGGER fault_reject BEFORE INSERT ON ms.sigs_2024_obs FOR EACH ROW EXECUTE FUNCTION fault_reject()"
         )
     conn = pika.BlockingConnection(pika.URLParameters(env.bus.amqp_url))
     conn.channel().basic_publish(
@@ -741,7 +741,7 @@ def test_poison_corrupt_raster_and_delivery_limit_are_dead_lettered_the_rest_una
 
     # The fix, one scene at a time: its dead letter goes once its new job is confirmed.
     with tx(env.dsn) as cur:
-        cur.execute("DROP TRIGGER fault_reject ON ms.sigs_2024")
+        cur.execute("DROP TRIGGER fault_reject ON ms.sigs_2024_obs")
     res = _cli(env, "jobs", "retry", "--dead-lettered", "--scene", str(ids[flaky_product]))
     assert res.returncode == 0, res.stderr
     assert f"re-published 1 scene(s): {ids[flaky_product]}; dead letters removed 1, kept 2 (1 malformed)" in res.stdout

@@ -604,7 +604,7 @@ def test_unexpected_errors_are_generic_json_500(seed: Seed) -> None:
     with TestClient(create_app(seed.dsn), raise_server_exceptions=False) as client:
         assert client.get("/query/parcelTimeSeries?aoi=ms&year=2024&pid=P-1", auth=ALICE).status_code == 200
         with db.transaction(seed.dsn) as cur:
-            cur.execute("DROP TABLE ms.hists_2024")  # an operator mistake, not the user's
+            cur.execute("DROP VIEW ms.hists_2024")  # an operator mistake, not the user's (a view since sql/011)
         resp = client.get("/query/parcelTimeSeries?aoi=ms&year=2024&pid=P-1", auth=ALICE)
         err = _error(resp, 500, "internal_error")
         assert err["message"] == "internal server error" and "hists" not in resp.text
@@ -700,7 +700,7 @@ def test_prepared_series_survives_table_changes(seed: Seed) -> None:
         with db.transaction(seed.dsn) as cur:
             cur.execute("CREATE TABLE ms.sigs_copy AS SELECT * FROM ms.sigs_2024")
             cur.execute("UPDATE ms.sigs_copy SET mean = mean + 1000")
-            cur.execute("DROP TABLE ms.sigs_2024")
+            cur.execute("DROP VIEW ms.sigs_2024")  # a view over the compact table since sql/011
             cur.execute("ALTER TABLE ms.sigs_copy RENAME TO sigs_2024")
         after = client.get(url, auth=ALICE).json()
         assert after["band"] == before["band"]
