@@ -184,9 +184,7 @@ def ensure_dataset(cur: psycopg2.extensions.cursor, aoi: str, year: int, srid: i
     )
     # Signatures and histograms: one row per (parcel, scene) behind views of the row-per-band
     # shape (sql/011_compact_signatures.sql, which also converts datasets made before it).
-    cur.execute(
-        "SELECT cbmflow_compact_signatures(%s, %s, %s)", (ds.schema_name, ds.sigs_table, ds.hists_table)
-    )
+    cur.execute("SELECT cbmflow_compact_signatures(%s, %s, %s)", (ds.schema_name, ds.sigs_table, ds.hists_table))
     grant_dataset(cur, ds)
     return ds
 
