@@ -215,16 +215,29 @@ def tiles_intersecting(footprint_lonlat: BaseGeometry | Sequence[tuple[float, fl
     """Names of the Sentinel-2 tiles whose 109.8 km extent meets a lon/lat footprint (sorted).
 
     ``footprint_lonlat`` is a shapely geometry or a ring of (lon, lat) points, e.g. a GRD's
-    footprint from its manifest or STAC item; longitudes must not wrap across ±180°. A tile exists
+    footprint from its manifest or STAC item; one that crosses ±180° (its longitudes jumping from
+    179 to −179, as footprints are written) is unwrapped and split there. A tile exists
     for every MGRS square that meets its zone × band cell, so squares on a band boundary give two
     names for one grid (see the module note).
     """
     geom = _as_lonlat_geometry(footprint_lonlat)
     if geom.is_empty:
         return []
+    if geom.bounds[2] - geom.bounds[0] > 180:
+        # a footprint across ±180° given in [-180, 180]: unwrap to [0, 360], then split at 180°
+        unwrapped = shapely_transform(
+            geom, lambda xy: np.column_stack([np.where(xy[:, 0] < 0, xy[:, 0] + 360, xy[:, 0]), xy[:, 1]])
+        )
+        east = unwrapped.intersection(box(0, -90, 180, 90))
+        west = shapely_transform(unwrapped.intersection(box(180, -90, 360, 90)), lambda xy: xy - np.array([360.0, 0.0]))
+        return sorted(set(_tiles_meeting(east)) | set(_tiles_meeting(west)))
+    return _tiles_meeting(geom)
+
+
+def _tiles_meeting(geom: BaseGeometry) -> list[str]:
+    if geom.is_empty:
+        return []
     lon0, lat0, lon1, lat1 = geom.bounds
-    if lon1 - lon0 > 180:
-        raise ValueError("footprint spans more than 180° of longitude (wrapping across ±180° is not supported)")
     dense = segmentize(geom, 0.05)
     names: set[str] = set()
     for zone, band in _cells_near(lon0, lat0, lon1, lat1):

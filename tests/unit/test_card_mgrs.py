@@ -131,3 +131,16 @@ def test_a_sequence_of_lonlat_points_is_a_footprint() -> None:
     assert tiles_intersecting(ring) == tiles_intersecting(box(12.3, 41.8, 12.6, 42.0))
     with pytest.raises(ValueError):
         tiles_intersecting([(0.0, 0.0), (1.0, 1.0)])
+
+
+def test_a_footprint_across_the_antimeridian() -> None:
+    # Fiji's Taveuni (179.9° W … 179.8° E): tiles of zone 60 (east of 174° E) and zone 1 (west of 174° W)
+    ring = [(179.8, -16.9), (-179.9, -16.9), (-179.9, -16.6), (179.8, -16.6)]
+    names = tiles_intersecting(ring)
+    assert {n[:2] for n in names} == {"60", "01"}
+    for n in names:  # each tile really meets one side of the footprint
+        g = tile_geobox(n)
+        side = box(179.8, -16.9, 180.0, -16.6) if n.startswith("60") else box(-180.0, -16.9, -179.9, -16.6)
+        assert box(*g.bounds).intersects(_project(segmentize(side, 0.01), g.crs)), n
+    # and nothing from the far side of the world, as an unwrapped 360° span would give
+    assert all(n[:2] in ("60", "01") for n in names)
