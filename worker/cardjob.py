@@ -281,7 +281,7 @@ def tile_grids(region: BaseGeometry, footprint: BaseGeometry, settings: WorkerSe
     from card import mgrs
 
     out: list[TileGrid] = []
-    for name in mgrs.tiles_intersecting(region):
+    for name in _distinct_tiles(mgrs.tiles_intersecting(region), region):
         tile = mgrs.tile_geobox(name, resolution_m=10)
         crs = str(tile.crs)
         left, bottom, right, top = tile.bounds
@@ -302,6 +302,25 @@ def tile_grids(region: BaseGeometry, footprint: BaseGeometry, settings: WorkerSe
         grid = tile[r0:r1, c0:c1]
         out.append(TileGrid(name, grid, grid.shape == tile.shape))
     return out
+
+
+def _distinct_tiles(names: list[str], region: BaseGeometry) -> list[str]:
+    """One name per tile grid: an MGRS square on a latitude-band boundary is a tile under two names
+    with one grid (``32TPU`` and ``32UPU`` north of Munich); generating both would be the same COGs
+    twice. The name whose band holds the region's centre is kept (the other's sorted first)."""
+    from card import mgrs
+
+    lat = region.centroid.y
+    by_grid: dict[tuple[Any, ...], list[str]] = {}
+    for name in names:
+        box_ = mgrs.tile_geobox(name, resolution_m=10)
+        by_grid.setdefault((box_.crs, tuple(box_.transform)[:6], box_.shape), []).append(name)
+    kept = []
+    for same in by_grid.values():
+        south_north = [mgrs.band_latitudes(mgrs.parse_tile(n).band) for n in same]
+        holding = [n for n, (s, nn) in zip(same, south_north, strict=True) if s <= lat < nn]
+        kept.append(sorted(holding or same)[0])
+    return sorted(kept)
 
 
 def _grid_footprint(grid: GeoBox, footprint: BaseGeometry) -> BaseGeometry:
