@@ -264,6 +264,8 @@ class Glo30Dem:
     def tiles_for(self, box: GeoBox) -> list[tuple[int, int]]:
         """(lat, lon) of the south-west corners of the tiles the box needs (2 DEM pixels of margin)."""
         west, south, east, north = lonlat_bounds(box)
+        if east - west > 180:
+            raise ValueError(f"a block across ±180° longitude ({box.bounds} in {box.crs}) is not supported by Glo30Dem")
         m = 2 * GLO30_RESOLUTION_DEG
         mlon = m / max(math.cos(math.radians(max(abs(south), abs(north)))), 0.05)
         lats = range(math.floor(south - m), math.floor(north + m) + 1)

@@ -86,6 +86,10 @@ def test_a_block_needs_the_tiles_under_it_plus_a_margin(tmp_path: Path) -> None:
     x, y = Transformer.from_crs("EPSG:4326", "EPSG:32719", always_xy=True).transform(-69.5, -33.5)
     south_west = GeoBox((10, 10), Affine(10, 0, round(x), 0, -10, round(y)), "EPSG:32719")
     assert dem.tiles_for(south_west) == [(-34, -70)]
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:32760", always_xy=True).transform(180.0, -16.8)
+    across = GeoBox((10, 10), Affine(10, 0, round(x) - 50, 0, -10, round(y)), "EPSG:32760")
+    with pytest.raises(ValueError, match="across ±180°"):  # not 360 tiles of a wrapped longitude range
+        dem.tiles_for(across)
 
 
 def test_tiles_of_two_longitude_spacings_mosaic_onto_the_plane(tmp_path: Path) -> None:
