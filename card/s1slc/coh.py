@@ -118,19 +118,45 @@ class SwathDate:
 
 
 def match_bursts(early: SlcSwath, late: SlcSwath) -> dict[int, int]:
-    """Early burst index → late burst index of the same ground footprint."""
+    """Position in the early burst list → position in the late one, for the same ground footprint."""
     out: dict[int, int] = {}
-    ids = {b.burst_id: b.index for b in late.bursts if b.burst_id is not None}
+    ids = {b.burst_id: k for k, b in enumerate(late.bursts) if b.burst_id is not None}
     cycle = float(np.median(np.diff([b.azimuth_anx_time_s for b in early.bursts]))) if len(early.bursts) > 1 else 2.75
-    for b in early.bursts:
+    for j, b in enumerate(early.bursts):
         if b.burst_id is not None and ids:
             if b.burst_id in ids:
-                out[b.index] = ids[b.burst_id]
+                out[j] = ids[b.burst_id]
             continue
         d = np.array([abs(lb.azimuth_anx_time_s - b.azimuth_anx_time_s) for lb in late.bursts])
         k = int(np.argmin(d))
         if d[k] < 0.5 * cycle:
-            out[b.index] = k
+            out[j] = k
+    return out
+
+
+def _linear_weights(n: int, nodes: npt.NDArray[np.int64]) -> FloatArray:
+    """(n, len(nodes)) matrix of linear interpolation weights from ``nodes`` (sorted indices) to 0…n−1."""
+    idx = np.arange(n)
+    k = np.clip(np.searchsorted(nodes, idx, side="right") - 1, 0, max(len(nodes) - 2, 0))
+    w = np.zeros((n, len(nodes)))
+    if len(nodes) == 1:
+        w[:, 0] = 1.0
+        return w
+    f = (idx - nodes[k]) / (nodes[k + 1] - nodes[k])
+    w[idx, k] = 1.0 - f
+    w[idx, k + 1] = f
+    return w
+
+
+def _lagrange(levels: list[float], h: FloatArray) -> list[FloatArray]:
+    """Lagrange basis weights of each level at heights ``h`` (1, 2 or 3 levels)."""
+    out = []
+    for i, li in enumerate(levels):
+        w = np.ones_like(h)
+        for j, lj in enumerate(levels):
+            if j != i:
+                w = w * (h - lj) / (li - lj)
+        out.append(w)
     return out
 
 
@@ -186,6 +212,8 @@ class CohProcessor:
     readers: dict[tuple[str, str, str], BurstReader] = field(default_factory=dict)
     """(date 'early'|'late', swath, pol) → reader; default: the measurement file via rasterio."""
     keep_geocoded: bool = False
+    geometry_stride_px: int = 8
+    """Newton solves on every n-th pixel, interpolated in between (1: every pixel; see ``_geometry``)."""
 
     def __post_init__(self) -> None:
         if self.window_px < 1 or self.window_px % 2 == 0:
@@ -228,11 +256,48 @@ class CohProcessor:
             for c0 in range(0, nx, self.block_px):
                 yield slice(r0, min(r0 + self.block_px, ny)), slice(c0, min(c0 + self.block_px, nx))
 
-    def _points(self, box: GeoBox) -> FloatArray:
+    def _geometry(self, box: GeoBox) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+        """Zero-Doppler time and slant range of every pixel of ``box`` for both dates: t_e, R_e, t_l, R_l.
+
+        ``geometry_stride_px`` = 1: the Newton solve at every pixel. Otherwise at every
+        stride-th pixel (and the last row/column) at up to three heights spanning the box's DEM
+        range, then bilinear in map position and quadratic (Lagrange) in each pixel's own height:
+        t and R are smooth in (x, y, h), so with 8 px (80 m) the error is < 1 mm in R and < 0.1 µs
+        in t (tests/unit/test_card_coh.py), ~60× fewer orbit evaluations and map projections.
+        """
         heights = self.dem.heights(box)
-        xx, yy = np.meshgrid(box.x_centres(), box.y_centres())
+        stride = self.geometry_stride_px
+        ny, nx = box.shape
+        if stride <= 1:
+            xx, yy = np.meshgrid(box.x_centres(), box.y_centres())
+            lon, lat = self._to_lonlat.transform(xx, yy)
+            points = ecef(lon, lat, heights)
+            t_e, r_e = self.geocoders["early"].time_and_range(points)
+            t_l, r_l = self.geocoders["late"].time_and_range(points)
+            return t_e, r_e, t_l, r_l
+        ok = np.isfinite(heights)
+        nan = np.full(box.shape, np.nan)
+        if not ok.any():
+            return nan, nan.copy(), nan.copy(), nan.copy()
+        h_lo, h_hi = float(heights[ok].min()), float(heights[ok].max())
+        levels = [h_lo] if h_hi - h_lo < 0.5 else [h_lo, 0.5 * (h_lo + h_hi), h_hi]
+        rows_c = np.unique(np.r_[np.arange(0, ny, stride), ny - 1])
+        cols_c = np.unique(np.r_[np.arange(0, nx, stride), nx - 1])
+        xx, yy = np.meshgrid(box.x_centres(cols_c), box.y_centres(rows_c))
         lon, lat = self._to_lonlat.transform(xx, yy)
-        return ecef(lon, lat, heights)
+        w_r, w_c = _linear_weights(ny, rows_c), _linear_weights(nx, cols_c)
+        h = np.where(ok, heights, h_lo)
+        basis = _lagrange(levels, h)
+        out = []
+        for date in ("early", "late"):
+            t_fine = np.zeros(box.shape)
+            r_fine = np.zeros(box.shape)
+            for level, weight in zip(levels, basis, strict=True):
+                t_c, r_c = self.geocoders[date].time_and_range(ecef(lon, lat, np.full(lon.shape, level)))
+                t_fine += weight * (w_r @ t_c @ w_c.T)
+                r_fine += weight * (w_r @ r_c @ w_c.T)
+            out += [np.where(ok, t_fine, np.nan), np.where(ok, r_fine, np.nan)]
+        return out[0], out[1], out[2], out[3]
 
     def _may_cover(self, box: GeoBox) -> bool:
         """Cheap test on the box's corners and centre: can any swath of the early date see it?"""
@@ -268,9 +333,7 @@ class CohProcessor:
         out = {p: (np.full(shape, np.nan + 0j), np.full(shape, np.nan + 0j)) for p in self.polarisations}
         if not self._may_cover(box):
             return self._finish(rows, cols, out, source, halo)
-        points = self._points(box)
-        t_e, r_e = self.geocoders["early"].time_and_range(points)
-        t_l, r_l = self.geocoders["late"].time_and_range(points)
+        t_e, r_e, t_l, r_l = self._geometry(box)
 
         # Early date decides the swath and burst of every pixel.
         best_margin = np.full(shape, -np.inf)
@@ -303,15 +366,15 @@ class CohProcessor:
                 continue
             idx = np.flatnonzero(sel.ravel())[ok]
             source.ravel()[idx] = code
-            phase_e = 4 * np.pi * r_e.ravel()[idx] / self.wavelength["early"]
-            phase_l = 4 * np.pi * r_l.ravel()[idx] / self.wavelength["late"]
+            sides = (
+                _Side(self, de, j, le[ok], se[ok], r_e.ravel()[idx], self.wavelength["early"]),
+                _Side(self, dl, jl, ll[ok], sl[ok], r_l.ravel()[idx], self.wavelength["late"]),
+            )
             for p in self.polarisations:
                 if p not in de.swaths or p not in dl.swaths:
                     continue
-                v_e = self._sample(de, j, p, le[ok], se[ok]) * np.exp(1j * phase_e)
-                v_l = self._sample(dl, jl, p, ll[ok], sl[ok]) * np.exp(1j * phase_l)
-                out[p][0].ravel()[idx] = v_e
-                out[p][1].ravel()[idx] = v_l
+                out[p][0].ravel()[idx] = sides[0].values(p)
+                out[p][1].ravel()[idx] = sides[1].values(p)
         return self._finish(rows, cols, out, source, halo)
 
     def _finish(
@@ -325,22 +388,44 @@ class CohProcessor:
         coh = {p: coherence(a, b, self.window_px) for p, (a, b) in out.items()}
         return BlockResult(rows, cols, coh, source, out if self.keep_geocoded else {})
 
-    def _sample(self, d: SwathDate, j: int, pol: str, line: FloatArray, sample: FloatArray) -> ComplexArray:
-        """Deramp the burst window under the points, interpolate, reramp."""
-        burst = d.geom.bursts[j]
-        carrier = d.carriers[j]
+
+class _Side:
+    """One date's points in one burst: the radar window under them, its deramp factor and the
+    per-point factor exp(j(φ + 4πR/λ)) (reramp and geometric phase), shared by the polarisations."""
+
+    def __init__(
+        self,
+        proc: CohProcessor,
+        d: SwathDate,
+        j: int,
+        line: FloatArray,
+        sample: FloatArray,
+        slant_range: FloatArray,
+        wavelength: float,
+    ) -> None:
+        self.d, self.burst, self.line, self.sample = d, d.geom.bursts[j], line, sample
         half = EDGE_LINES
-        r0 = max(int(math.floor(line.min())) - half, 0)
-        r1 = min(int(math.floor(line.max())) + half + 1, burst.lines)
-        c0 = max(int(math.floor(sample.min())) - half, 0)
-        c1 = min(int(math.floor(sample.max())) + half + 1, d.geom.n_samples)
-        data = d.readers[pol](burst.first_line + r0, burst.first_line + r1, c0, c1)
-        if self.deramp:
-            data = (data * np.exp(-1j * carrier.phase_window(r0, r1, c0, c1))).astype(np.complex64)
-        v = interpolate(data, line - r0, sample - c0)
-        if self.deramp:
-            v = v * np.exp(1j * carrier.phase(line, sample))
-        return v
+        self.r0 = max(int(math.floor(line.min())) - half, 0)
+        self.r1 = min(int(math.floor(line.max())) + half + 1, self.burst.lines)
+        self.c0 = max(int(math.floor(sample.min())) - half, 0)
+        self.c1 = min(int(math.floor(sample.max())) + half + 1, d.geom.n_samples)
+        phase = 4 * np.pi * slant_range / wavelength
+        self.deramp: npt.NDArray[np.complex64] | None = None
+        if proc.deramp:
+            carrier = d.carriers[j]
+            window = carrier.phase_window(self.r0, self.r1, self.c0, self.c1)
+            self.deramp = np.exp(-1j * window).astype(np.complex64)
+            phase = phase + carrier.phase(line, sample)
+        self.factor = np.exp(1j * phase)
+
+    def values(self, pol: str) -> ComplexArray:
+        """Read, deramp, interpolate, reramp and flatten: the geocoded value at each point."""
+        b = self.burst
+        data = self.d.readers[pol](b.first_line + self.r0, b.first_line + self.r1, self.c0, self.c1)
+        if self.deramp is not None:
+            data = data * self.deramp
+        out: ComplexArray = interpolate(data, self.line - self.r0, self.sample - self.c0) * self.factor
+        return out
 
 
 @dataclass(frozen=True)
@@ -358,8 +443,8 @@ def gap_days(early: SlcProduct, late: SlcProduct) -> int:
 
 
 def generate_coh(
-    early_path: str,
-    late_path: str,
+    early_path: str | SlcProduct,
+    late_path: str | SlcProduct,
     grid: GeoBox,
     dem: Dem,
     out_dir: str,
@@ -375,7 +460,8 @@ def generate_coh(
 ) -> CohOutputs:
     """Write one float32 COG per polarisation: ``<early>_<late>_<grid>_<POL>_COH<n>.tif``.
 
-    The two products may be given in either order (they are sorted by time). Files appear only
+    The two products (paths, or products already opened, e.g. cut to some bursts) may be given in
+    either order (they are sorted by time). Files appear only
     when complete. ``workers`` > 1 processes blocks in threads (numpy and the numba kernel
     release the GIL for most of the work).
     """
@@ -384,8 +470,8 @@ def generate_coh(
     from card.s1slc.safe import open_slc
 
     started = time.perf_counter()
-    a = open_slc(early_path, polarisations, swaths)
-    b = open_slc(late_path, polarisations, swaths)
+    a = early_path if isinstance(early_path, SlcProduct) else open_slc(early_path, polarisations, swaths)
+    b = late_path if isinstance(late_path, SlcProduct) else open_slc(late_path, polarisations, swaths)
     early, late = (a, b) if a.start_time <= b.start_time else (b, a)
     if readers and early is b:
         readers = {({"early": "late", "late": "early"}[k[0]], k[1], k[2]): v for k, v in readers.items()}
