@@ -263,6 +263,36 @@ class SlcProduct:
     def start_time(self) -> np.datetime64:
         return min(s.t0 for s in self.swaths.values())
 
+    def footprint_lonlat(self) -> list[tuple[float, float]]:
+        """Convex hull (lon, lat ring, closed) of every swath's geolocation grid: what
+        ``card.mgrs.tiles_intersecting`` takes to list the output tiles of a pair."""
+        pts = sorted(
+            {
+                (float(lo), float(la))
+                for s in self.swaths.values()
+                for lo, la in zip(s.grid.lon, s.grid.lat, strict=True)
+            }
+        )
+
+        def half(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+            out: list[tuple[float, float]] = []
+            for p in points:
+                while (
+                    len(out) >= 2
+                    and (
+                        (out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                        - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])
+                    )
+                    <= 0
+                ):
+                    out.pop()
+                out.append(p)
+            return out
+
+        lower, upper = half(pts), half(pts[::-1])
+        ring = lower[:-1] + upper[:-1]
+        return ring + ring[:1]
+
 
 def open_slc(
     path: str | Path, polarisations: tuple[str, ...] | None = None, swaths: tuple[str, ...] | None = None

@@ -353,3 +353,19 @@ def test_interpolated_geometry_matches_the_per_pixel_solve(scene: Scene) -> None
     # what the interferogram sees: the difference of the two dates' range errors, in radians
     lam = scene.early.swaths[("IW2", "VV")].wavelength_m
     assert 4 * np.pi * np.abs((r_e - q_e) - (r_l - q_l)).max() / lam < 0.01
+
+
+def test_footprint_holds_every_geolocation_point_and_names_the_tiles() -> None:
+    _require_pair()
+    from shapely.geometry import Point, Polygon
+
+    from card.mgrs import tiles_intersecting
+
+    product = open_slc(EARLY)
+    ring = product.footprint_lonlat()
+    assert ring[0] == ring[-1] and len(ring) >= 5
+    hull = Polygon(ring)
+    sw = product.swaths[("IW2", "VV")]
+    assert all(hull.buffer(1e-9).contains(Point(lo, la)) for lo, la in zip(sw.grid.lon, sw.grid.lat, strict=True))
+    assert hull.area == pytest.approx(Polygon(list(zip(sw.grid.lon, sw.grid.lat, strict=True))).convex_hull.area)
+    assert {"09UWT", "09UXT"} <= set(tiles_intersecting(ring))
