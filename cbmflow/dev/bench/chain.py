@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -360,6 +363,346 @@ def stage_granule(dsn: str, work: Path, coverages: list[float], jp2: bool, seed:
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
         res: dict[str, Any] = pool.submit(_granule_child, dsn, files, coverages, jp2_files).result()
     return res
+
+
+# --- the chain: watch -> RabbitMQ -> workers -> COPY -> PostGIS -> API ---------------------------
+
+
+def _engine_scene_cost(world: str, products: list[str]) -> dict[str, float]:
+    """The same scenes reduced in-process by the engine alone (bench-extract's measurement: warm
+    index, one core), the reference of the chain's per-scene overhead."""
+    import os
+
+    os.environ["NUMBA_NUM_THREADS"] = os.environ["GDAL_NUM_THREADS"] = "1"
+    import geopandas as gpd
+    import rasterio
+
+    from card.geobox import GeoBox
+    from card.s2 import open_s2_product
+    from worker import engine
+
+    times: list[float] = []
+    plans: dict[Any, Any] = {}
+    gdf = gpd.read_file(Path(world) / "parcels.gpkg")
+    gdf = gdf[gdf.geometry.is_valid]
+    for k, safe in enumerate(products):
+        product = open_s2_product(Path(safe))
+        t = time.perf_counter()
+        for band in (*S2_10M, *S2_20M):
+            path = product.band_path(band)
+            with rasterio.open(path) as src:
+                grid = GeoBox.from_dataset(src)
+                if grid not in plans:
+                    geoms = np.asarray(gdf.to_crs(src.crs).geometry.values, dtype=object)
+                    plans[grid] = engine.plan_strips(engine.build_index(geoms, np.arange(len(geoms)), grid))
+                    t = time.perf_counter()  # the index is warm in the chain too (cached per grid)
+                read = engine.window_reader(src, plans[grid].index)
+                if band == "SCL":
+                    engine.class_histograms_strips(plans[grid], read, nodata=0)
+                else:
+                    engine.band_stats_strips(
+                        plans[grid], read, nodata=0, offset=float(product.reflectance_offset(band))
+                    )
+        if k:  # the first scene compiles and warms caches
+            times.append(time.perf_counter() - t)
+    return {"scene_s": float(np.median(times)), "scenes": float(len(times))}
+
+
+def _job_durations(log: Path) -> list[float]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if '"job.done"' in line:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("status") == "extracted" and "duration_s" in rec:
+                out.append(float(rec["duration_s"]))
+    return out
+
+
+def _api_load(url: str, auth: tuple[str, str], pids: list[str], stop: Any, out: list[tuple[float, float]]) -> None:
+    """parcelTimeSeries for random parcels, back to back: (when, latency ms) of each 200."""
+    import requests
+
+    rng = random.Random(7)
+    session = requests.Session()
+    while not stop.is_set():
+        pid = rng.choice(pids)
+        t = time.perf_counter()
+        try:
+            params: dict[str, str | int] = {"aoi": "ms", "year": YEAR, "pid": pid}
+            r = session.get(f"{url}/query/parcelTimeSeries", params=params, auth=auth, timeout=30)
+        except requests.RequestException:
+            continue
+        if r.status_code == 200:
+            out.append((time.monotonic(), (time.perf_counter() - t) * 1000))
+        time.sleep(0.02)
+
+
+def chain_run(world: Path, workers: int, work: Path) -> dict[str, Any]:
+    """The production chain on servers of its own (chaos's Run, no faults): watch once over the
+    world's catalogue, ``workers`` worker processes of one core each, the API under a steady
+    parcelTimeSeries load while they write."""
+    import subprocess
+    import threading
+
+    from api.users import upsert_user
+    from cbmflow.dev.chaos import ChaosConfig, Run
+    from cbmflow.parcels.ingest import add_aoi, import_parcels
+
+    base = work / f"chain-w{workers}"
+    shutil.rmtree(base, ignore_errors=True)
+    logs = base / "logs"
+    logs.mkdir(parents=True)
+    run = Run(ChaosConfig(workers=workers), base, logs)
+    out: dict[str, Any] = {"workers": workers}
+    stop = threading.Event()
+    lat: list[tuple[float, float]] = []
+    try:
+        run.start_servers()
+        db.migrate(run.dsn)
+        with db.transaction(run.dsn) as cur:
+            add_aoi(cur, "ms", world / "aoi.geojson")
+            import_parcels(cur, world / "parcels.gpkg", "ms", YEAR)
+            upsert_user(cur, "chain", "chain-password-1", datasets=["ms"])
+            cur.execute("SELECT parcel_id FROM ms.parcels_2024")
+            pids = [str(r[0]) for r in cur.fetchall()]
+        run.start_api()
+        cbmflow = str(Path(sys.executable).parent / "cbmflow")
+        t = time.perf_counter()
+        res = subprocess.run(
+            [cbmflow, "watch", "--once", "--catalog", str(world / "stac" / "catalog.json"), "--lookback-days", "0"],
+            env=run.env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        out["watch_s"] = time.perf_counter() - t
+        if res.returncode != 0:
+            raise RuntimeError(f"watch failed: {res.stderr[-2000:]}")
+        with db.transaction(run.dsn) as cur:
+            cur.execute("SELECT count(*) FROM scenes")
+            out["scenes"] = int(cur.fetchone()[0])
+        loader = threading.Thread(target=_api_load, args=(run.api_url, ("chain", "chain-password-1"), pids, stop, lat))
+        loader.start()
+        time.sleep(3)  # a baseline of idle requests
+        t0 = time.monotonic()
+        os.environ["CBMFLOW_WORKER_THREADS"] = "1"  # one core per worker: the most scenes per hour
+        try:
+            for _ in range(workers):
+                run.start_worker()
+        finally:
+            os.environ.pop("CBMFLOW_WORKER_THREADS", None)
+        while True:
+            with db.transaction(run.dsn) as cur:
+                cur.execute("SELECT count(*) FROM scenes WHERE status IN ('extracted', 'no_parcels', 'failed')")
+                done = int(cur.fetchone()[0])
+            if done >= out["scenes"] or time.monotonic() - t0 > 3600:
+                break
+            time.sleep(0.5)
+        t1 = time.monotonic()
+        time.sleep(2)
+        stop.set()
+        loader.join(60)
+        out["wall_s"] = t1 - t0
+        with db.transaction(run.dsn) as cur:
+            cur.execute("SELECT status, count(*) FROM scenes GROUP BY status")
+            out["status"] = dict(cur.fetchall())
+            cur.execute("SELECT count(*) FROM ms.sigs_2024")
+            out["rows"] = int(cur.fetchone()[0])
+        during = [ms for when, ms in lat if t0 + 5 <= when <= t1]
+        out["api_n"] = len(during)
+        out["api_p50"] = _pct(during, 50) if during else float("nan")
+        out["api_p99"] = _pct(during, 99) if during else float("nan")
+        durations = [d for w in logs.glob("chaos-worker-*.log") for d in _job_durations(w)]
+        out["job_median_s"] = float(np.median(durations)) if durations else float("nan")
+    finally:
+        stop.set()
+        run.stop_processes()
+        run.stop_servers()
+    return out
+
+
+def stage_chain(work: Path, scenes: int, parcels: int, worker_counts: list[int], seed: int) -> dict[str, Any]:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cbmflow.dev.chaos import ChaosConfig, _world
+
+    t = time.perf_counter()
+    from cbmflow.settings import state_dir
+
+    # chaos's folder: `make chaos` and this share the generated world (deterministic per size and seed)
+    world = _world(ChaosConfig(scenes=scenes, parcels=parcels, seed=seed), state_dir() / "chaos")
+    _progress(f"chain: world of {parcels:,} parcels x {scenes} scenes ready ({time.perf_counter() - t:.0f} s)")
+    products = sorted(str(p) for p in (world / "products").iterdir())[: min(scenes, 8)]
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        engine_cost = pool.submit(_engine_scene_cost, str(world), products).result()
+    out: dict[str, Any] = {"engine": engine_cost, "runs": [], "parcels": parcels}
+    for w in worker_counts:
+        _progress(f"chain: {scenes} scenes with {w} worker(s)")
+        out["runs"].append(chain_run(world, w, work))
+    return out
+
+
+# --- the watcher over a season's catalogue --------------------------------------------------------
+
+NL_TILES = ("31UES", "31UET", "31UEU", "31UEV", "31UFS", "31UFT", "31UFU", "31UFV", "31UGS", "31UGT", "31UGU",
+            "31UGV", "32ULC", "32ULD", "32ULE")  # fmt: skip
+"""The MGRS tiles whose granules cover the Netherlands."""
+
+
+def season_catalogue(template_item: Path, out: Path, items: int) -> Path:
+    """A static STAC catalogue of ``items`` Sentinel-2 L2A items over the NL tiles from March to
+    October, cloned from a generated item (names, tiles, times and ids consistent)."""
+    from datetime import UTC, datetime, timedelta
+
+    text = template_item.read_text()
+    item = json.loads(text)
+    old_id = item["id"]
+    old_tile = item["properties"]["s2:mgrs_tile"]
+    old_dt = item["properties"]["datetime"]
+    shutil.rmtree(out, ignore_errors=True)
+    coll_dir = out / "sentinel-2-l2a"
+    coll_dir.mkdir(parents=True)
+    links = []
+    start = datetime(2024, 3, 1, 10, 30, tzinfo=UTC)
+    for i in range(items):
+        tile = NL_TILES[i % len(NL_TILES)]
+        when = start + timedelta(days=(i // len(NL_TILES)) * 240 / max(1, items // len(NL_TILES)), seconds=i % 60)
+        stamp = when.strftime("%Y%m%dT%H%M%S")
+        new_id = f"S2{'AB'[i % 2]}_MSIL2A_{stamp}_N0510_R{8 + i % 3 * 43:03d}_T{tile}_{stamp[:8]}T130000"
+        body = (
+            text.replace(old_id, new_id)
+            .replace(old_tile, tile)
+            .replace(old_dt, when.isoformat().replace("+00:00", "Z"))
+        )
+        d = coll_dir / new_id
+        d.mkdir()
+        (d / f"{new_id}.json").write_text(body)
+        links.append({"rel": "item", "href": f"./{new_id}/{new_id}.json", "type": "application/geo+json"})
+    coll = json.loads((template_item.parents[1] / "collection.json").read_text())
+    coll["links"] = [link for link in coll["links"] if link["rel"] != "item"] + links
+    (coll_dir / "collection.json").write_text(json.dumps(coll))
+    shutil.copy(template_item.parents[2] / "catalog.json", out / "catalog.json")
+    return out / "catalog.json"
+
+
+def stage_watch(work: Path, world: Path, items: int) -> dict[str, Any]:
+    """Two ``cbmflow watch --once`` cycles over a season's catalogue: the first finds every item
+    (scene rows, outbox, publishing to RabbitMQ), the second finds nothing new."""
+    import subprocess
+
+    from cbmflow.dev.chaos import ChaosConfig, Run
+    from cbmflow.parcels.ingest import add_aoi
+
+    template = next((world / "stac" / "sentinel-2-l2a").glob("*/*.json"))
+    catalog = season_catalogue(template, work / "season-stac", items)
+    base = work / "watch"
+    shutil.rmtree(base, ignore_errors=True)
+    (base / "logs").mkdir(parents=True)
+    run = Run(ChaosConfig(), base, base / "logs")
+    out: dict[str, Any] = {"items": items}
+    try:
+        run.start_servers()
+        db.migrate(run.dsn)
+        with db.transaction(run.dsn) as cur:
+            add_aoi(cur, "ms", world / "aoi.geojson")
+        cbmflow = str(Path(sys.executable).parent / "cbmflow")
+        for k in (1, 2):
+            t = time.perf_counter()
+            res = subprocess.run(
+                [cbmflow, "watch", "--once", "--catalog", str(catalog), "--lookback-days", "0"],
+                env=run.env, capture_output=True, text=True, timeout=1800,
+            )  # fmt: skip
+            out[f"cycle{k}_s"] = time.perf_counter() - t
+            if res.returncode != 0:
+                raise RuntimeError(f"watch failed: {res.stderr[-2000:]}")
+        with db.transaction(run.dsn) as cur:
+            cur.execute("SELECT count(*) FROM scenes")
+            out["scenes"] = int(cur.fetchone()[0])
+            cur.execute("SELECT count(*) FROM rejected_items")
+            out["rejected"] = int(cur.fetchone()[0])
+            cur.execute("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
+            out["published"] = int(cur.fetchone()[0])
+    finally:
+        run.stop_processes()
+        run.stop_servers()
+    return out
+
+
+# --- the projection: a season on 20 transient VMs -------------------------------------------------
+
+GRANULE_MB = {"cog": 4 * 170 + 2 * 45 + 3, "jp2": 4 * 120 + 2 * 32 + 2}
+"""Bytes a full granule's 6 bands + SCL take at the source (MB): Sentinel-2 L2A COGs on S3
+(earth-search: ~170 MB per 10 m band, ~45 MB per 20 m band) and the SAFE's JPEG2000 (CDSE: ~120
+and ~32 MB). Only the strips the parcels need are read (GDAL range requests / tile decoding)."""
+VM_MB_S = 125.0
+"""Assumed network bandwidth of one 2-core VM to its object store (1 Gbit/s)."""
+CDSE_MB_S = 4 * 20.0
+"""CDSE's per-user quota: 4 concurrent connections x 20 MB/s, shared by the whole fleet."""
+
+
+def project(granule: dict[str, Any], vms: int = 20, cores: int = 2, seed: int = 1) -> dict[str, Any]:
+    """Feed the measured per-granule cost into the provisioner's simulator (``provision simulate``:
+    the real controller and control law against a fleet that boots in minutes): a season backfill of
+    4,000 granules, and the daily trickle (~16 granules a day in two passes), on ``vms`` VMs of
+    ``cores`` cores with one single-core worker per core. Job time = the larger of CPU (measured)
+    and transfer (assumed bandwidth); the CDSE quota bounds the whole fleet's JPEG2000 reads."""
+    from provisioner.policy import Policy
+    from provisioner.simulate import Scenario, custom, overpasses, simulate
+
+    # NL tiles are partly sea and border: use the measured coverage nearest half a tile
+    cov = min(granule, key=lambda c: abs(float(c) - 0.5))
+    r = granule[cov]
+    rows_share = r["strip_rows_10m"] / TILE_SIZE
+    index_s = r["index_10m_disk_s"] + r["index_20m_disk_s"]  # a VM's workers share a disk cache of indexes
+    slots = vms * cores
+    policy = Policy(per_worker=2, min_workers=0, max_workers=slots, max_surge=slots, scale_down_window_s=900,
+                    cooldown_s=300)  # fmt: skip
+    out: dict[str, Any] = {"coverage": float(cov), "parcels": r["parcels"], "rows_share": rows_share}
+    jp2_ratio = r.get("jp2_b04_s", float("nan")) / max(r.get("cog_b04_s", float("nan")), 1e-9)
+    for source in ("cog", "jp2"):
+        if source == "cog":
+            cpu_s = r["scene_s"] + index_s
+        else:  # every band decoded as JPEG2000: the B04 ratio measured, applied to the scene
+            cpu_s = r["scene_s"] * jp2_ratio + index_s if "jp2_b04_s" in r else float("nan")
+        mb = GRANULE_MB[source] * rows_share
+        # per worker: its share of the VM's link, and from CDSE its share of the account's quota
+        per_slot_mb_s = VM_MB_S / cores if source == "cog" else min(VM_MB_S / cores, CDSE_MB_S / slots)
+        transfer_s = mb / per_slot_mb_s
+        job_s = max(cpu_s, transfer_s)
+        if not math.isfinite(job_s):
+            continue
+        backfill = simulate(
+            custom(burst_jobs=NL_S2_GRANULES, hours=0.1, name="nl-backfill", job_median_s=job_s, job_sigma=0.25,
+                   boot_delay_s=180.0, boot_jitter_s=60.0),
+            policy, seed=seed,
+        )  # fmt: skip
+        daily = simulate(
+            Scenario(name="nl-daily", description="NL in season: 2 passes a day, 5-12 granules each",
+                     arrivals=overpasses(2, (5, 12), 1800.0, 300.0, 7.0), horizon_s=7 * 86400.0, job_median_s=job_s,
+                     job_sigma=0.25, boot_delay_s=180.0, boot_jitter_s=60.0),
+            policy, seed=seed,
+        )  # fmt: skip
+        out[source] = {
+            "cpu_s": cpu_s,
+            "mb": mb,
+            "transfer_s": transfer_s,
+            "job_s": job_s,
+            # the burst arrives at 0: the last job starts after the longest wait and runs one job time
+            "backfill_h": (backfill.wait_max_s + job_s) / 3600,
+            "fleet_h": backfill.makespan_s / 3600,
+            "cpu_only_h": NL_S2_GRANULES * cpu_s / slots / 3600,
+            "vm_h": backfill.vm_minutes / 60 / cores,
+            "backfill_wait_p95_min": backfill.wait_p95_s / 60,
+            "daily_wait_p95_min": daily.wait_p95_s / 60,
+            "daily_vm_h_per_day": daily.vm_minutes / 60 / cores / 7,
+            "binds": (
+                "CPU (decode + reduce)"
+                if cpu_s >= transfer_s
+                else ("CDSE quota (4 x 20 MB/s per user)" if source == "jp2" else "VM bandwidth")
+            ),
+        }
+    return out
 
 
 # --- storage: bytes per observation ---------------------------------------------------------------
@@ -708,6 +1051,58 @@ def stage_series(dsn: str, parcels: int, scenes: int, samples: int, seed: int) -
     return {"sizes": sizes, "series": series_latency(dsn, ds, parcels, samples, seed)}
 
 
+def render_chain(res: dict[str, Any]) -> list[str]:
+    eng = res["engine"]["scene_s"]
+    lines = [
+        f"The chain (catalogue watcher → RabbitMQ → `cbmflow worker` processes, one core each → COPY → PostGIS,"
+        f" API under a parcelTimeSeries load meanwhile), on servers of its own; the test world of"
+        f" {res['parcels']:,} parcels (JPEG2000 SAFE products on local disk). Engine alone, same scenes, warm"
+        f" index, one core: {eng:.2f} s per scene.",
+        "",
+        "| workers | scenes | watch cycle s | wall s | scenes/hour | signature rows/s | job median s |"
+        " chain overhead vs engine | API p50 / p99 ms while writing | target |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in res["runs"]:
+        lines.append(
+            f"| {r['workers']} | {r['scenes']} | {r['watch_s']:.1f} | {r['wall_s']:.1f} |"
+            f" {r['scenes'] / r['wall_s'] * 3600:,.0f} | {r['rows'] / r['wall_s']:,.0f} | {r['job_median_s']:.2f} |"
+            f" {r['job_median_s'] / eng - 1:+.0%} | {r['api_p50']:.1f} / {r['api_p99']:.1f} ({r['api_n']} req) |"
+            " overhead ≤ 10 %; API p50 ≤ 5 ms |"
+        )
+    return [*lines, ""]
+
+
+def _cached(path: Path) -> dict[str, Any] | None:
+    return dict(json.loads(path.read_text())) if path.exists() else None
+
+
+def render_projection(p: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Projection (`provision simulate`'s controller and fleet model): a season of {NL_S2_GRANULES:,} S2"
+        f" granules on 20 transient 2-core VMs (one single-core worker per core, 40 workers; boot 180 ± 60 s),"
+        f" per-granule cost measured at {p['coverage']:.0%} coverage ({p['parcels']:,.0f} parcels, strips"
+        f" {p['rows_share']:.0%} of the rows), index from a shared disk cache. Transfer assumptions: a VM's link"
+        f" {VM_MB_S:.0f} MB/s; a granule's 6 bands + SCL {GRANULE_MB['cog']} MB as COG,"
+        f" {GRANULE_MB['jp2']} MB as JPEG2000, read in proportion to the strips needed; CDSE's per-user quota"
+        f" {CDSE_MB_S:.0f} MB/s (4 connections x 20 MB/s) shared by the fleet for JPEG2000.",
+        "",
+        "| source | CPU s/granule | MB read | transfer s/worker | backfill done h | CPU-only h | fleet back to 0 h |"
+        " VM-hours | backfill p95 wait min | daily p95 wait min | VM-h/day | binds | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for source, target in (("cog", "backfill ≤ 0.25 h"), ("jp2", "as measured")):
+        if source not in p:
+            continue
+        r = p[source]
+        lines.append(
+            f"| {source.upper()} | {r['cpu_s']:.1f} | {r['mb']:.0f} | {r['transfer_s']:.1f} | {r['backfill_h']:.2f} |"
+            f" {r['cpu_only_h']:.2f} | {r['fleet_h']:.2f} | {r['vm_h']:.1f} | {r['backfill_wait_p95_min']:.0f} |"
+            f" {r['daily_wait_p95_min']:.1f} | {r['daily_vm_h_per_day']:.1f} | {r['binds']} | {target} |"
+        )
+    return [*lines, ""]
+
+
 def render_granule(res: dict[str, Any]) -> list[str]:
     lines = [
         f"Per-granule cost, one core (NUMBA/GDAL threads 1), tile {TILE} at full size (10980² at 10 m; 4 bands at"
@@ -767,6 +1162,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--storage-scenes", type=int, default=12, help="S2 scenes written in the storage stage")
     ap.add_argument("--coverages", default="0.1,0.5,1.0", help="shares of the granule covered by parcels")
     ap.add_argument("--no-jp2", action="store_true", help="skip the JPEG2000 band (its encoding takes minutes)")
+    ap.add_argument("--chain-scenes", type=int, default=50, help="S2 scenes through the chain (the chaos world)")
+    ap.add_argument("--chain-parcels", type=int, default=5000, help="parcels of the chain's world")
+    ap.add_argument("--watch-items", type=int, default=NL_S2_GRANULES, help="items of the season's catalogue")
     ap.add_argument("--series-parcels", type=int, default=140_000, help="parcels of the series stage")
     ap.add_argument("--series-scenes", type=int, default=60, help="scenes of the series stage (x 6 bands)")
     ap.add_argument("--samples", type=int, default=500, help="random parcels per latency figure")
@@ -811,7 +1209,32 @@ def main(argv: list[str] | None = None) -> None:
             coverages = [float(c) for c in args.coverages.split(",")]
             res = stage_granule(pg.dsn, work, coverages, not args.no_jp2, args.seed)
             results["granule"] = res
+            (work / "granule.json").write_text(json.dumps(res))
             lines += render_granule(res)
+        if "chain" in stages:
+            res = stage_chain(work, args.chain_scenes, args.chain_parcels, [1, 2], 2026)
+            results["chain"] = res
+            lines += render_chain(res)
+        if "watch" in stages:
+            from cbmflow.dev.chaos import ChaosConfig, _world
+
+            world = _world(
+                ChaosConfig(scenes=args.chain_scenes, parcels=args.chain_parcels, seed=2026), state_dir() / "chaos"
+            )
+            res = stage_watch(work, world, args.watch_items)
+            lines += [
+                f"Watcher over a season's catalogue ({res['items']:,} S2 L2A items on the 15 NL tiles, static STAC,"
+                f" `cbmflow watch --once`): first cycle {res['cycle1_s']:.1f} s ({res['scenes']:,} scenes,"
+                f" {res['published']:,} jobs published, {res['rejected']} rejected), second cycle (nothing new)"
+                f" {res['cycle2_s']:.1f} s.",
+                "",
+            ]
+        if "project" in stages:
+            granule = results.get("granule") or _cached(work / "granule.json")
+            if granule is None:
+                lines += ["Projection: needs the granule stage's figures (run --stages granule first).", ""]
+            else:
+                lines += render_projection(project(granule))
         if "series" in stages:
             res = stage_series(pg.dsn, args.series_parcels, args.series_scenes, args.samples, args.seed)
             s, q = res["sizes"], res["series"]
