@@ -18,7 +18,7 @@ from rich.table import Table
 
 from cbmflow import db
 from cbmflow.logging import configure as configure_logging
-from cbmflow.settings import DbSettings, ProvisionSettings, StackSettings, WatchSettings, state_dir
+from cbmflow.settings import BusSettings, DbSettings, ProvisionSettings, StackSettings, WatchSettings, state_dir
 
 AOI = "ms"
 YEAR = 2024
@@ -27,7 +27,11 @@ S1_SCENES = 4
 """Sentinel-1 CARD backscatter products in the demo world (cheap: a fraction of a second to write
 and to extract), and coherence products below; both verified with the S2 rows."""
 C6_SCENES = 2
-COLLECTIONS = ["sentinel-2-l2a", "sentinel-1-card-bs", "sentinel-1-card-c6"]
+GRD_SCENES = 2
+"""Sentinel-1 GRD products (CARD inputs): the workers' GenerateCard jobs turn each into backscatter
+COGs on the world's MGRS tiles, registered as ``bs`` scenes and extracted like the others; their rows
+are verified against ``truth_grd.csv``."""
+COLLECTIONS = ["sentinel-2-l2a", "sentinel-1-card-bs", "sentinel-1-card-c6", "sentinel-1-grd"]
 
 
 def _ndvi_table(dsn: str, console: Console) -> None:
@@ -69,24 +73,42 @@ def _ndvi_table(dsn: str, console: Console) -> None:
             sql.SQL(
                 "SELECT s.acquired_at::date, s.card, max(g.mean) FILTER (WHERE g.band IN ('VVb', 'VVc')),"
                 " max(g.mean) FILTER (WHERE g.band IN ('VHb', 'VHc')),"
-                " max(g.count) FILTER (WHERE g.band IN ('VVb', 'VVc'))"
+                " max(g.count) FILTER (WHERE g.band IN ('VVb', 'VVc')),"
+                " CASE WHEN s.card_input_id IS NULL THEN 'catalogue'"
+                "      ELSE 'GRD → CARD-BS ' || split_part(s.acq_key, '_', 3) END"
                 " FROM {sigs} g JOIN {parcels} p ON p.pid = g.pid JOIN scenes s ON s.id = g.scene_id"
                 " WHERE p.parcel_id = %s AND s.card IN ('bs', 'c6') GROUP BY s.id ORDER BY s.acquired_at, s.card"
             ).format(sigs=ds.sigs, parcels=ds.parcels),
             (parcel_id,),
         )
-        s1 = Table(title=f"Sentinel-1 CARD of parcel {parcel_id}: backscatter (bs, dB) and 6-day coherence (c6)")
-        for col in ("date", "card", "VV", "VH", "pixels"):
+        s1 = Table(
+            title=f"Sentinel-1 CARD of parcel {parcel_id}: backscatter (bs, dB) and 6-day coherence (c6);"
+            " 'GRD → CARD-BS': generated here from a GRD by a worker's GenerateCard job, on that S2 tile"
+        )
+        for col in ("date", "card", "VV", "VH", "pixels", "from"):
             s1.add_column(col, justify="right")
-        for day, card, vv, vh, n in cur.fetchall():
+        for day, card, vv, vh, n, origin in cur.fetchall():
             if vv is None or vh is None:
                 continue
             if card == "bs":
-                s1.add_row(str(day), card, f"{10 * math.log10(vv):.2f}", f"{10 * math.log10(vh):.2f}", str(n))
+                s1.add_row(str(day), card, f"{10 * math.log10(vv):.2f}", f"{10 * math.log10(vh):.2f}", str(n), origin)
             else:
-                s1.add_row(str(day), card, f"{vv:.3f}", f"{vh:.3f}", str(n))
+                s1.add_row(str(day), card, f"{vv:.3f}", f"{vh:.3f}", str(n), origin)
         if s1.row_count:
             console.print(s1)
+
+
+def _progress(dsn: str) -> tuple[int, int]:
+    """(jobs, finished): scenes plus GRD CARD inputs, and those done or failed for good."""
+    with db.transaction(dsn) as cur:
+        cur.execute(
+            "SELECT (SELECT count(*) FROM scenes) + (SELECT count(*) FROM card_inputs WHERE kind = 'grd'),"
+            " (SELECT count(*) FROM scenes WHERE status IN ('extracted', 'no_parcels', 'failed'))"
+            " + (SELECT count(*) FROM card_inputs WHERE kind = 'grd' AND status IN ('done', 'failed'))"
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 def _quiet_logs() -> None:
@@ -114,10 +136,11 @@ def run_demo(serve: bool, parcels: int, scenes: int, max_workers: int, port: int
 
 
 def _run_chain(serve: bool, parcels: int, scenes: int, max_workers: int, port: int) -> int:
-    from card.testworld import generate
+    from card.testworld import TILE_ID, generate
     from catalog_watcher.service import watch_once
     from cbmflow.dev import stack
-    from cbmflow.dev.verify import verify_truth
+    from cbmflow.dev.verify import verify_card_truth, verify_truth
+    from cbmflow.outbox import flush_outbox
     from cbmflow.parcels.ingest import add_aoi, import_parcels
     from provisioner.service import scale_once
 
@@ -142,11 +165,12 @@ def _run_chain(serve: bool, parcels: int, scenes: int, max_workers: int, port: i
         year=YEAR,
         s1_scenes=S1_SCENES,
         c6_scenes=C6_SCENES,
+        grd_scenes=GRD_SCENES,
     )
     console.print(
         f"test world: {summary.n_parcels} parcels ({summary.n_invalid} invalid on purpose), "
-        f"{len(summary.products)} S2 L2A products, {len(summary.s1_products)} S1 CARD products (bs, c6)"
-        f" in {time.monotonic() - t0:.1f} s → {world}"
+        f"{len(summary.products)} S2 L2A products, {len(summary.s1_products)} S1 CARD products (bs, c6),"
+        f" {len(summary.grd_products)} S1 GRD products (CARD inputs) in {time.monotonic() - t0:.1f} s → {world}"
     )
     with db.transaction(dsn) as cur:
         add_aoi(cur, AOI, world / "aoi.geojson")
@@ -158,27 +182,35 @@ def _run_chain(serve: bool, parcels: int, scenes: int, max_workers: int, port: i
 
     watch = WatchSettings(catalog_url=str(world / "stac" / "catalog.json"), lookback_days=0, collections=COLLECTIONS)
     wr = watch_once(dsn=dsn, settings=watch)
-    console.print(f"watch: {wr.seen} scenes over the AOI, {wr.new} new, {wr.published} jobs published")
+    grd_inputs = wr.card_inputs.get("new", 0) + wr.card_inputs.get("changed", 0) + wr.card_inputs.get("superseded", 0)
+    console.print(
+        f"watch: {wr.seen} products over the AOI, {wr.new} new scenes, {grd_inputs} GRD CARD inputs,"
+        f" {wr.published} jobs published (extraction, and GenerateCard on its own queue)"
+    )
 
-    with db.transaction(dsn) as cur:
-        cur.execute("SELECT count(*) FROM scenes")
-        total = int(cur.fetchone()[0])
+    total, _ = _progress(dsn)
     prov = ProvisionSettings(min_workers=0, max_workers=max_workers, per_worker=max(1, scenes // max_workers))
     plan = scale_once(prov, dry_run=False)
     console.print(f"provision: {plan}")
 
     deadline = time.monotonic() + 900
+    bus = BusSettings()
     with Progress(
-        TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        TextColumn("CARD generation and extraction"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
     ) as progress:
-        task = progress.add_task("scenes", total=total)
+        task = progress.add_task("jobs", total=total)
         while True:
-            with db.transaction(dsn) as cur:
-                cur.execute("SELECT count(*) FROM scenes WHERE status IN ('extracted', 'no_parcels', 'failed')")
-                finished = int(cur.fetchone()[0])
-            progress.update(task, completed=finished)
+            total, finished = _progress(dsn)  # grows as CARD jobs register their scenes
+            progress.update(task, total=total, completed=finished)
             if finished >= total:
                 break
+            # A CARD job's extraction jobs are published by its worker; what a worker without that
+            # right leaves pending is published here, as the watcher's next cycle would.
+            flush_outbox(dsn, bus)
             if time.monotonic() > deadline:
                 console.print("[red]timed out waiting for the workers[/red]")
                 return 1
@@ -186,7 +218,16 @@ def _run_chain(serve: bool, parcels: int, scenes: int, max_workers: int, port: i
     with db.transaction(dsn) as cur:
         cur.execute("SELECT status, count(*) FROM scenes GROUP BY status ORDER BY status")
         by_status = dict(cur.fetchall())
+        cur.execute(
+            "SELECT ci.status, count(DISTINCT ci.id), count(s.id) FROM card_inputs ci"
+            " LEFT JOIN scenes s ON s.card_input_id = ci.id WHERE ci.kind = 'grd' GROUP BY ci.status"
+        )
+        cards = {status: (int(n), int(made)) for status, n, made in cur.fetchall()}
     console.print(f"scenes by status: {by_status}")
+    console.print(
+        "GRD CARD inputs: "
+        + ", ".join(f"{n} {status} ({made} bs scenes on S2 tiles)" for status, (n, made) in sorted(cards.items()))
+    )
     scale_once(ProvisionSettings(min_workers=0, max_workers=max_workers, per_worker=1), dry_run=False)
 
     _ndvi_table(dsn, console)
@@ -199,8 +240,31 @@ def _run_chain(serve: bool, parcels: int, scenes: int, max_workers: int, port: i
     )
     for line in tally.mismatches:
         console.print(f"  [red]{line}[/red]")
+    card_ok = True
+    if summary.truth_grd_path is not None:
+        card = verify_card_truth(dsn, summary.truth_grd_path, AOI, YEAR, tile=TILE_ID)
+        card_ok = card.ok()
+        colour = "green" if card_ok else "red"
+        errors = ", ".join(
+            f"{band} median {100 * card.median_rel_error[band]:.1f} % (bias {100 * card.median_bias[band]:+.1f} %),"
+            f" max {100 * card.max_rel_error[band]:.1f} %"
+            for band in sorted(card.median_rel_error)
+        )
+        console.print(
+            f"[{colour}]CARD-BS from GRD against truth_grd.csv: {card.expected} (parcel, GRD, band) rows, counts"
+            f" equal on {TILE_ID} {card.count_equal}, missing {card.missing}; γ0 means {errors}"
+            f"; {card.other_tiles} more rows on overlapping tiles (another lattice): "
+            + ", ".join(
+                f"{band} median {100 * card.other_median_rel_error[band]:.1f} %,"
+                f" max {100 * card.other_max_rel_error[band]:.1f} %"
+                for band in sorted(card.other_median_rel_error)
+            )
+            + f"[/{colour}]"
+        )
+        for line in card.mismatches:
+            console.print(f"  [red]{line}[/red]")
     console.print(f"demo chain finished in {time.monotonic() - started:.1f} s")
-    if not tally.ok or by_status.get("failed"):
+    if not tally.ok or not card_ok or by_status.get("failed") or "failed" in cards:
         return 1
 
     password = _demo_user(dsn)
