@@ -45,8 +45,10 @@ LAYER = "parcels"
 EXTENT = 4096
 BUFFER = 64
 """Pixels of the 4096 grid drawn beyond the tile edge, so a polygon's outline has no seam."""
-MIN_ZOOM = 12
-"""Lowest zoom with parcels: a z12 tile is about 6 km wide in Europe (a few thousand 1 ha parcels)."""
+MIN_ZOOM = 13
+"""Lowest zoom with parcels: a z13 tile is about 3 km wide in Europe, about a thousand 1 ha
+parcels in farmland (25-110 ms at 770k parcels); a z12 tile holds four times as many and took
+0.3 s (docs/explorer.md), so the page asks to zoom in instead."""
 MAX_ZOOM = 22
 TILE_SCHEMA = 1
 """Part of every ETag: bump it when the tile's attributes change, so browsers refetch."""

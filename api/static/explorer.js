@@ -7,6 +7,7 @@
 (function () {
   const TOKEN_KEY = "cbmflow.session";
   const DAY_S = 86400;
+  const CHART_HEIGHT = 112;
   // Okabe-Ito: distinguishable with the common colour-vision deficiencies.
   const CROP_COLOURS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999",
     "#8C510A", "#01665E", "#762A83", "#B2182B"];
@@ -214,6 +215,7 @@
 
   function buildMap(tj) {
     if (map) map.remove();
+    state.mapLoaded = false;
     maplibregl.setWorkerUrl("/static/maplibre-gl-csp-worker.js");
     map = new maplibregl.Map({
       container: "map",
@@ -251,6 +253,10 @@
     };
     map.on("zoomend", hint);
     map.on("load", () => { state.mapLoaded = true; hint(); });
+    // Tile failures are kept (the last few) for whoever debugs a blank map, the browser test too.
+    map.on("error", (e) => {
+      state.mapErrors = [...(state.mapErrors || []).slice(-9), String(e.error && e.error.message ? e.error.message : e.error)];
+    });
   }
 
   async function loadScenes() {
@@ -259,10 +265,13 @@
     const select = $("scene");
     select.replaceChildren(new Option("none", ""));
     for (const s of state.scenes) select.append(new Option(s.acquired.slice(0, 10) + " " + s.product_name.slice(0, 3), String(s.id)));
-    // Mid-season by default: the scene nearest to 1 July.
+    // Mid-season by default: the scene nearest to 1 July, among those in which the open parcel
+    // (a deep link's) was cloud-free when there are any: a cloudy background helps nobody.
     const mid = Date.UTC(state.year, 6, 1) / 1000;
+    const clear = new Set(state.ndvi.filter((o) => o.clear).map((o) => o.scene_id));
+    const pool = state.scenes.some((s) => clear.has(s.id)) ? state.scenes.filter((s) => clear.has(s.id)) : state.scenes;
     let best = null;
-    for (const s of state.scenes) {
+    for (const s of pool) {
       if (best === null || Math.abs(Date.parse(s.acquired) / 1000 - mid) < Math.abs(Date.parse(best.acquired) / 1000 - mid)) best = s;
     }
     select.value = best ? String(best.id) : "";
@@ -281,7 +290,9 @@
       });
       map.addLayer({ id: "imagery", type: "raster", source: "imagery" }, "parcels-fill");
     };
-    if (map.isStyleLoaded()) apply(); else map.once("load", apply);
+    // Not isStyleLoaded(): it is false for a moment after any style change (a filter), and the
+    // "load" event that would then be awaited has long fired.
+    if (state.mapLoaded) apply(); else map.once("load", apply);
   }
 
   // --- a parcel ------------------------------------------------------------------------------
@@ -390,8 +401,8 @@
     $("parcel-title").textContent = "Parcel " + p.pid;
     $("parcel-crop").textContent = (p.crop || "unknown") + (p.crop_code ? " (" + p.crop_code + ")" : "");
     $("parcel-area").textContent = (p.area_m2 / 10000).toFixed(2) + " ha (" + Math.round(p.area_m2).toLocaleString("en") + " m²)";
-    $("readout-values").innerHTML = "<p>Hover or step through a date to see its values and image chip.</p>";
-    $("chip").hidden = true;
+    $("readout-values").replaceChildren();
+    showChip(null);
   }
 
   // --- charts --------------------------------------------------------------------------------
@@ -452,6 +463,10 @@
     return [Math.min(...times) - 5 * DAY_S, Math.max(...times) + 5 * DAY_S];
   }
 
+  function chartWidth() {
+    return Math.max(280, $("panel").clientWidth - 30);
+  }
+
   function makeChart(key, el, rows, seriesSpec, yRange) {
     if (charts[key]) charts[key].destroy();
     charts[key] = null;
@@ -467,9 +482,9 @@
     }
     const [xmin, xmax] = seasonRange();
     const data = [rows.map((r) => r.t), ...seriesSpec.map((s) => rows.map(s.value))];
-    const width = Math.max(300, el.clientWidth || $("panel").clientWidth - 30);
+    const width = chartWidth();
     const opts = {
-      width, height: 150,
+      width, height: CHART_HEIGHT,
       legend: { show: false },
       cursor: { sync: { key: "explorer" }, points: { size: 9 }, drag: { x: false, y: false } },
       scales: { x: { time: true, range: () => [xmin, xmax] }, y: yRange ? { range: yRange } : { auto: true } },
@@ -548,8 +563,20 @@
   let chipTimer = null;
   function scheduleChip(obs) {
     clearTimeout(chipTimer);
-    if (!obs) { $("chip").hidden = true; return; }
+    state.chipFor = obs ? obs.scene_id : null;
+    if (!obs) { showChip(null); return; }
     chipTimer = setTimeout(() => loadChip(obs), 120);
+  }
+
+  function showChip(src, alt, caption) {
+    $("chip-img").hidden = !src;
+    $("chip-empty").hidden = !!src;
+    if (src) {
+      $("chip-img").src = src;
+      $("chip-img").alt = alt;
+    }
+    $("chip-caption").textContent = src ? caption : "";
+    state.chip = src ? { scene_id: state.chipFor, caption } : null;
   }
 
   async function loadChip(obs) {
@@ -567,13 +594,9 @@
       }
       chipCache.set(key, src);
     }
-    if (!state.parcel || state.parcel.pid !== p.pid) return;
-    $("chip").hidden = !src;
-    if (src) {
-      $("chip-img").src = src;
-      $("chip-img").alt = "True-colour chip (1.28 km) around parcel " + p.pid + " on " + d;
-      $("chip-caption").textContent = d + (obs.clear ? " · cloud-free" : " · cloudy");
-    }
+    // Only the chip of the date still selected: an earlier, slower answer must not replace it.
+    if (!state.parcel || state.parcel.pid !== p.pid || state.chipFor !== obs.scene_id) return;
+    showChip(src, "True-colour chip (1.28 km) around parcel " + p.pid + " on " + d, d + (obs.clear ? " · cloud-free" : " · cloudy"));
   }
 
   function stepDates(event) {
@@ -678,7 +701,7 @@
     $("export-csv").addEventListener("click", exportCsv);
     $("export-png").addEventListener("click", exportPng);
     window.addEventListener("resize", () => {
-      for (const c of Object.values(charts)) if (c) c.setSize({ width: Math.max(300, c.root.parentElement.clientWidth), height: 150 });
+      for (const c of Object.values(charts)) if (c) c.setSize({ width: chartWidth(), height: CHART_HEIGHT });
     });
   }
 

@@ -247,7 +247,7 @@ def test_explorer_in_chromium(browser: Any, served: tuple[str, list[str]]) -> No
     _wait(driver, f"return window.explorer.state.selected === {first_t}", "the keyboard-selected date")
     _wait(
         driver,
-        "return !document.getElementById('chip').hidden"
+        "return !document.getElementById('chip-img').hidden"
         " && document.getElementById('chip-img').src.startsWith('data:image/png')",
         "the date's chip",
     )
@@ -283,12 +283,24 @@ def test_explorer_in_chromium(browser: Any, served: tuple[str, list[str]]) -> No
     )
 
     if SCREENSHOT:
+        # The parcel among its neighbours over the scene, a mid-season date and its chip.
+        driver.execute_script(f"window.explorer.map.jumpTo({{center: [{point.x}, {point.y}], zoom: 15.2}})")
         chart = driver.find_element(By.ID, "chart-ndvi")
         chart.click()
-        for _ in range(len(state["ndvi"]) // 2):
+        for _ in range(len(state["ndvi"]) // 2 + 1):
             chart.send_keys(Keys.ARROW_RIGHT)
-        _wait(driver, "return !document.getElementById('chip').hidden", "the chip")
-        time.sleep(0.5)
+        _wait(
+            driver,
+            "const s = window.explorer.state; return s.chip !== null && s.chip.scene_id === s.chipFor",
+            "the selected date's chip",
+        )
+        _wait(
+            driver,
+            "const m = window.explorer.map; return m.loaded() && m.areTilesLoaded() && m.isSourceLoaded('imagery')",
+            "the imagery",
+            60,
+        )
+        time.sleep(1.0)  # the raster fade-in
         Path(SCREENSHOT).parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(SCREENSHOT)
 
