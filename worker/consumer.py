@@ -443,12 +443,13 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - housekeeping must never stop the worker
                 log.warning("worker.dead_letters_failed", error=str(exc).strip()[:300] or type(exc).__name__)
                 continue
-            if report.failed or report.deferred:
+            if report.failed or report.deferred or report.failed_inputs:
                 log.info(
                     "worker.dead_letters_reconciled",
                     letters=report.letters,
                     failed=report.failed,
                     deferred=report.deferred,
+                    failed_card_inputs=report.failed_inputs,
                 )
 
     def _won_task(self, task: str, period_s: float) -> bool:

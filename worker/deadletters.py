@@ -12,6 +12,7 @@ and ``cbmflow jobs retry --dead-lettered`` re-publishes it, like any other dead 
 
 The letters themselves are put back unchanged (headers and all): the queue stays the operator's
 record of what needs attention. A scene whose lease is still live is left for the next pass.
+``GenerateCard`` letters get the same treatment for their card input (``card_inputs``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from cbmflow import bus as busmod
 from cbmflow import db
 from cbmflow.errors import PermanentJobError
 from cbmflow.logging import get_logger
-from cbmflow.messages import ExtractParcels, parse_message
+from cbmflow.messages import ExtractParcels, GenerateCard, parse_message
 from cbmflow.settings import BusSettings
 
 log = get_logger("worker")
@@ -41,6 +42,8 @@ class ReconcileReport:
     """Scenes marked failed by this pass."""
     deferred: list[int] = field(default_factory=list)
     """Scenes of delivery-limit letters still under a live lease: judged by a later pass."""
+    failed_inputs: list[int] = field(default_factory=list)
+    """Card inputs (``GenerateCard`` letters) marked failed by this pass."""
 
 
 def died_at(headers: dict[str, Any] | None) -> float | None:
@@ -67,6 +70,7 @@ def reconcile_dead_letters(dsn: str, bus: BusSettings) -> ReconcileReport:
         report.letters = len(letters)
         try:
             candidates: dict[int, float | None] = {}
+            inputs: dict[int, float | None] = {}
             for letter in letters:
                 if letter.death_reason != DELIVERY_LIMIT:
                     continue
@@ -76,8 +80,12 @@ def reconcile_dead_letters(dsn: str, bus: BusSettings) -> ReconcileReport:
                     continue
                 if isinstance(msg, ExtractParcels):
                     candidates[msg.scene_id] = died_at(letter.properties.headers)
+                elif isinstance(msg, GenerateCard):
+                    inputs[msg.card_input_id] = died_at(letter.properties.headers)
             if candidates:
                 _mark_failed(dsn, candidates, report)
+            if inputs:
+                _mark_inputs_failed(dsn, inputs, report)
         finally:
             for letter in letters:
                 busmod.keep_dead_letter(channel, bus, letter)
@@ -114,3 +122,26 @@ def _mark_failed(dsn: str, candidates: dict[int, float | None], report: Reconcil
             live = cur.fetchone()
             if live is not None and live[0]:
                 report.deferred.append(scene_id)
+
+
+def _mark_inputs_failed(dsn: str, inputs: dict[int, float | None], report: ReconcileReport) -> None:
+    """:func:`_mark_failed` for the card inputs of ``GenerateCard`` letters (a CARD job that killed its
+    worker at every delivery: out of memory on a whole tile, say)."""
+    with db.transaction(dsn) as cur:
+        for input_id, died in sorted(inputs.items()):
+            cur.execute(
+                "UPDATE card_inputs SET status = 'failed',"
+                "       reason = 'delivery limit reached (worker died ' || attempts || ' times; last worker '"
+                "                || coalesce(lease_owner, 'unknown') || ')',"
+                "       lease_owner = NULL, lease_until = NULL, updated_at = now()"
+                " WHERE id = %(id)s AND status IN ('processing', 'queued', 'awaiting_card')"
+                "   AND (lease_until IS NULL OR lease_until < now())"
+                "   AND (%(died)s::double precision IS NULL"
+                "        OR updated_at < to_timestamp(%(died)s) + interval '1 second')"
+                " RETURNING reason",
+                {"id": input_id, "died": died},
+            )
+            row = cur.fetchone()
+            if row is not None:
+                report.failed_inputs.append(input_id)
+                log.warning("job.dead_lettered_failed", card_input_id=input_id, reason=row[0])

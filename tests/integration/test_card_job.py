@@ -20,6 +20,7 @@ import dataclasses
 import json
 import shutil
 import threading
+import time
 import warnings
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
@@ -45,6 +46,7 @@ from cbmflow.outbox import enqueue, flush_outbox
 from cbmflow.parcels.ingest import add_aoi, import_parcels
 from cbmflow.settings import BusSettings, WorkerSettings
 from worker.consumer import Worker
+from worker.deadletters import reconcile_dead_letters
 
 SAFE = Path("../shared/data/sentinel1/S1B_IW_GRDH_1SDV_20211223T051122_20211223T051147_030148_039993_5371.SAFE")
 DN = {"VV": 200, "VH": 90}
@@ -354,3 +356,45 @@ def test_the_watcher_enqueues_a_grd_once_per_version_and_never_an_slc(pg_dsn: st
         )
         assert upsert_card_input(cur, slc)[1] == "new"
     assert len(jobs()) == 2, "an SLC waits: coherence is not a job yet"
+
+
+def test_a_card_job_that_killed_its_workers_is_failed_from_its_dead_letter(
+    cbm_env: Any, pg_dsn: str, amqp_url: str, management_url: str
+) -> None:
+    """A GenerateCard the broker dead-lettered at its delivery limit (each worker died holding it:
+    out of memory on a whole tile, say) fails its input once the last lease expired."""
+    bus = BusSettings(amqp_url=amqp_url, management_url=management_url, delivery_limit=1)
+    with db.transaction(pg_dsn) as cur:
+        input_id, _ = upsert_card_input(cur, _record("/nowhere/a.SAFE"))
+    assert flush_outbox(pg_dsn, bus) == 1
+    conn = busmod.connect(bus)
+    try:
+        for _ in range(2):  # two deliveries, each abandoned by a dying consumer (no verdict)
+            ch = conn.channel()
+            deadline = time.monotonic() + 10
+            method = None
+            while method is None and time.monotonic() < deadline:
+                method, _props, _body = ch.basic_get(bus.card_queue, auto_ack=False)
+            assert method is not None
+            ch.close()  # unacked: back to the queue, counted as a delivery
+        deadline = time.monotonic() + 10
+        while busmod.passive_depth(conn.channel(), bus, bus.dead_letter_queue)[0] == 0:
+            assert time.monotonic() < deadline, "the broker did not dead-letter the job"
+            time.sleep(0.1)
+    finally:
+        conn.close()
+    with db.transaction(pg_dsn) as cur:
+        cur.execute(
+            "UPDATE card_inputs SET status = 'processing', lease_owner = 'w-oom', attempts = 2,"
+            " lease_until = now() + interval '1 hour', updated_at = now() - interval '1 minute' WHERE id = %s",
+            (input_id,),
+        )
+    live = reconcile_dead_letters(pg_dsn, bus)
+    assert live.failed_inputs == [], "its last worker may still be alive: left alone"
+    with db.transaction(pg_dsn) as cur:
+        cur.execute("UPDATE card_inputs SET lease_until = now() - interval '1 second' WHERE id = %s", (input_id,))
+    report = reconcile_dead_letters(pg_dsn, bus)
+    assert report.failed_inputs == [input_id] and report.letters == 1
+    assert _one(pg_dsn, "SELECT status, reason FROM card_inputs WHERE id = %s", (input_id,)) == [
+        ("failed", "delivery limit reached (worker died 2 times; last worker w-oom)")
+    ]
