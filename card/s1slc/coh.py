@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ import numpy.typing as npt
 from pyproj import Transformer
 
 from card.geobox import GeoBox
+from card.s1grd.cog import ScratchRaster
 from card.s1grd.dem import Dem
 from card.s1grd.geocode import SPEED_OF_LIGHT, Geocoder, ecef
 from card.s1grd.orbit import OrbitInterpolator
@@ -306,10 +308,8 @@ class CohProcessor:
         cols = np.array([0, nx - 1, 0, nx - 1, nx // 2])
         xs, ys = box.xy(rows, cols)
         lon, lat = self._to_lonlat.transform(xs, ys)
-        h = self.dem.heights(box)
-        hh = h[rows, cols]
-        hh = np.where(np.isfinite(hh), hh, 0.0)
-        t, r = self.geocoders["early"].time_and_range(ecef(lon, lat, hh))
+        # on the ellipsoid: terrain moves a point by less than the margins below, and no DEM is read
+        t, r = self.geocoders["early"].time_and_range(ecef(lon, lat, np.zeros(rows.shape)))
         lo_t = min(d.span[0, 0] - d.time_shift_s for d in self.dates["early"])
         hi_t = max(d.span[-1, 1] - d.time_shift_s for d in self.dates["early"])
         diag = math.hypot(box.width * box.transform.a, box.height * box.transform.e)
@@ -442,6 +442,11 @@ def gap_days(early: SlcProduct, late: SlcProduct) -> int:
     return round(dt / 86400.0)
 
 
+def _write(rasters: dict[str, ScratchRaster], res: BlockResult) -> None:
+    for p, v in res.coherence.items():
+        rasters[p].write(res.rows, res.cols, v.astype(np.float32))
+
+
 def generate_coh(
     early_path: str | SlcProduct,
     late_path: str | SlcProduct,
@@ -466,7 +471,6 @@ def generate_coh(
     release the GIL for most of the work).
     """
     from card.s1grd.bs import grid_name
-    from card.s1grd.cog import ScratchRaster
     from card.s1slc.safe import open_slc
 
     started = time.perf_counter()
@@ -513,16 +517,18 @@ def generate_coh(
     try:
         blocks = list(proc.blocks())
         if workers > 1:
+            # at most 2 blocks per thread in flight: finished blocks wait for the writer in order
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                results: Iterator[BlockResult] = pool.map(lambda rc: proc.process_block(*rc), blocks)
-                for res in results:
-                    for p, v in res.coherence.items():
-                        rasters[p].write(res.rows, res.cols, v.astype(np.float32))
+                pending: deque[Future[BlockResult]] = deque()
+                for rows, cols in blocks:
+                    pending.append(pool.submit(proc.process_block, rows, cols))
+                    if len(pending) >= 2 * workers:
+                        _write(rasters, pending.popleft().result())
+                while pending:
+                    _write(rasters, pending.popleft().result())
         else:
             for rows, cols in blocks:
-                res = proc.process_block(rows, cols)
-                for p, v in res.coherence.items():
-                    rasters[p].write(rows, cols, v.astype(np.float32))
+                _write(rasters, proc.process_block(rows, cols))
     except BaseException:
         for r in rasters.values():
             r.abort()
