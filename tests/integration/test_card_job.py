@@ -23,6 +23,7 @@ import threading
 import time
 import warnings
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,17 @@ import pytest
 import rasterio
 import shapely
 import shapely.geometry
+from affine import Affine
+from moto.server import ThreadedMotoServer
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
+from stackfixtures import free_ports
 
 from card import mgrs
 from catalog_watcher.service import upsert_card_input
 from catalog_watcher.stac import SceneRecord
 from cbmflow import bus as busmod
-from cbmflow import db
+from cbmflow import db, store
 from cbmflow.messages import GenerateCard
 from cbmflow.outbox import enqueue, flush_outbox
 from cbmflow.parcels.ingest import add_aoi, import_parcels
@@ -167,16 +171,16 @@ def _record(location: str, *, card: str = "grd", checksum: str = "", name: str =
 
 
 def _run_worker(dsn: str, bus: BusSettings, jobs: int, tmp: Path, **extra: Any) -> Worker:
-    settings = WorkerSettings(
-        heartbeat_s=0.5,
-        metrics_port=-1,
-        idle_exit_s=40,
-        card_quantity="beta0",
-        card_denoise=False,
-        card_output_url=str(tmp / "store"),
-        card_scratch_dir=str(tmp / "scratch"),
-        **extra,
-    )
+    options: dict[str, Any] = {
+        "heartbeat_s": 0.5,
+        "metrics_port": -1,
+        "idle_exit_s": 40,
+        "card_quantity": "beta0",
+        "card_denoise": False,
+        "card_output_url": str(tmp / "store"),
+        "card_scratch_dir": str(tmp / "scratch"),
+    }
+    settings = WorkerSettings(**{**options, **extra})
     worker = Worker(dsn=dsn, bus=bus, settings=settings, max_jobs=jobs)
     rc: list[int] = []
     t = threading.Thread(target=lambda: rc.append(worker.run()), daemon=True)
@@ -398,3 +402,69 @@ def test_a_card_job_that_killed_its_workers_is_failed_from_its_dead_letter(
     assert _one(pg_dsn, "SELECT status, reason FROM card_inputs WHERE id = %s", (input_id,)) == [
         ("failed", "delivery limit reached (worker died 2 times; last worker w-oom)")
     ]
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
+    """An S3 endpoint (moto's server, in a thread) for the GRD and the CARD store, credentials as an
+    operator gives them (environment), no profile or config file of the machine."""
+    (port,) = free_ports(1)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_NO_SIGN_REQUEST"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "cbmflow-test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "cbmflow-test-secret")
+    monkeypatch.setenv("CBMFLOW_STORE_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("CBMFLOW_STORE_S3_REGION", "us-east-1")
+    monkeypatch.setenv("CBMFLOW_STORE_S3_PATH_STYLE", "true")
+    try:
+        yield store.s3_client()
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_grd_on_s3_is_generated_into_an_s3_card_store(
+    grd: tuple[Path, dict[str, float]],
+    s3: Any,
+    cbm_env: Any,
+    pg_dsn: str,
+    amqp_url: str,
+    management_url: str,
+    tmp_path: Path,
+) -> None:
+    safe, truth = grd
+    _world(pg_dsn, tmp_path)
+    for bucket in ("eodata", "card"):
+        s3.create_bucket(Bucket=bucket)
+    prefix = f"Sentinel-1/SAR/IW_GRDH_1S/2021/12/23/{safe.name}"
+    for f in safe.rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), "eodata", f"{prefix}/{f.relative_to(safe)}")
+    s3.put_object(Bucket="eodata", Key=f"{prefix}/preview/quick-look.png", Body=b"not needed")
+    bus = BusSettings(amqp_url=amqp_url, management_url=management_url)
+    with db.transaction(pg_dsn) as cur:
+        input_id, _ = upsert_card_input(cur, _record(f"s3://eodata/{prefix}"))
+    assert flush_outbox(pg_dsn, bus) == 1
+    _run_worker(pg_dsn, bus, 3, tmp_path, card_output_url="s3://card/cbmflow")
+
+    assert _one(pg_dsn, "SELECT status, scenes_written FROM card_inputs WHERE id = %s", (input_id,)) == [("done", 2)]
+    assert list((tmp_path / "scratch").iterdir()) == [], "the downloaded GRD and the COGs are removed after the job"
+    scenes = _one(pg_dsn, "SELECT product_id, status, location FROM scenes ORDER BY product_id")
+    assert {s[1] for s in scenes} == {"extracted"}
+    rows = _rows(pg_dsn)
+    for product_id, _status, location in scenes:
+        assert location.startswith("s3://card/cbmflow/card/bs/") and location.endswith(f"/{product_id}.json")
+        item = json.loads(s3.get_object(Bucket="card", Key=location.removeprefix("s3://card/"))["Body"].read())
+        tile = product_id.split("_")[-2]
+        counts = _expected_counts(
+            tile, Affine(*item["properties"]["proj:transform"]), tuple(item["properties"]["proj:shape"])
+        )
+        for pid in PARCELS:
+            for pol, band in (("VV", "VVb"), ("VH", "VHb")):
+                count, mean, _std = rows[(pid, product_id, band)]
+                assert count == counts[pid] and mean == pytest.approx(truth[pol], rel=1e-6), (pid, band, tile)
