@@ -129,30 +129,28 @@ def load(dsn: str, rows: int, parcels: int) -> tuple[int, int]:
             )
             cur.execute("SELECT id FROM scenes WHERE product_id LIKE 'bench-%%' ORDER BY acquired_at")
             scene_ids = [int(r[0]) for r in cur.fetchall()]
-            rebuild = _rebuild_statements(cur, ds.sigs.as_string(cur)) + _rebuild_statements(
-                cur, ds.hists.as_string(cur)
-            )
+            # sql/011: one row per (parcel, scene) in <sigs>_obs, the band order per scene in <sigs>_bands
+            obs, band_table = ds.ident(f"{ds.sigs_table}_obs"), ds.ident(f"{ds.sigs_table}_bands")
+            rebuild = _rebuild_statements(cur, obs.as_string(cur))
             t0 = time.monotonic()
             for k, scene_id in enumerate(scene_ids, start=1):
                 # scene-major, as the worker writes: one scene's rows for every parcel, then the next
                 cur.execute(
-                    sql.SQL(
-                        "INSERT INTO {t} (pid, scene_id, band, count, mean, std, min, max, p25, p50, p75)"
-                        " SELECT p, %(s)s, b, 20 + p %% 50, m, m * 0.1, m * 0.7, m * 1.3, m * 0.9, m, m * 1.1"
-                        " FROM generate_series(1, %(n)s) p CROSS JOIN unnest(%(bands)s::text[]) b,"
-                        " LATERAL (SELECT 500 + ((p * 7919 + %(s)s * 104729 + ascii(right(b, 1))) %% 3000)::float8"
-                        " AS m) v"
-                    ).format(t=ds.sigs),
-                    {"s": scene_id, "n": parcels, "bands": list(BANDS)},
+                    sql.SQL("INSERT INTO {t} (scene_id, bands) VALUES (%(s)s, %(bands)s)").format(t=band_table),
+                    {"s": scene_id, "bands": list(BANDS)},
                 )
                 cur.execute(
                     sql.SQL(
-                        "INSERT INTO {t} (pid, scene_id, class, count)"
-                        " SELECT p, %(s)s, c, CASE c WHEN 4 THEN 40 ELSE 5 END FROM generate_series(1, %(n)s) p"
-                        " CROSS JOIN LATERAL (VALUES (4::smallint), (CASE WHEN (p + %(s)s) %% 5 = 0 THEN 9"
-                        " ELSE 5 END::smallint)) c(c)"
-                    ).format(t=ds.hists),
-                    {"s": scene_id, "n": parcels},
+                        "INSERT INTO {t} (scene_id, pid, stats, scl)"
+                        " SELECT %(s)s, p, (SELECT array_agg(u.x ORDER BY b.i, u.j)"
+                        " FROM unnest(%(bands)s::text[]) WITH ORDINALITY b(name, i),"
+                        " LATERAL (SELECT 500 + ((p * 7919 + %(s)s * 104729 + ascii(right(b.name, 1))) %% 3000)::float8"
+                        " AS m) v, LATERAL unnest(ARRAY[20 + p %% 50, v.m, v.m * 0.1, v.m * 0.7, v.m * 1.3, v.m * 0.9,"
+                        " v.m, v.m * 1.1]::real[]) WITH ORDINALITY u(x, j)),"
+                        " ARRAY[4, 40, CASE WHEN (p + %(s)s) %% 5 = 0 THEN 9 ELSE 5 END, 5]"
+                        " FROM generate_series(1, %(n)s) p"
+                    ).format(t=obs),
+                    {"s": scene_id, "n": parcels, "bands": list(BANDS)},
                 )
                 done = k * parcels * len(BANDS)
                 rate = done / max(time.monotonic() - t0, 1e-9)
@@ -162,8 +160,8 @@ def load(dsn: str, rows: int, parcels: int) -> tuple[int, int]:
             for statement in rebuild:
                 cur.execute(statement)
             _progress("vacuum analyze (visibility map for index-only scans)")
-            cur.execute(sql.SQL("VACUUM (ANALYZE) {}").format(ds.sigs))
-            cur.execute(sql.SQL("VACUUM (ANALYZE) {}").format(ds.hists))
+            cur.execute(sql.SQL("VACUUM (ANALYZE) {}").format(obs))
+            cur.execute(sql.SQL("VACUUM (ANALYZE) {}").format(band_table))
             cur.execute("ANALYZE scenes")
             cur.execute(
                 "INSERT INTO users (name, password_hash) VALUES (%s, %s)",
@@ -194,7 +192,8 @@ def measure_db(dsn: str, parcels: int, samples: int, seed: int) -> dict[str, Any
             ds = db.get_dataset(cur, AOI, YEAR)
             assert ds is not None
             cur.execute(
-                sql.SQL("SELECT pg_size_pretty(pg_total_relation_size(%s::regclass))"), (ds.sigs.as_string(cur),)
+                sql.SQL("SELECT pg_size_pretty(pg_total_relation_size(%s::regclass))"),
+                (ds.ident(f"{ds.sigs_table}_obs").as_string(cur),),
             )
             out["sigs_size"] = cur.fetchone()[0]
             cur.execute("SELECT rows FROM bench_api_meta")
