@@ -1,16 +1,27 @@
 """``make bench-chain``: a national-scale rehearsal of the chain, measured (a benchmark, not a test).
 
 The reference load is the Netherlands: ~770,000 parcels, ~4,000 Sentinel-2 granules a season.
-Every stage runs on servers of its own (a PostgreSQL cluster under ``$CBMFLOW_STATE_DIR/bench-chain``,
-and for the chain a RabbitMQ node), never on the developer's stack, and prints each figure beside
-its target (issue 15). ``--scale`` shrinks parcels, granules and rows together (1 = NL size); the
-default finishes in minutes on a 2-core machine. Stages (``--stages``):
+Every stage runs on servers of its own (a PostgreSQL cluster under ``$CBMFLOW_STATE_DIR/bench-chain``;
+for the chain and the watcher PostgreSQL and RabbitMQ started by ``cbmflow.dev.chaos.Run``), never on
+the developer's stack, and prints each figure beside its target (issue 15). ``--scale`` sets the
+parcel count of the storage and import stages (1 = the 770k of the Netherlands); the granule stage
+always uses NL parcel density on a full-size tile, since that is what a VM meets. Stages
+(``--stages``; ``--doc`` writes the table into docs/performance.md):
 
-``storage``
-    bytes per observation (one parcel x scene x band) of the signatures layout: rows written scene
-    by scene through the worker's own encoder and COPY (``worker.pgcopy``, ``worker.scene``), then
-    heap, indexes and histograms by ``pg_relation_size``; and the same data in the candidate
-    layouts, with ``parcelTimeSeries``' own statement timed on each.
+``storage``   the same observations written scene by scene by the worker's encoder and COPY in the
+              row-per-band layout (before sql/011) and the compact one; bytes per observation
+              (heap, indexes, histograms), the series statement on both, the in-place conversion.
+``import``    ``parcels import`` of a generated BRP-like GeoParquet (EPSG:28992, median ~2 ha,
+              long tail) in a process of its own: wall time and peak RSS.
+``granule``   a full-size 10980² granule of tile 31UFU (tiled DEFLATE GeoTIFF, and B04 as
+              JPEG2000) with NL-density parcels over 10/50/100 % of it: cold index, index from
+              the disk cache, warm scene and the decode floor of the same strips, on one core.
+``chain``     watch -> RabbitMQ -> 1 and 2 single-core ``cbmflow worker`` processes -> COPY ->
+              PostGIS, with the API under a parcelTimeSeries load: scenes/hour, rows/s, per-scene
+              overhead over the engine alone, API p50/p99 while writing (the chaos test world).
+``watch``     two ``cbmflow watch --once`` cycles over a season's catalogue (4,000 items).
+``project``   the granule costs fed to ``provision simulate`` for a season on 20 2-core VMs.
+``series``    (not by default) parcelTimeSeries at 50.4 M observations in the compact layout.
 """
 
 from __future__ import annotations
@@ -1155,10 +1166,29 @@ def render_storage(res: dict[str, Any], season_obs: float) -> list[str]:
     return lines
 
 
+BEGIN, END = "<!-- bench-chain:begin -->", "<!-- bench-chain:end -->"
+
+
+def write_doc(table: str) -> None:
+    """The figures between the markers of docs/performance.md's "Chain rehearsal" section (added
+    at the end of the file when missing); the reading around them is written by hand."""
+    text = DOC.read_text() if DOC.exists() else "# Performance\n"
+    block = f"{BEGIN}\n{table}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + f"\n\n## Chain rehearsal\n\n{block}\n"
+    DOC.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m cbmflow.dev.bench.chain", description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", type=float, default=0.02, help="fraction of the Netherlands (1 = 770k parcels)")
-    ap.add_argument("--stages", default="storage", help="comma-separated: storage")
+    ap.add_argument(
+        "--stages",
+        default="storage,import,granule,chain,watch,project",
+        help="comma-separated: storage, import, granule, chain, watch, project (needs granule's figures), series",
+    )
     ap.add_argument("--storage-scenes", type=int, default=12, help="S2 scenes written in the storage stage")
     ap.add_argument("--coverages", default="0.1,0.5,1.0", help="shares of the granule covered by parcels")
     ap.add_argument("--no-jp2", action="store_true", help="skip the JPEG2000 band (its encoding takes minutes)")
@@ -1172,6 +1202,7 @@ def main(argv: list[str] | None = None) -> None:
         "--state", type=Path, default=None, help="cluster directory (default $CBMFLOW_STATE_DIR/bench-chain)"
     )
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--doc", action="store_true", help="write the figures into docs/performance.md")
     args = ap.parse_args(argv)
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
 
@@ -1251,7 +1282,12 @@ def main(argv: list[str] | None = None) -> None:
             lines += render_storage(res, season_obs)
     finally:
         stop_postgres(base_dir / "postgres")
-    print("\n".join(lines))
+    table = "\n".join(lines).rstrip("\n")
+    print(table)
+    if args.doc:
+        write_doc(f"`make bench-chain BENCH_ARGS='{' '.join(argv if argv is not None else sys.argv[1:])}'`"
+                  f" ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores):\n\n{table}")  # fmt: skip
+        _progress(f"figures written to {DOC.relative_to(REPO)}")
 
 
 if __name__ == "__main__":
