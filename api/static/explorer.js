@@ -42,6 +42,7 @@
   const chipCache = new Map();
   let map = null;
   let loadSeq = 0;
+  let hovered = null; // the chart under the mouse pointer
 
   const $ = (id) => document.getElementById(id);
   window.explorer = { state, charts, openParcel, get map() { return map; } };
@@ -495,7 +496,9 @@
       }))],
       hooks: {
         draw: [markerHook],
-        setCursor: [(u) => { if (u.cursor.idx !== null && u.cursor.idx !== undefined && u.cursor.event) select(u.data[0][u.cursor.idx], key); }],
+        // Only the chart under the pointer selects: the others follow it (cursor sync) and must
+        // not answer with their own nearest dates.
+        setCursor: [(u) => { if (hovered === key && u.cursor.idx !== null && u.cursor.idx !== undefined) select(u.data[0][u.cursor.idx], key); }],
       },
     };
     const chart = new uPlot(opts, data, el);
@@ -647,7 +650,10 @@
   }
 
   function exportPng() {
-    if (!state.pid) return;
+    if (state.pid) chartsCanvas().toBlob((blob) => download(blob, fileStem() + ".png"), "image/png");
+  }
+
+  function chartsCanvas() {
     const parts = Object.entries(charts).filter(([, c]) => c);
     const dpr = devicePixelRatio;
     const width = Math.max(...parts.map(([, c]) => c.ctx.canvas.width), 400);
@@ -672,7 +678,7 @@
       ctx.drawImage(chart.ctx.canvas, 0, y);
       y += chart.ctx.canvas.height + 2 * dpr;
     }
-    out.toBlob((blob) => download(blob, fileStem() + ".png"), "image/png");
+    return out;
   }
 
   // --- wiring --------------------------------------------------------------------------------
@@ -697,7 +703,12 @@
       const pid = $("search-pid").value.trim();
       if (pid) openParcel(pid, { fly: true, timing: "searchToChartMs", started: performance.now() });
     });
-    for (const id of ["chart-ndvi", "chart-s1", "chart-coherence"]) $(id).addEventListener("keydown", stepDates);
+    for (const id of ["chart-ndvi", "chart-s1", "chart-coherence"]) {
+      const key = id.replace("chart-", "");
+      $(id).addEventListener("keydown", stepDates);
+      $(id).addEventListener("mouseenter", () => { hovered = key; });
+      $(id).addEventListener("mouseleave", () => { if (hovered === key) hovered = null; });
+    }
     $("export-csv").addEventListener("click", exportCsv);
     $("export-png").addEventListener("click", exportPng);
     window.addEventListener("resize", () => {
@@ -706,6 +717,7 @@
   }
 
   window.explorer.csv = csvText;
+  window.explorer.png = () => chartsCanvas().toDataURL("image/png");
   wire();
   start().catch((err) => {
     state.status = "error";

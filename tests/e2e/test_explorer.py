@@ -252,6 +252,17 @@ def test_explorer_in_chromium(browser: Any, served: tuple[str, list[str]]) -> No
         "the date's chip",
     )
     assert state["ndvi"][0]["acquired"][:10] in driver.find_element(By.ID, "readout-values").text
+    # The mouse: hovering the NDVI chart at its last point selects that date.
+    last = state["ndvi"][-1]
+    px, py = driver.execute_script(
+        "const u = window.explorer.charts.ndvi; const r = u.over.getBoundingClientRect();"
+        f" return [u.valToPos({last['t']}, 'x') - r.width / 2, u.valToPos({last['value']}, 'y') - r.height / 2]"
+    )
+    over = driver.find_element(By.CSS_SELECTOR, "#chart-ndvi .u-over")
+    ActionChains(driver).move_to_element_with_offset(over, int(px), int(py)).perform()
+    _wait(driver, f"return window.explorer.state.selected === {last['t']}", "the hovered date")
+    png = driver.execute_script("return window.explorer.png()")
+    assert png.startswith("data:image/png;base64,") and len(png) > 5000
     csv_text = driver.execute_script("return window.explorer.csv()")
     assert len(csv_text.strip().splitlines()) == 1 + len(state["ndvi"]) + len(state["s1"]) + len(state["coherence"])
 
