@@ -35,6 +35,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api.auth import USER_ROW_SQL, AuthenticationError, Authenticator, User
+from api.errors import response_for
 from api.infra import Endpoint, authenticated
 from api.openapi import STR, json_content
 from api.params import Param, Params
@@ -171,12 +172,15 @@ def _issue_token(request: Request) -> Response:
 
 
 async def issue_token(request: Request) -> Response:
-    from api.errors import response_for
-
     try:
         return await run_in_threadpool(_issue_token, request)
     except Exception as exc:
-        return response_for(request, exc)
+        response = response_for(request, exc)
+        # The page's login form answers a wrong password itself; a Basic challenge here would make
+        # the browser open its own password dialog over the page.
+        if "www-authenticate" in response.headers:
+            del response.headers["www-authenticate"]
+        return response
 
 
 def whoami(request: Request, p: Params) -> Response:

@@ -339,7 +339,9 @@ def test_session_tokens(client: TestClient, seeded: Seeded) -> None:
     assert _json(client.get("/api/v1/auth/token", auth=ALICE))["expires_at"] is None
     # A session cannot renew itself; a wrong password opens none.
     _error(client.post("/api/v1/auth/token", headers=bearer), 400, "invalid_input")
-    _error(client.post("/api/v1/auth/token", auth=("alice", "wrong")), 401, "unauthorized")
+    wrong = client.post("/api/v1/auth/token", auth=("alice", "wrong"))
+    _error(wrong, 401, "unauthorized")
+    assert "www-authenticate" not in wrong.headers, "no browser password dialog over the login form"
     # Altered tokens are refused.
     token = body["token"]
     for forged in (
