@@ -21,6 +21,7 @@ import json
 import shutil
 import threading
 import time
+import uuid
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg2
 import pyproj
 import pytest
 import rasterio
@@ -468,3 +470,50 @@ def test_a_grd_on_s3_is_generated_into_an_s3_card_store(
             for pol, band in (("VV", "VVb"), ("VH", "VHb")):
                 count, mean, _std = rows[(pid, product_id, band)]
                 assert count == counts[pid] and mean == pytest.approx(truth[pol], rel=1e-6), (pid, band, tile)
+
+
+def test_grd_inputs_recorded_before_card_jobs_get_their_job_from_the_migration(stack: Any, tmp_path: Path) -> None:
+    """A database at sql/012 with GRD inputs waiting (as the watcher left them before CARD jobs
+    existed) gets one GenerateCard per live GRD from sql/013, in the contract's shape; SLC and
+    deleted inputs get none."""
+    from cbmflow.messages import parse_message
+
+    name = f"t_mig_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(stack.pg.dsn_for("postgres"))
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    dsn = stack.pg.dsn_for(name)
+    try:
+        before = tmp_path / "sql"
+        before.mkdir()
+        for f in db.migration_files():
+            if f.name < "013":
+                (before / f.name).write_text(f.read_text(encoding="utf-8"))
+        db.migrate(dsn, before)
+        with db.transaction(dsn) as cur:
+            for i, (kind, deleted) in enumerate((("grd", False), ("grd", True), ("slc", False))):
+                cur.execute(
+                    "INSERT INTO card_inputs (acq_key, kind, product_id, product_name, mission, product_type,"
+                    " acquired_at, footprint, location, deleted_at) VALUES (%s, %s, %s, %s, 'S1A', 'IW_GRDH', now(),"
+                    " ST_Multi(ST_MakeEnvelope(11, 48, 12, 49, 4326)), %s, %s)",
+                    (f"k{i}", kind, f"p{i}", f"p{i}", f"/data/p{i}.SAFE", datetime.now(UTC) if deleted else None),
+                )
+        applied = db.migrate(dsn)
+        assert applied[0] == "013_card_jobs.sql"
+        with db.transaction(dsn) as cur:
+            cur.execute("SELECT message_id, kind, body::text FROM outbox")
+            rows = cur.fetchall()
+            cur.execute("SELECT id FROM card_inputs WHERE product_id = 'p0'")
+            (grd_id,) = cur.fetchone()
+        assert [(r[0], r[1]) for r in rows] == [(f"card-bs-{grd_id}", "GenerateCard")]
+        msg = parse_message(rows[0][2])
+        assert isinstance(msg, GenerateCard) and (msg.card_input_id, msg.card, msg.location) == (
+            grd_id,
+            "bs",
+            "/data/p0.SAFE",
+        )
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
