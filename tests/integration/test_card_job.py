@@ -517,3 +517,37 @@ def test_grd_inputs_recorded_before_card_jobs_get_their_job_from_the_migration(s
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+def test_a_product_changed_during_its_card_job_is_not_committed_by_the_stale_job(
+    grd: tuple[Path, dict[str, float]], pg_dsn: str, tmp_path: Path
+) -> None:
+    """Guarantee 9 for CARD: the watcher finds the GRD changed while a job generates it; the stale
+    job's commit is refused (no scene, the input waits for its new job), however far it got."""
+    from worker.cardjob import CardJobs
+    from worker.leases import SceneChanged
+
+    safe, _ = grd
+    _world(pg_dsn, tmp_path)
+    with db.transaction(pg_dsn) as cur:
+        input_id, _ = upsert_card_input(cur, _record(str(safe), checksum="v1"))
+    settings = WorkerSettings(
+        card_quantity="beta0", card_output_url=str(tmp_path / "store"), card_scratch_dir=str(tmp_path / "scratch")
+    )
+    jobs = CardJobs(pg_dsn, "w-stale", settings)
+    conn = db.connect(pg_dsn)
+    try:
+        msg = GenerateCard(card_input_id=input_id, product_id=safe.name[:-5], card="bs", location=str(safe))
+        claimed = jobs.claim(conn, msg)
+        assert claimed is not None and claimed.generation == 0
+        with db.transaction(pg_dsn) as cur:  # the watcher, meanwhile
+            assert upsert_card_input(cur, _record(str(safe), checksum="v2"))[1] == "changed"
+        with pytest.raises(SceneChanged):
+            jobs.run(conn, claimed)
+    finally:
+        conn.close()
+    assert _one(pg_dsn, "SELECT count(*) FROM scenes") == [(0,)]
+    assert _one(pg_dsn, "SELECT status, generation, lease_owner FROM card_inputs WHERE id = %s", (input_id,)) == [
+        ("awaiting_card", 1, None)
+    ]
+    assert _one(pg_dsn, "SELECT count(*) FROM outbox WHERE kind = 'GenerateCard'") == [(2,)], "its new job"
