@@ -117,6 +117,7 @@
   // --- start-up ------------------------------------------------------------------------------
 
   async function start() {
+    state.status = "starting";
     // `#token=...` (scripted use): kept for the tab, then taken out of the address bar.
     const hash = new URLSearchParams(location.hash.slice(1));
     if (hash.get("token")) {
@@ -135,6 +136,17 @@
       if (!(err instanceof AuthError)) logout("Could not reach the API: " + err.message);
       return;
     }
+    // A new login (another user, a pasted #token link) starts from nothing of the previous one.
+    clearParcel();
+    if (map) { map.remove(); map = null; }
+    $("legend").replaceChildren();
+    $("map-hint").textContent = "";
+    $("panel-error").textContent = "";
+    $("panel-empty").textContent = "Click a parcel on the map, or type its id above.";
+    state.aoi = null;
+    state.year = null;
+    state.tilejson = null;
+    state.scenes = [];
     state.user = who.user;
     $("who-name").textContent = who.user + (who.expires_at ? " (session until " + who.expires_at.slice(11, 16) + " UTC)" : "");
     $("login").hidden = true;
@@ -715,6 +727,11 @@
       for (const c of Object.values(charts)) if (c) c.setSize({ width: chartWidth(), height: CHART_HEIGHT });
     });
   }
+
+  // `#token=...` pasted into an open tab is a same-document navigation: no reload, so log in here.
+  window.addEventListener("hashchange", () => {
+    if (new URLSearchParams(location.hash.slice(1)).get("token")) start();
+  });
 
   window.explorer.csv = csvText;
   window.explorer.png = () => chartsCanvas().toDataURL("image/png");

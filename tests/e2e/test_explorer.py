@@ -315,6 +315,16 @@ def test_explorer_in_chromium(browser: Any, served: tuple[str, list[str]]) -> No
         Path(SCREENSHOT).parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(SCREENSHOT)
 
+    # Search by id: the first parcel again, and the map goes to it.
+    search = driver.find_element(By.ID, "search-pid")
+    search.send_keys(first + Keys.ENTER)
+    _wait(
+        driver,
+        f"return window.explorer.state.status === 'parcel' && window.explorer.state.pid === '{first}'",
+        "the searched parcel",
+    )
+    assert "pid=" + first in driver.current_url
+
     # 3. A user without the grant: logs in with `#token=`, sees no dataset, and the tiles refuse.
     token = requests.post(f"{base}/api/v1/auth/token", auth=STRANGER, timeout=10).json()["token"]
     driver.execute_script("sessionStorage.clear()")
