@@ -185,13 +185,14 @@
     state.year = Number(year);
     state.status = "loading-dataset";
     clearParcel();
+    // A deep link's parcel is asked for while the map starts, and its charts are drawn before
+    // the background imagery is requested (the slowest thing the API renders).
+    const pending = pid ? fetchParcel(pid) : null;
+    if (pending) pending.catch(() => {}); // its error is reported by openParcel below
     state.tilejson = await api(datasetBase() + "/tiles.json");
     buildLegend(state.tilejson.crops);
     buildMap(state.tilejson);
-    if (pid) {
-      // A deep link's charts first: the background imagery is the slowest thing the API renders.
-      await openParcel(pid, { fly: true, timing: "deepLinkToChartMs", started });
-    }
+    if (pid) await openParcel(pid, { fly: true, timing: "deepLinkToChartMs", started, pending });
     await loadScenes();
     if (!pid) state.status = "ready";
     updateUrl();
@@ -339,6 +340,19 @@
     return { lon: (w + e) / 2, lat: (s + n) / 2, bounds: [[w, s], [e, n]] };
   }
 
+  function fetchParcel(pid) {
+    // The five requests of a parcel, all at once.
+    const base = datasetBase();
+    const series = (card, bands) => api(base + "/timeseries", { pid, card, bands });
+    return Promise.all([
+      api(base + "/parcel", { pid }),
+      api(base + "/index", { pid, index: "ndvi" }),
+      api(base + "/index", { pid, index: "ndvi", max_cloud: 1 }),
+      series("bs", "VVb,VHb"),
+      series("c6", "VVc,VHc"),
+    ]);
+  }
+
   async function openParcel(pid, options) {
     options = options || {};
     const seq = ++loadSeq;
@@ -347,17 +361,9 @@
     state.error = null;
     $("panel-error").textContent = "";
     $("panel").setAttribute("aria-busy", "true");
-    const base = datasetBase();
-    const series = (card, bands) => api(base + "/timeseries", { pid, card, bands });
     let parcel, clear, all, bs, c6;
     try {
-      [parcel, clear, all, bs, c6] = await Promise.all([
-        api(base + "/parcel", { pid }),
-        api(base + "/index", { pid, index: "ndvi" }),
-        api(base + "/index", { pid, index: "ndvi", max_cloud: 1 }),
-        series("bs", "VVb,VHb"),
-        series("c6", "VVc,VHc"),
-      ]);
+      [parcel, clear, all, bs, c6] = await (options.pending || fetchParcel(pid));
     } catch (err) {
       if (seq !== loadSeq || err instanceof AuthError) return;
       state.status = "error";
