@@ -507,7 +507,7 @@
       legend: { show: false },
       cursor: { sync: { key: "explorer" }, points: { size: 9 }, drag: { x: false, y: false } },
       scales: { x: { time: true, range: () => [xmin, xmax] }, y: yRange ? { range: yRange } : { auto: true } },
-      axes: [{ space: 60 }, { size: 44 }],
+      axes: [{ space: 60 }, { size: 44, space: 22 }],
       series: [{}, ...seriesSpec.map((s) => ({
         label: s.label, marker: s.marker, stroke: MARKERS[s.marker].colour, width: s.line ? 1.5 : 0,
         spanGaps: true, points: { show: false }, paths: s.line ? undefined : () => null,
