@@ -136,18 +136,25 @@ def match_bursts(early: SlcSwath, late: SlcSwath) -> dict[int, int]:
     return out
 
 
-def _linear_weights(n: int, nodes: npt.NDArray[np.int64]) -> FloatArray:
-    """(n, len(nodes)) matrix of linear interpolation weights from ``nodes`` (sorted indices) to 0…n−1."""
-    idx = np.arange(n)
-    k = np.clip(np.searchsorted(nodes, idx, side="right") - 1, 0, max(len(nodes) - 2, 0))
-    w = np.zeros((n, len(nodes)))
-    if len(nodes) == 1:
-        w[:, 0] = 1.0
-        return w
-    f = (idx - nodes[k]) / (nodes[k + 1] - nodes[k])
-    w[idx, k] = 1.0 - f
-    w[idx, k + 1] = f
-    return w
+class _Linear:
+    """Linear interpolation from sorted node indices to 0…n−1 along one axis (no BLAS: block
+    threads must not start BLAS threads of their own)."""
+
+    def __init__(self, n: int, nodes: npt.NDArray[np.int64]) -> None:
+        idx = np.arange(n)
+        if len(nodes) == 1:
+            self.k, self.f = np.zeros(n, dtype=np.int64), np.zeros(n)
+            self.k1 = self.k
+            return
+        self.k = np.clip(np.searchsorted(nodes, idx, side="right") - 1, 0, len(nodes) - 2)
+        self.k1 = self.k + 1
+        self.f = (idx - nodes[self.k]) / (nodes[self.k1] - nodes[self.k])
+
+    def __call__(self, a: FloatArray, axis: int) -> FloatArray:
+        lo, hi = np.take(a, self.k, axis=axis), np.take(a, self.k1, axis=axis)
+        f = self.f[:, None] if axis == 0 else self.f[None, :]
+        out: FloatArray = lo + f * (hi - lo)
+        return out
 
 
 def _lagrange(levels: list[float], h: FloatArray) -> list[FloatArray]:
@@ -287,7 +294,7 @@ class CohProcessor:
         cols_c = np.unique(np.r_[np.arange(0, nx, stride), nx - 1])
         xx, yy = np.meshgrid(box.x_centres(cols_c), box.y_centres(rows_c))
         lon, lat = self._to_lonlat.transform(xx, yy)
-        w_r, w_c = _linear_weights(ny, rows_c), _linear_weights(nx, cols_c)
+        along_r, along_c = _Linear(ny, rows_c), _Linear(nx, cols_c)
         h = np.where(ok, heights, h_lo)
         basis = _lagrange(levels, h)
         out = []
@@ -296,8 +303,8 @@ class CohProcessor:
             r_fine = np.zeros(box.shape)
             for level, weight in zip(levels, basis, strict=True):
                 t_c, r_c = self.geocoders[date].time_and_range(ecef(lon, lat, np.full(lon.shape, level)))
-                t_fine += weight * (w_r @ t_c @ w_c.T)
-                r_fine += weight * (w_r @ r_c @ w_c.T)
+                t_fine += weight * along_c(along_r(t_c, 0), 1)
+                r_fine += weight * along_c(along_r(r_c, 0), 1)
             out += [np.where(ok, t_fine, np.nan), np.where(ok, r_fine, np.nan)]
         return out[0], out[1], out[2], out[3]
 
@@ -413,8 +420,7 @@ class _Side:
         self.deramp: npt.NDArray[np.complex64] | None = None
         if proc.deramp:
             carrier = d.carriers[j]
-            window = carrier.phase_window(self.r0, self.r1, self.c0, self.c1)
-            self.deramp = np.exp(-1j * window).astype(np.complex64)
+            self.deramp = carrier.deramp_window(self.r0, self.r1, self.c0, self.c1)
             phase = phase + carrier.phase(line, sample)
         self.factor = np.exp(1j * phase)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import numpy.typing as npt
 
@@ -81,9 +82,27 @@ class BurstCarrier:
         out: FloatArray = np.pi * kt * d * d + 2.0 * np.pi * fdc * d
         return out
 
+    def deramp_window(self, row0: int, row1: int, col0: int, col1: int) -> npt.NDArray[np.complex64]:
+        """exp(−jφ) on burst lines row0…row1−1 × samples col0…col1−1, in one compiled pass."""
+        kt, eta_ref, fdc = self.range_terms(np.arange(col0, col1))
+        out = np.empty((row1 - row0, col1 - col0), dtype=np.complex64)
+        _deramp(self.eta(np.arange(row0, row1)), kt, eta_ref, fdc, out)
+        return out
+
     def phase_window(self, row0: int, row1: int, col0: int, col1: int) -> FloatArray:
         """φ on the burst lines row0…row1−1 (relative to the burst) × samples col0…col1−1."""
         kt, eta_ref, fdc = self.range_terms(np.arange(col0, col1))
         d = self.eta(np.arange(row0, row1))[:, None] - eta_ref[None, :]
         out: FloatArray = np.pi * kt[None, :] * d * d + 2.0 * np.pi * fdc[None, :] * d
         return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _deramp(
+    eta: FloatArray, kt: FloatArray, eta_ref: FloatArray, fdc: FloatArray, out: npt.NDArray[np.complex64]
+) -> None:
+    for i in range(eta.size):
+        for j in range(kt.size):
+            d = eta[i] - eta_ref[j]
+            phi = np.pi * kt[j] * d * d + 2.0 * np.pi * fdc[j] * d
+            out[i, j] = complex(np.cos(phi), -np.sin(phi))

@@ -200,6 +200,8 @@ def test_tops_carrier_agrees_with_the_generator_and_spans_many_prfs(scene: Scene
     line, sample = rng.uniform(0, burst.lines, 500), rng.uniform(0, sw.n_samples, 500)
     speed = float(np.linalg.norm(OrbitInterpolator(sw.orbit).state(np.array(carrier.t_mid_s))[1]))
     np.testing.assert_allclose(carrier.phase(line, sample), syn.tops_phase(sw, burst, line, sample, speed), atol=1e-6)
+    window = carrier.deramp_window(100, 140, 12000, 12100)  # the compiled exp(−jφ) of the windows
+    np.testing.assert_allclose(window, np.exp(-1j * carrier.phase_window(100, 140, 12000, 12100)), atol=1e-6)
     kt = carrier.range_terms(np.array([0.0, 13000.0, sw.n_samples - 1.0]))[0]
     span_hz = kt * burst.lines * sw.azimuth_time_interval_s
     prf = 1.0 / sw.azimuth_time_interval_s
