@@ -312,9 +312,12 @@ def _targets(rows: list[Row], scale: float) -> list[tuple[str, str, str, bool | 
                             f"{ratio:.1f}× (CPU time: {cpu_ratio:.1f}×)", "≥ 5×", ratio >= 5))  # fmt: skip
         full = by.get(("ours-full", cores))
         if full:
-            wall = full.wall_s / scale
-            est = "" if scale == 1 else f" (×1/{scale:g}, extrapolated)"
-            out.append((f"full GRD → RTC COGs, VV+VH, {cores} core(s)", f"{wall:.0f} s{est}", "≤ 300 s on 2 cores",
+            wall, cpu = full.wall_s / scale, full.cpu_s / scale
+            est = "" if scale == 1 else f", ×1/{scale:g} extrapolated"
+            # on the shared development machine wall time is mostly waiting for a CPU: the CPU time is
+            # what an idle machine would need (per core, if the work spread over the cores)
+            figure = f"{wall:.0f} s wall, {cpu:.0f} s CPU ({cpu / cores:.0f} s per core){est}"
+            out.append((f"full GRD → RTC COGs, VV+VH, {cores} core(s)", figure, "≤ 300 s on 2 cores",
                         wall <= 300 if cores == 2 else None))  # fmt: skip
     ours_rss = [r.rss_mb for r in rows if r.case.startswith("ours")]
     if ours_rss:
@@ -431,13 +434,17 @@ def main() -> None:
         f"{args.crop_px} × {args.crop_px}; DEM: {dem_label}.",
     ]
     targets = _targets(rows, args.scale)
+    for r in coh:  # coherence rows (Row's keys) and target lines (case, cores, figure, target, verdict)
+        if "target" in r:
+            met = None if r.get("verdict") is None else r["verdict"] == "met"
+            targets.append((f"{r['case']}, {r['cores']} core(s)", str(r["figure"]), str(r["target"]), met))
+        else:
+            rows.append(Row(**{k: r[k] for k in Row.__dataclass_fields__ if k in r}))
     if args.json:
-        print(json.dumps({"header": header, "rows": [asdict(r) for r in rows], "coherence": coh,
+        print(json.dumps({"header": header, "rows": [asdict(r) for r in rows],
                           "targets": [dict(zip(("what", "figure", "target", "met"), t, strict=True)) for t in targets]},
                          indent=2))  # fmt: skip
     text = render(rows, targets, header)
-    if coh:
-        text += "\n\nCoherence (cbmflow.dev.bench.coh):\n\n" + json.dumps(coh, indent=1)
     print(text, file=sys.stderr if args.json else sys.stdout)  # plain: a Markdown table, not wrapped
     if args.docs:
         _write_docs(text)
