@@ -326,7 +326,12 @@ def open_slc(
 
 
 def rasterio_burst_reader(path: str) -> BurstReader:
-    """Windowed reads of a complex int16 (or complex float) measurement, as complex64."""
+    """Windowed reads of a complex int16 (or complex float) measurement, as complex64.
+
+    S1 measurements are uncompressed strip TIFFs (one line per strip): GDAL's direct I/O reads
+    only a window's samples of each line instead of whole 26 000-sample lines (12× less CPU for a
+    2000-sample window).
+    """
     import rasterio
     import rasterio.errors
     from rasterio.windows import Window
@@ -334,7 +339,7 @@ def rasterio_burst_reader(path: str) -> BurstReader:
     def read(row0: int, row1: int, col0: int, col1: int) -> ComplexArray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
+            with rasterio.Env(GTIFF_DIRECT_IO="YES"), rasterio.open(path) as src:
                 data = src.read(1, window=Window(col0, row0, col1 - col0, row1 - row0))
         return np.asarray(data, dtype=np.complex64)
 
