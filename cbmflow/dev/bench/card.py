@@ -11,9 +11,9 @@ the benchmark DEM is that DEM **mirror-tiled** over the scene's footprint at its
 (real relief statistics at GLO-30 resolution, EGM96 → ellipsoid through proj-data's grid);
 ``--dem flat`` uses the ellipsoid instead (output then named GTC).
 
-Cases, each in a fresh process limited to N cores (CPU affinity plus ``OMP_NUM_THREADS``,
-``NUMBA_NUM_THREADS``, ``GDAL_NUM_THREADS``…), so that its wall time, CPU time and peak RSS are its
-own (``os.wait4``):
+Cases, each in a fresh process limited to N cores (CPU affinity; ``NUMBA_NUM_THREADS`` and
+``GDAL_NUM_THREADS`` = N, the BLAS pools ``OMP_NUM_THREADS`` … = 1, dask sizing its pool from the
+affinity), so that its wall time, CPU time and peak RSS (``VmHWM``) are its own:
 
 * ``card.s1grd RTC, full scene``: ``generate_bs`` γ0-RTC, VV + VH, COGs (+ mask, LIA) on one 10 m
   UTM 33N grid over the footprint's bounding box (``--scale`` keeps a centred fraction of its area).
@@ -60,6 +60,7 @@ CRS = "EPSG:32633"
 RES_M = 10.0
 BEGIN, END = "<!-- bench-card:begin -->", "<!-- bench-card:end -->"
 SIGMA0_DB = {"VV": -10.0, "VH": -17.0}
+CASES = ("ours-full", "ours-gtc", "ours-rtc", "sarsen-gtc", "sarsen-rtc")
 
 
 def _state_dir() -> Path:
@@ -278,7 +279,12 @@ def run_case(spec: dict[str, Any], cores: int) -> Row:
     allowed = sorted(os.sched_getaffinity(0))
     cpus = ",".join(str(c) for c in allowed[:cores])
     env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "GDAL_NUM_THREADS"):
+    # The engines' own pools get the cores (numba, GDAL; dask sizes its pool from the affinity); the
+    # BLAS pools stay at one thread: dask already runs numpy in N threads, and N × N spinning BLAS
+    # threads on N cores made sarsen's RTC 17× slower on 2 cores than on 1 in the first run.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = "1"
+    for var in ("NUMBA_NUM_THREADS", "GDAL_NUM_THREADS"):
         env[var] = str(cores)
     cmd = ["taskset", "-c", cpus, sys.executable, "-m", "cbmflow.dev.bench.card", "--case", json.dumps(spec)]
     started = time.perf_counter()
@@ -367,6 +373,8 @@ def main() -> None:
     ap.add_argument("--crop-px", type=int, default=1024, help="side of the sarsen comparison crop (pixels)")
     ap.add_argument("--dem", choices=("tiled", "flat"), default="tiled", help="mirror-tiled Rome 30 m DEM, or flat")
     ap.add_argument("--no-sarsen", action="store_true", help="skip the sarsen cases")
+    ap.add_argument("--cases", help="comma-separated subset of: " + ", ".join(CASES))
+    ap.add_argument("--no-coh", action="store_true", help="skip cbmflow.dev.bench.coh even if it exists")
     ap.add_argument("--root", type=Path, default=_state_dir() / "bench" / "card")
     ap.add_argument("--json", action="store_true", help="print the rows and targets as JSON")
     ap.add_argument("--docs", action="store_true", help="write the table into docs/performance.md")
@@ -413,6 +421,11 @@ def main() -> None:
             {**crop, "case": "sarsen-gtc", "note": "β0, VV"},
             {**crop, "case": "sarsen-rtc", "note": "γ0 RTC, VV"},
         ]
+    if args.cases:
+        wanted = set(args.cases.split(","))
+        if wanted - set(CASES):
+            raise SystemExit(f"--cases: unknown {sorted(wanted - set(CASES))}; known: {', '.join(CASES)}")
+        specs = [spec for spec in specs if spec["case"] in wanted]
     rows: list[Row] = []
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         for n in cores:
@@ -424,7 +437,7 @@ def main() -> None:
                 bar.console.log(f"{row.case} {n} core(s): {row.pixels:,} px, {row.wall_s:.1f} s wall "
                                 f"({row.process_s:.1f} s process), {row.cpu_s:.1f} s CPU, {row.rss_mb:,.0f} MB peak "
                                 f"RSS, load {os.getloadavg()[0]:.1f}")  # fmt: skip
-        coh = _coherence_rows(cores, args.scale, root)
+    coh = [] if args.no_coh else _coherence_rows(cores, args.scale, root)
     load1 = os.getloadavg()
     dem_label = "flat ellipsoid" if args.dem == "flat" else "Rome 30 m mirror-tiled, EGM96"
     header = [
