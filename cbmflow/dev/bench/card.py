@@ -4,7 +4,7 @@ Input: the real annotation, calibration and noise of ``../shared/data/sentinel1`
 GRDH, 16 705 × 26 102) with synthetic DN, as VV and as VH (the VH XML is the VV XML renamed: same
 geometry and LUTs, its own DN), written once as uncompressed GeoTIFFs like the real measurements.
 DN = √(σ0·A² · speckle + η): a smooth σ0 field (VV −10 dB, VH −17 dB ± 3 dB), 4-look gamma speckle, the
-product's mean noise floor, so that ~some pixels fall under the floor as on real sea and shadow.
+product's noise floor, so that some pixels fall under it, as on calm water and in radar shadow.
 
 DEM: the Rome 30 m DEM (EGM96, 360 × 360) covers only ~10 × 10 km of the ~250 × 170 km scene, so
 the benchmark DEM is that DEM **mirror-tiled** over the scene's footprint at its own 1″ spacing
