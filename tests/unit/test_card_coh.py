@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -371,3 +371,51 @@ def test_footprint_holds_every_geolocation_point_and_names_the_tiles() -> None:
     assert all(hull.buffer(1e-9).contains(Point(lo, la)) for lo, la in zip(sw.grid.lon, sw.grid.lat, strict=True))
     assert hull.area == pytest.approx(Polygon(list(zip(sw.grid.lon, sw.grid.lat, strict=True))).convex_hull.area)
     assert {"09UWT", "09UXT"} <= set(tiles_intersecting(ring))
+
+
+def test_sub_swath_overlap_takes_each_pixel_from_one_swath_without_a_seam() -> None:
+    """No IW1/IW3 annotation is public: a second sub-swath is IW2's own annotation moved 23 000
+    samples out in range (same bursts), so the two overlap by ~1 350 samples (≈ 5 km on the
+    ground). The range rule must split the overlap, each pixel from one swath, and γ = 1 data must
+    come out at the single-swath value on both sides of the cut."""
+    _require_pair()
+    shift = 23000
+    products = []
+    for path in (EARLY, LATE):
+        p = open_slc(path, ("VV",), ("IW2",))
+        sw = p.swaths[("IW2", "VV")]
+        far = replace(sw, swath="IW3", slant_range_time_s=sw.slant_range_time_s + shift / sw.range_sampling_rate_hz)
+        products.append(replace(p, swaths={("IW2", "VV"): sw, ("IW3", "VV"): far}))
+    early, late = products
+    se = early.swaths[("IW2", "VV")]
+    # the middle of the overlap (the grid's lat/lon are at the annotation's terrain height, ours at 0 m)
+    cut = 0.5 * (shift + se.bursts[4].valid_samples[0] + se.bursts[4].valid_samples[1])
+    g = se.grid
+    on_line = g.line == se.bursts[5].first_line  # a geolocation grid line (burst 5's first line)
+    order = np.argsort(g.pixel[on_line])
+    lon = float(np.interp(cut, g.pixel[on_line][order], g.lon[on_line][order]))
+    lat = float(np.interp(cut, g.pixel[on_line][order], g.lat[on_line][order]))
+    crs = f"EPSG:{32600 + int((lon + 180) // 6) + 1}"
+    x, y = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
+    rows, cols = 80, 200
+    grid = GeoBox(
+        (rows, cols), Affine(10.0, 0.0, round(x / 10) * 10 - cols * 5, 0.0, -10.0, round(y / 10) * 10 + rows * 5), crs
+    )
+    rng = np.random.default_rng(5)
+    field = syn.scatterers(grid.shifted(rows=-15, cols=-15, shape=(rows + 30, cols + 30)), 5.0, rng)
+    a = syn.complex_gaussian(len(field.x), rng)
+    readers = {}
+    for name, product in (("early", early), ("late", late)):
+        for key, sw in product.swaths.items():
+            readers[(name, key[0], "VV")] = syn.simulate(sw, field.points, a, *_window(sw, field.points)).reader()
+    result = CohProcessor(early, late, grid, FlatDem(), K, readers=readers).process_block(
+        slice(0, rows), slice(0, cols)
+    )
+    src = result.source[K // 2 : -(K // 2), K // 2 : -(K // 2)] // 1000  # swath number 0 (IW2) or 1 (IW3)
+    assert set(np.unique(src)) == {0, 1} and min((src == 0).mean(), (src == 1).mean()) > 0.1
+    coh = result.coherence["VV"]
+    assert np.isfinite(coh).all() and coh.mean() >= 0.99
+    col_mean = coh.mean(axis=0)
+    mixed = np.flatnonzero([(c == 0).any() and (c == 1).any() for c in src.T])
+    near = np.abs(np.arange(cols)[:, None] - mixed[None, :]).min(axis=1) <= K
+    assert abs(col_mean[near].mean() - col_mean[~near].mean()) < 0.002
