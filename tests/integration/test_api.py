@@ -508,7 +508,7 @@ def test_not_found(client: TestClient) -> None:
     _error(client.get("/query/parcelByID?aoi=zz&year=2024&pid=P-1", auth=ROOT), 404, "not_found")
     _error(client.get("/query/parcelTimeSeries?aoi=ms&year=2030&pid=P-1", auth=ALICE), 404, "not_found")
     _error(client.get("/query/nothing", auth=ALICE), 404, "not_found")
-    _error(client.get("/", auth=ALICE), 404, "not_found")
+    _error(client.get("/nothing-here", auth=ALICE), 404, "not_found")
     _error(client.post("/query/parcelByID?aoi=ms&year=2024&pid=P-1", auth=ALICE), 405, "method_not_allowed")
 
 
