@@ -28,7 +28,7 @@ def api(
     ),
     tls_key: str | None = typer.Option(None, "--tls-key", help="PEM private key (default: CBMFLOW_API_TLS_KEY)."),
 ) -> None:
-    """Serve the JRC-compatible REST API (/query/*) until interrupted."""
+    """Serve the REST API (JRC /query/*, /api/v1) and the parcel explorer (/) until interrupted."""
     from api.server import serve
     from cbmflow.errors import ConfigError
     from cbmflow.settings import ApiSettings

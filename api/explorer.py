@@ -8,7 +8,7 @@ them), so nothing is built or fetched at run time and the page works where no ou
 **Sessions.** The API never writes to the database (its role is SELECT-only, docs/security.md),
 so a browser login cannot create an ``api_tokens`` row. ``POST /api/v1/auth/token`` with Basic
 credentials instead answers a *signed* token, ``cbms_<payload>.<mac>``: the user name, an expiry
-(:data:`SESSION_TTL_S`) and a fingerprint of the user's stored password hash, MACed with a key
+(``CBMFLOW_API_SESSION_TTL_S``) and a fingerprint of the user's stored password hash, MACed with a key
 derived from the chip-signing secret (shared by the workers of a host). Each request still reads
 the user row and grants (as with every credential), so deleting the user, revoking a grant or
 changing the password ends a session at once; expiry ends it within the hour. The page keeps it in
@@ -48,8 +48,6 @@ log = get_logger("api")
 STATIC_DIR = Path(__file__).with_name("static")
 SESSION_PREFIX = "cbms_"
 SESSION_RE = re.compile(r"^cbms_([A-Za-z0-9_-]{16,600})\.([A-Za-z0-9_-]{43})$")
-SESSION_TTL_S = 3600
-"""How long a browser session token lives (``CBMFLOW_API_SESSION_TTL_S`` when ApiSettings has it)."""
 TOKEN_PATH = "/api/v1/auth/token"
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; worker-src 'self'; connect-src 'self';"
@@ -155,7 +153,7 @@ def _issue_token(request: Request) -> Response:
         row = call.cur.fetchone()
         if row is None:
             raise AuthenticationError("invalid credentials")
-        ttl_s = int(getattr(call.state.settings, "session_ttl_s", SESSION_TTL_S))
+        ttl_s = call.state.settings.session_ttl_s
         token, expires = auth.issue(call.user.name, str(row[1]), ttl_s)
         log.info("auth.session_issued", user=call.user.name, expires_at=_iso(expires))
         return ApiJSONResponse(

@@ -362,6 +362,11 @@ class ApiSettings(BaseSettings):
     token_ttl_days: float = Field(
         90.0, description="validity of a new API token when `users token` gets no --expires; 0 = never expires"
     )
+    session_ttl_s: int = Field(
+        3600,
+        ge=60,
+        description="validity of an explorer session token (POST /api/v1/auth/token); a new one needs the password",
+    )
     login_backoff_base_s: float = Field(
         1.0, description="lockout after the first failed logins of a user or client address; doubles per failure"
     )

@@ -277,6 +277,10 @@ def _run_chain(serve: bool, parcels: int, scenes: int, max_workers: int, port: i
     console.print(
         f"try: curl -u demo:{password} '{url}/query/parcelTimeSeries?aoi={AOI}&year={YEAR}&pid={some_pid}&tstype=s2'"
     )
+    console.print(
+        f"explorer: {url}/?dataset={AOI}&year={YEAR}&pid={some_pid} (log in as demo / {password};"
+        " served while this demo or `cbmflow api` runs)"
+    )
     if serve:
         from api.server import serve as serve_api
 
