@@ -137,7 +137,7 @@ def register(app: typer.Typer) -> None:
         dem_bucket: str = typer.Option(
             "s3://copernicus-dem-30m",
             "--dem-bucket",
-            help="Where the GLO-30 tiles are: s3://bucket[/prefix] (CDSE: s3://eodata/auxdata/CopDEM_COG/copernicus-dem-30m).",
+            help="Where the GLO-30 tiles are: s3://bucket or s3://bucket/prefix (CDSE: s3://eodata/auxdata/CopDEM_COG/copernicus-dem-30m).",
         ),
         dem_cache: Path | None = typer.Option(
             None, "--dem-cache", help="Local GLO-30 tile cache (default ~/.cache/cbmflow/glo30)."
