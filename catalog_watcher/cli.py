@@ -47,9 +47,10 @@ def register(app: typer.Typer) -> None:
                 f"{report.published} jobs published, {report.pending} pending"
             )
             if report.card_inputs:
-                # Sentinel-1 GRD/SLC: recorded, waiting for CARD generation (no job); not rejections.
+                # Sentinel-1 GRD/SLC are inputs of CARD generation, not rejections: a GRD gets a
+                # GenerateCard(bs) job through the outbox (counted in "jobs published"); an SLC waits.
                 counts = ", ".join(f"{n} {what}" for what, n in sorted(report.card_inputs.items()))
-                console.print(f"[bold]CARD inputs[/bold] awaiting CARD generation (S1 GRD/SLC): {counts}")
+                console.print(f"[bold]CARD inputs[/bold] (S1 GRD → GenerateCard job; SLC recorded): {counts}")
             for line in report.rejected[:20]:
                 console.print(f"[yellow]rejected[/yellow] {escape(line)}")
             if len(report.rejected) > 20:
