@@ -110,24 +110,33 @@ def bus_role_url(role: str = typer.Argument(..., help="worker or watcher.")) -> 
 
 @jobs_app.command("retry")
 def jobs_retry(
-    failed: bool = typer.Option(False, "--failed", help="Re-publish every scene in status failed."),
+    failed: bool = typer.Option(False, "--failed", help="Re-publish every scene and CARD input in status failed."),
     dead_lettered: bool = typer.Option(
-        False, "--dead-lettered", help="Re-publish every scene with a message in the dead-letter queue."
+        False, "--dead-lettered", help="Re-publish every scene and CARD input with a message in the dead-letter queue."
     ),
     scene: list[int] = typer.Option([], "--scene", help="Only these scene ids (alone: exactly these, even finished)."),
+    card_input: list[int] = typer.Option(
+        [], "--card-input", help="Only these CARD input ids (alone: exactly these, even done: regenerated)."
+    ),
 ) -> None:
-    """Re-publish jobs after fixing the cause, through the outbox; their dead letters are removed
-    once the new job is confirmed. Malformed messages and unknown scenes stay in the dead-letter queue."""
+    """Re-publish jobs (extraction and CARD generation) after fixing the cause, through the outbox;
+    their dead letters are removed once the new job is confirmed. Malformed messages and unknown
+    scenes stay in the dead-letter queue."""
     from cbmflow.ops.jobs import retry
     from cbmflow.settings import BusSettings, DbSettings
 
-    if not (failed or dead_lettered or scene):
-        raise typer.BadParameter("give --failed, --dead-lettered and/or --scene ID")
+    if not (failed or dead_lettered or scene or card_input):
+        raise typer.BadParameter("give --failed, --dead-lettered, --scene ID and/or --card-input ID")
     from cbmflow import bus as busmod
 
     try:
         report = retry(
-            DbSettings().resolved_dsn(), BusSettings(), failed=failed, dead_lettered=dead_lettered, scenes=scene
+            DbSettings().resolved_dsn(),
+            BusSettings(),
+            failed=failed,
+            dead_lettered=dead_lettered,
+            scenes=scene,
+            card_inputs=card_input,
         )
     except busmod.BROKER_ERRORS as exc:
         # Safe to repeat: a dead letter goes only after its new job was confirmed, and a job sent
@@ -140,12 +149,20 @@ def jobs_retry(
         + f"; dead letters removed {report.letters_removed}, kept {report.letters_kept}"
         + (f" ({report.letters_malformed} malformed)" if report.letters_malformed else "")
     )
+    if report.cards_republished or report.cards_skipped or report.cards_pending:
+        typer.echo(
+            f"re-published {len(report.cards_republished)} CARD job(s)"
+            + (f": card inputs {', '.join(map(str, report.cards_republished))}" if report.cards_republished else "")
+        )
     for sid, why in sorted(report.skipped.items()):
         typer.echo(f"skipped scene {sid}: {why}")
-    if report.pending:
+    for input_id, why in sorted(report.cards_skipped.items()):
+        typer.echo(f"skipped card input {input_id}: {why}")
+    unconfirmed = [f"scene {i}" for i in report.pending] + [f"card input {i}" for i in report.cards_pending]
+    if unconfirmed:
         typer.echo(
-            f"{len(report.pending)} job(s) not confirmed by the broker, left in the outbox for the next flush: "
-            + ", ".join(map(str, report.pending)),
+            f"{len(unconfirmed)} job(s) not confirmed by the broker, left in the outbox for the next flush: "
+            + ", ".join(unconfirmed),
             err=True,
         )
         raise typer.Exit(1)

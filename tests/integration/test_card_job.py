@@ -48,6 +48,7 @@ from catalog_watcher.stac import SceneRecord
 from cbmflow import bus as busmod
 from cbmflow import db, store
 from cbmflow.messages import GenerateCard
+from cbmflow.ops.jobs import retry
 from cbmflow.outbox import enqueue, flush_outbox
 from cbmflow.parcels.ingest import add_aoi, import_parcels
 from cbmflow.settings import BusSettings, WorkerSettings
@@ -404,6 +405,41 @@ def test_a_card_job_that_killed_its_workers_is_failed_from_its_dead_letter(
     assert _one(pg_dsn, "SELECT status, reason FROM card_inputs WHERE id = %s", (input_id,)) == [
         ("failed", "delivery limit reached (worker died 2 times; last worker w-oom)")
     ]
+
+    # After the fix, `jobs retry --dead-lettered` gives the input a new job and removes its letter
+    # only once the broker confirmed that job; a second run finds nothing left to do.
+    generation = _one(pg_dsn, "SELECT generation FROM card_inputs WHERE id = %s", (input_id,))[0][0]
+    again = retry(pg_dsn, bus, dead_lettered=True)
+    assert again.cards_republished == [input_id] and again.cards_pending == [] and again.republished == []
+    assert again.letters_removed == 1 and again.letters_malformed == 0
+    assert _one(
+        pg_dsn, "SELECT status, reason, generation, lease_owner FROM card_inputs WHERE id = %s", (input_id,)
+    ) == [("queued", None, generation + 1, None)]
+    conn = busmod.connect(bus)
+    try:
+        ch = conn.channel()
+        assert busmod.passive_depth(ch, bus, bus.dead_letter_queue)[0] == 0
+        bodies = []
+        while (got := ch.basic_get(bus.card_queue, auto_ack=True))[0] is not None:
+            bodies.append(json.loads(got[2]))
+        assert [(b["kind"], b["card_input_id"], b["card"]) for b in bodies if b["card_input_id"] == input_id] == [
+            ("GenerateCard", input_id, "bs")
+        ]
+    finally:
+        conn.close()
+    nothing = retry(pg_dsn, bus, dead_lettered=True, failed=True)
+    assert nothing.cards_republished == [] and nothing.letters_removed == 0
+    # Forced by id: a done input is regenerated, an unknown one is reported, not invented.
+    with db.transaction(pg_dsn) as cur:
+        cur.execute("UPDATE card_inputs SET status = 'done' WHERE id = %s", (input_id,))
+    assert retry(pg_dsn, bus, failed=True, card_inputs=[input_id]).cards_republished == [], "done is not failed"
+    with db.transaction(pg_dsn) as cur:
+        cur.execute(
+            "UPDATE card_inputs SET status = 'failed', reason = 'corrupt measurement' WHERE id = %s", (input_id,)
+        )
+    assert retry(pg_dsn, bus, failed=True).cards_republished == [input_id]
+    forced = retry(pg_dsn, bus, card_inputs=[input_id, 987654321])
+    assert forced.cards_republished == [input_id] and forced.cards_skipped == {987654321: "unknown card input"}
 
 
 @pytest.fixture
