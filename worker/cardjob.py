@@ -571,6 +571,7 @@ def _generate_tile(
     import rasterio.errors
 
     from card.s1grd.bs import generate_bs, grid_name
+    from card.s1grd.dem import DemLocationError
     from card.s1grd.safe import SafeError
 
     tile = tg.tile.removeprefix("T")
@@ -588,6 +589,8 @@ def _generate_tile(
             name=name,
             software=f"cbmflow {__version__}",
         )
+    except DemLocationError as exc:  # every product would fail alike: the setting is wrong, not the GRD
+        raise ConfigError(f"CBMFLOW_WORKER_CARD_DEM_BUCKET: {exc}") from exc
     except (SafeError, ValueError, FileNotFoundError, rasterio.errors.RasterioIOError) as exc:
         raise PermanentJobError(f"CARD-BS of {claimed.product_id} on tile {tile} failed: {exc}") from exc
     except Exception as exc:  # the DEM's bucket (glo30): an outage is retried in place, a refusal is ours

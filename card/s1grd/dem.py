@@ -52,6 +52,11 @@ GEOID_GRIDS: dict[str, tuple[str, ...]] = {
 PROJ_DATA_DIRS = ("/usr/share/proj", "/usr/local/share/proj")
 
 
+class DemLocationError(ValueError):
+    """The DEM's location itself is wrong (no GLO-30 tiles where configured): every product would
+    fail the same way, so a caller should treat it as its configuration, not as the product's fault."""
+
+
 class Dem(Protocol):
     @property
     def label(self) -> str:
@@ -256,7 +261,7 @@ class Glo30Dem:
         self.client.head_bucket(Bucket=self.bucket)
         listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}Copernicus_DSM_", MaxKeys=1)
         if not listing.get("KeyCount", len(listing.get("Contents", []))):
-            raise ValueError(
+            raise DemLocationError(
                 f"s3://{self.bucket}/{self.prefix} holds no Copernicus_DSM_… tiles: a wrong GLO-30 location?"
             )
         self._bucket_ok = True

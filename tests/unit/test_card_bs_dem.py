@@ -19,7 +19,7 @@ from pyproj import Transformer
 from rasterio.warp import Resampling
 
 from card.geobox import GeoBox
-from card.s1grd.dem import Glo30Dem, _warp, glo30_tile_name
+from card.s1grd.dem import DemLocationError, Glo30Dem, _warp, glo30_tile_name
 
 BASE = 10 / 3600  # the test tiles' latitude spacing (GLO-30: 1″)
 
@@ -122,7 +122,7 @@ def test_absent_tiles_read_zero_and_a_wrong_prefix_is_refused(tmp_path: Path) ->
     box = GeoBox((20, 20), Affine(0.001, 0, 11.2, 0, -0.001, 49.6), "EPSG:4326")
     assert np.array_equal(_warp(dem.mosaic([(49, 11)]), box, Resampling.bilinear), np.zeros((20, 20)))
     wrong = Glo30Dem(FolderS3(tmp_path), tmp_path / "cache2", "s3://dem/other-prefix", geoid="egm96")
-    with pytest.raises(ValueError, match="holds no Copernicus_DSM_"):
+    with pytest.raises(DemLocationError, match="holds no Copernicus_DSM_"):
         wrong.tile(glo30_tile_name(49, 10))
     with pytest.raises(ClientError):
         Glo30Dem(FolderS3(tmp_path), tmp_path / "cache3", "s3://nobucket", geoid="egm96").tile("x")
