@@ -6,6 +6,12 @@ window the block needs → calibrate/denoise in radar geometry → bilinear samp
 ``gamma0-rtc`` divide β0 by the Small (2011) simulated β0 of the block + halo. Memory is bounded by
 the block size and the radar window of one block, never the scene.
 
+Blocks whose pixels cannot fall inside the image at any plausible terrain height are not
+processed (no DEM read, no geocoding): on a footprint's bounding box or an S2 tile at the swath
+edge that is a quarter of the grid or more. Independent blocks run in a thread pool
+(``workers``): numpy, GDAL reads and the numba kernel release the GIL; the writer stays in the
+calling thread and writes the blocks in order, so the output does not depend on ``workers``.
+
 Quantities: ``beta0``, ``sigma0`` and ``gamma0`` (ellipsoid γ0, JRC's historical "Gamma0") from
 their LUTs, and ``gamma0-rtc`` (terrain-flattened γ0). Values are linear, float32, NaN = no data;
 removed noise is 0.0, not NaN.
@@ -14,8 +20,12 @@ removed noise is 0.0, not NaN.
 from __future__ import annotations
 
 import math
+import os
+import threading
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +42,12 @@ from card.s1grd.safe import Polarisation, SafeSource
 
 FloatArray = npt.NDArray[np.float64]
 QUANTITIES = ("gamma0-rtc", "gamma0", "sigma0", "beta0")
+
+TERRAIN_HEIGHTS_M = (-600.0, 9000.0)
+"""Ellipsoidal heights that bound any terrain on Earth (Dead Sea shore −430 m with the geoid at
+≥ −106 m; Everest 8 849 m with the geoid ≤ +85 m): the footprint test's range for a terrain DEM."""
+FOOTPRINT_MARGIN_PX = 16.0
+"""Slack of the footprint test in lines and pixels (its edge samples are exact to ~0.1 px)."""
 
 DnReader = Callable[[int, int, int, int], npt.NDArray[np.generic]]
 """(row0, row1, col0, col1) → the measurement's DN window (half-open bounds inside the image)."""
@@ -61,6 +77,8 @@ class BlockResult:
     """Per polarisation, the block's calibrated quantity."""
     mask: npt.NDArray[np.uint8]
     local_incidence_deg: FloatArray
+    skipped: bool = False
+    """Outside the image at any terrain height: all no data, nothing read or geocoded."""
 
 
 @dataclass
@@ -81,6 +99,10 @@ class BsProcessor:
     srgr_interpolated: bool = False
     """Sample the image at the pixel of time-interpolated srgr polynomials (sarsen) instead of the
     nearest entry (the annotation's geolocation grid); up to ~0.5 px apart, see docs/card.md."""
+    skip_outside: bool = True
+    """Return blocks outside the image (:meth:`covers`) as no data without reading the DEM."""
+    height_range_m: tuple[float, float] = TERRAIN_HEIGHTS_M
+    """Lowest and highest ellipsoidal height the DEM can hold (the footprint test's bound)."""
 
     def __post_init__(self) -> None:
         if self.quantity not in QUANTITIES:
@@ -90,8 +112,8 @@ class BsProcessor:
         first = next(iter(self.polarisations.values()))
         self.geocoder = Geocoder(first.annotation, srgr_interpolated=self.srgr_interpolated)
         self.n_lines, self.n_samples = first.annotation.n_lines, first.annotation.n_samples
-        crs = self.grid.crs if isinstance(self.grid.crs, str) else f"EPSG:{self.grid.crs}"
-        self._to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+        self._crs = self.grid.crs if isinstance(self.grid.crs, str) else f"EPSG:{self.grid.crs}"
+        self._local = threading.local()
         for name, pol in self.polarisations.items():
             self.readers.setdefault(name, rasterio_reader(pol.measurement))
 
@@ -101,7 +123,49 @@ class BsProcessor:
             for c0 in range(0, nx, self.block_px):
                 yield slice(r0, min(r0 + self.block_px, ny)), slice(c0, min(c0 + self.block_px, nx))
 
+    @property
+    def _to_lonlat(self) -> Transformer:
+        """One transformer per thread: block threads do not share PROJ objects."""
+        t: Transformer | None = getattr(self._local, "to_lonlat", None)
+        if t is None:
+            t = self._local.to_lonlat = Transformer.from_crs(self._crs, "EPSG:4326", always_xy=True)
+        return t
+
+    def covers(self, rows: slice, cols: slice) -> bool:
+        """Whether any pixel of the block can fall inside the image, whatever the terrain height.
+
+        Line and pixel are smooth functions of (x, y, h) with a non-zero gradient, so over the block
+        × [h_min, h_max] their extremes lie on its edges at h_min or h_max (and grow monotonically
+        with h between): the radar positions of the block's edge pixels (every ≤ 64 px) at both heights
+        bound the whole block. A block is outside when that bounding box misses the image by more
+        than :data:`FOOTPRINT_MARGIN_PX`; any unsolved point keeps the block (never loses a pixel).
+        """
+        h, w = rows.stop - rows.start, cols.stop - cols.start
+        r = np.unique(np.r_[np.arange(0, h, 64), h - 1]).astype(np.float64)
+        c = np.unique(np.r_[np.arange(0, w, 64), w - 1]).astype(np.float64)
+        edge_r = np.r_[r, r, np.zeros_like(c), np.full_like(c, h - 1)]
+        edge_c = np.r_[np.zeros_like(r), np.full_like(r, w - 1), c, c]
+        t = self.grid.transform
+        col, row = cols.start + edge_c + 0.5, rows.start + edge_r + 0.5
+        x, y = t.c + col * t.a + row * t.b, t.f + col * t.d + row * t.e
+        lon, lat = self._to_lonlat.transform(x, y)
+        lon_h = np.concatenate([lon, lon])
+        lat_h = np.concatenate([lat, lat])
+        heights = np.repeat(np.asarray(self.height_range_m, dtype=np.float64), len(x))
+        pos = self.geocoder.radar_position(ecef(lon_h, lat_h, heights))
+        if not (np.isfinite(pos.line).all() and np.isfinite(pos.pixel).all()):
+            return True
+        m = FOOTPRINT_MARGIN_PX
+        return bool(
+            pos.line.max() >= -m
+            and pos.line.min() <= self.n_lines - 1 + m
+            and pos.pixel.max() >= -m
+            and pos.pixel.min() <= self.n_samples - 1 + m
+        )
+
     def process_block(self, rows: slice, cols: slice) -> BlockResult:
+        if self.skip_outside and not self.covers(rows, cols):
+            return self._outside(rows, cols)
         halo = self.halo_px if self.quantity == "gamma0-rtc" else 1
         h, w = rows.stop - rows.start, cols.stop - cols.start
         box = self.grid.shifted(rows=rows.start - halo, cols=cols.start - halo, shape=(h + 2 * halo, w + 2 * halo))
@@ -122,8 +186,9 @@ class BsProcessor:
         values: dict[str, FloatArray] = {}
         nodata = ~np.isfinite(heights[inner])
         for name, pol in self.polarisations.items():
-            if window is None:
+            if window is None:  # no pixel of the block in the image
                 values[name] = np.full((h, w), np.nan)
+                nodata[:] = True
                 continue
             r0, r1, c0, c1 = window
             dn = self.readers[name](r0, r1, c0, c1)
@@ -141,6 +206,14 @@ class BsProcessor:
         mask[nodata] |= MASK_NODATA
         lia = geo.local_incidence_deg[inner]
         return BlockResult(rows, cols, values, mask, np.where(nodata, np.nan, lia))
+
+    def _outside(self, rows: slice, cols: slice) -> BlockResult:
+        """What :meth:`process_block` gives off the image, short of the layover/shadow bits that the
+        geometry would compute there (meaningless without data): NaN and the no-data bit."""
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        values = {name: np.full(shape, np.nan) for name in self.polarisations}
+        mask = np.full(shape, MASK_NODATA, dtype=np.uint8)
+        return BlockResult(rows, cols, values, mask, np.full(shape, np.nan), skipped=True)
 
     def _radar_window(self, line: FloatArray, pixel: FloatArray) -> tuple[int, int, int, int] | None:
         ok = np.isfinite(line) & np.isfinite(pixel)
@@ -212,6 +285,9 @@ class BsOutputs:
     local_incidence: str
     pixels: int
     seconds: float
+    blocks: int = 0
+    blocks_skipped: int = 0
+    """Blocks outside the image (written as no data without a DEM read or geocoding)."""
 
 
 def generate_bs(
@@ -228,6 +304,8 @@ def generate_bs(
     block_px: int = 512,
     software: str = "card.s1grd",
     orbit_file: str | Path | bytes | None = None,
+    workers: int = 1,
+    skip_outside: bool = True,
 ) -> BsOutputs:
     """Write one float32 COG per polarisation, a uint8 mask COG and a local-incidence COG to ``out_dir``.
 
@@ -235,10 +313,14 @@ def generate_bs(
     ``<product>_<grid>_LIA.tif``. Files appear only when complete (written to ``*.part.tif`` first).
     ``product_path``: a local SAFE/zip or a :class:`~card.s1grd.safe.SafeSource` (e.g. on S3);
     ``orbit_file``: a POEORB/RESORB EOF (path or bytes) replacing the annotation's state vectors.
+    ``workers``: blocks processed in that many threads (0: one per CPU this process may use); the
+    output is the same for any number. ``skip_outside``: blocks off the image are written as no
+    data without reading the DEM (False: every block is geocoded, for tests).
     """
     import time
 
     from card.s1grd.cog import ScratchRaster
+    from card.s1grd.dem import FlatDem
     from card.s1grd.orbit import ANNOTATION_ORBIT, read_orbit_file, with_orbit_file
     from card.s1grd.rtc import MASK_LAYOVER, MASK_SHADOW
     from card.s1grd.safe import open_grd
@@ -249,7 +331,19 @@ def generate_bs(
     if orbit_file is not None:
         eof = read_orbit_file(orbit_file)
         product, orbit_label = with_orbit_file(product, eof), eof.label
-    proc = BsProcessor(product.polarisations, grid, dem, quantity, denoise, block_px, readers=dict(readers or {}))
+    heights = (dem.height_m, dem.height_m) if isinstance(dem, FlatDem) else TERRAIN_HEIGHTS_M
+    proc = BsProcessor(
+        product.polarisations,
+        grid,
+        dem,
+        quantity,
+        denoise,
+        block_px,
+        readers=dict(readers or {}),
+        skip_outside=skip_outside,
+        height_range_m=heights,
+    )
+    workers = available_cpus() if workers <= 0 else workers
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gname = name or grid_name(grid)
@@ -273,13 +367,34 @@ def generate_bs(
     }
     mask = ScratchRaster(out / f"{stem}_MASK.tif", grid, "uint8", None, "mask")
     lia = ScratchRaster(out / f"{stem}_LIA.tif", grid, "float32", float("nan"), "local_incidence_deg")
+    counts = [0, 0]
+
+    def write(block: BlockResult) -> None:
+        for pol, values in block.values.items():
+            rasters[pol].write(block.rows, block.cols, values.astype(np.float32))
+        mask.write(block.rows, block.cols, block.mask)
+        lia.write(block.rows, block.cols, block.local_incidence_deg.astype(np.float32))
+        counts[0] += 1
+        counts[1] += block.skipped
+
     try:
-        for rows, cols in proc.blocks():
-            block = proc.process_block(rows, cols)
-            for pol, values in block.values.items():
-                rasters[pol].write(rows, cols, values.astype(np.float32))
-            mask.write(rows, cols, block.mask)
-            lia.write(rows, cols, block.local_incidence_deg.astype(np.float32))
+        if workers > 1:
+            # at most 2 blocks per thread in flight: finished blocks wait for the writer, in order
+            with ThreadPoolExecutor(max_workers=workers, initializer=_thread_gdal_env()) as pool:
+                pending: deque[Future[BlockResult]] = deque()
+                try:
+                    for rows, cols in proc.blocks():
+                        pending.append(pool.submit(proc.process_block, rows, cols))
+                        if len(pending) >= 2 * workers:
+                            write(pending.popleft().result())
+                    while pending:
+                        write(pending.popleft().result())
+                finally:
+                    for f in pending:
+                        f.cancel()
+        else:
+            for rows, cols in proc.blocks():
+                write(proc.process_block(rows, cols))
     except BaseException:
         for r in (*rasters.values(), mask, lia):
             r.abort()
@@ -299,4 +414,34 @@ def generate_bs(
     mask_tags = {**common, "BITS": f"{MASK_LAYOVER}=layover {MASK_SHADOW}=shadow (facing away) {MASK_NODATA}=no data"}
     mask_path = str(mask.finish(mask_tags, resampling="NEAREST"))
     lia_path = str(lia.finish({**common, "QUANTITY": "local incidence angle (degrees)"}))
-    return BsOutputs(paths, mask_path, lia_path, grid.width * grid.height, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return BsOutputs(paths, mask_path, lia_path, grid.width * grid.height, seconds, counts[0], counts[1])
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity, e.g. under ``taskset`` or a cgroup's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _thread_gdal_env() -> Callable[[], None]:
+    """A block thread's initializer: the caller's GDAL options, entered once for the thread's life.
+
+    rasterio keeps its environment per thread: without one, every ``rasterio.open`` in a block
+    thread would build its own (a boto3 session each time when AWS keys are in the environment)
+    and the caller's options (S3 endpoint, credentials) would not apply. The session is a dummy
+    one: the options already hold the caller's credentials, if any.
+    """
+    import rasterio
+    from rasterio.env import getenv, hasenv
+    from rasterio.session import DummySession
+
+    options = getenv() if hasenv() else {}
+
+    def enter() -> None:
+        # for the thread's life: the pool has no per-thread exit hook; the environment is thread-local
+        rasterio.Env(session=DummySession(), **options).__enter__()
+
+    return enter

@@ -121,7 +121,7 @@ def bilinear(image: FloatArray, line: FloatArray, pixel: FloatArray, row0: int =
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _splat_oversampled_kernel(
     acc: FloatArray,
     weights: FloatArray,
