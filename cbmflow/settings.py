@@ -318,6 +318,12 @@ class WorkerSettings(BaseSettings):
         "gamma0-rtc", description="backscatter quantity of bs scenes (linear): gamma0-rtc is terrain-flattened"
     )
     card_denoise: bool = Field(True, description="remove thermal noise (IPF noise vectors) before calibration")
+    card_threads: int = Field(
+        0,
+        ge=0,
+        description="threads of a CARD job's block loop: 0 = every CPU the worker may use (a CARD VM runs one job"
+        " at a time); the output is the same for any number",
+    )
     card_extent: Literal["aoi", "tile"] = Field(
         "aoi",
         description="aoi: per MGRS tile, only the part covering the AOIs (plus card_margin_m), on the tile's own 10 m"

@@ -156,6 +156,9 @@ def register(app: typer.Typer) -> None:
         orbit: Path | None = typer.Option(
             None, "--orbit", help="POEORB (or RESORB) .EOF file; default: the annotation's state vectors."
         ),
+        workers: int = typer.Option(
+            0, "--workers", min=0, help="Threads processing output blocks (0: one per CPU); same output for any number."
+        ),
     ) -> None:
         """Calibrated, noise-removed, geocoded (and terrain-flattened) backscatter: a COG per polarisation and grid."""
         from botocore.exceptions import BotoCoreError, ClientError
@@ -191,6 +194,7 @@ def register(app: typer.Typer) -> None:
                         software=f"cbmflow {__version__}",
                         orbit_file=orbit,
                         block_px=block_px(grid.resolution.x),
+                        workers=workers,
                     )
                 for pol, path in result.backscatter.items():
                     typer.echo(f"{pol}\t{path}")

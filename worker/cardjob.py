@@ -588,6 +588,7 @@ def _generate_tile(
             denoise=settings.card_denoise,
             name=name,
             software=f"cbmflow {__version__}",
+            workers=settings.card_threads,
         )
     except DemLocationError as exc:  # every product would fail alike: the setting is wrong, not the GRD
         raise ConfigError(f"CBMFLOW_WORKER_CARD_DEM_BUCKET: {exc}") from exc
