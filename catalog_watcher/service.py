@@ -12,6 +12,7 @@ import hashlib
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
@@ -203,8 +204,9 @@ def upsert_card_input(
     The same identity rules as :func:`upsert_scene` (key = acquisition, a higher baseline or a new
     checksum re-points the row, an equal one is a duplicate). A GRD's ``GenerateCard(bs)`` job is
     written to the outbox in the same transaction when the outcome is ``new``, ``changed`` or
-    ``superseded`` (never for ``same`` or ``duplicate``); SLC inputs only wait in ``awaiting_card``
-    (coherence generation is not a job yet). A re-pointed row goes back to ``awaiting_card`` with its
+    ``superseded`` (never for ``same`` or ``duplicate``); an SLC is paired instead (:func:`pair_slc`:
+    its ``GenerateCard(coh)`` when its predecessor on the orbit is recorded, and the job of a
+    successor that was waiting for it). A re-pointed row goes back to ``awaiting_card`` with its
     generation bumped and its lease cleared, so a worker still generating the previous version has
     its commit refused and the new job generates from the new product.
     """
@@ -293,9 +295,159 @@ def upsert_card_input(
 
 
 def _enqueue_card(cur: psycopg2.extensions.cursor, input_id: int, rec: SceneRecord) -> None:
-    """A GRD's backscatter job, in the caller's transaction; SLC inputs wait (coherence is not a job yet)."""
+    """A GRD's backscatter job, or an SLC's pairing, in the caller's transaction."""
     if rec.card == "grd":
         enqueue(cur, GenerateCard(card_input_id=input_id, product_id=rec.product_id, card="bs", location=rec.location))
+    elif rec.card == "slc":
+        pair_slc(cur, input_id)
+
+
+# --- coherence pairs ------------------------------------------------------------------------------
+
+COH_GAPS_DAYS = (6, 12)
+"""The repeat gaps a coherence pair may have, preferred first: 6 days with two satellites on the
+orbit (S1A+S1B until December 2021, S1A+S1C from 2025), 12 with one (S1A alone in between)."""
+COH_TOLERANCE = timedelta(days=1)
+"""How far from a whole gap two acquisitions may be (a repeat pass is the same to seconds; a
+slice's start time moves by a few seconds with the frame, never by a day)."""
+
+
+@dataclass(frozen=True)
+class SlcAcquisition:
+    """What the pairing rule looks at: an SLC card input's orbit, time and footprint (lon/lat)."""
+
+    id: int
+    relative_orbit: int | None
+    acquired_at: datetime
+    footprint: BaseGeometry
+
+
+def coherence_gap(early: SlcAcquisition, late: SlcAcquisition) -> int | None:
+    """The gap in days (6 or 12) of a valid pair, else None: same relative orbit, footprints that
+    overlap (an area, not a shared edge), ``late`` 6 or 12 days after ``early`` within the tolerance."""
+    if early.id == late.id or early.relative_orbit is None or early.relative_orbit != late.relative_orbit:
+        return None
+    dt = late.acquired_at - early.acquired_at
+    gap = next((g for g in COH_GAPS_DAYS if abs(dt - timedelta(days=g)) <= COH_TOLERANCE), None)
+    if gap is None or early.footprint.intersection(late.footprint).area <= 0:
+        return None
+    return gap
+
+
+def choose_partner(late: SlcAcquisition, candidates: list[SlcAcquisition]) -> tuple[SlcAcquisition, int] | None:
+    """The earlier acquisition ``late`` is paired with, and the gap: the shortest gap that exists
+    (6 before 12: less temporal decorrelation), then the largest footprint overlap (the same slice
+    rather than a neighbouring one on the track), then the time closest to the whole gap, then the
+    lowest id (deterministic)."""
+    best: tuple[tuple[int, float, float, int], SlcAcquisition, int] | None = None
+    for c in candidates:
+        gap = coherence_gap(c, late)
+        if gap is None:
+            continue
+        off = abs((late.acquired_at - c.acquired_at) - timedelta(days=gap)).total_seconds()
+        key = (gap, -c.footprint.intersection(late.footprint).area, off, c.id)
+        if best is None or key < best[0]:
+            best = (key, c, gap)
+    return None if best is None else (best[1], best[2])
+
+
+def _slc(row: tuple[Any, ...]) -> SlcAcquisition:
+    return SlcAcquisition(int(row[0]), None if row[1] is None else int(row[1]), row[2], shapely.from_wkb(bytes(row[3])))
+
+
+def _neighbours(cur: psycopg2.extensions.cursor, of: SlcAcquisition, direction: int) -> list[SlcAcquisition]:
+    """Live SLC inputs of the same orbit whose footprint meets ``of``'s, before (``direction`` −1) or
+    after (+1) it by at most the longest gap plus the tolerance (the rule itself is :func:`coherence_gap`)."""
+    reach = timedelta(days=max(COH_GAPS_DAYS)) + COH_TOLERANCE
+    lo, hi = (of.acquired_at - reach, of.acquired_at) if direction < 0 else (of.acquired_at, of.acquired_at + reach)
+    cur.execute(
+        "SELECT id, relative_orbit, acquired_at, ST_AsBinary(footprint) FROM card_inputs"
+        " WHERE kind = 'slc' AND deleted_at IS NULL AND id <> %s AND relative_orbit = %s"
+        " AND acquired_at BETWEEN %s AND %s AND ST_Intersects(footprint, ST_GeomFromWKB(%s, 4326)) ORDER BY id",
+        (of.id, of.relative_orbit, lo, hi, psycopg2.Binary(shapely.to_wkb(of.footprint))),
+    )
+    return [_slc(r) for r in cur.fetchall()]
+
+
+def _coh_job(cur: psycopg2.extensions.cursor, late_id: int) -> bool:
+    """Pair one SLC input (locked) with its best predecessor and write its ``GenerateCard(coh)``,
+    unless a job of it is still pending in the outbox; returns whether a job was written. The pair
+    and the gap are recorded on the input (``partner_input_id``, ``gap_days``): the job reads them there."""
+    cur.execute(
+        "SELECT id, relative_orbit, acquired_at, ST_AsBinary(footprint), product_id, location FROM card_inputs"
+        " WHERE id = %s AND kind = 'slc' AND deleted_at IS NULL FOR UPDATE",
+        (late_id,),
+    )
+    row = cur.fetchone()
+    if row is None or row[1] is None:
+        return False
+    late = _slc(row)
+    chosen = choose_partner(late, _neighbours(cur, late, -1))
+    if chosen is None:
+        return False
+    early, gap = chosen
+    cur.execute(
+        "UPDATE card_inputs SET partner_input_id = %s, gap_days = %s, updated_at = now() WHERE id = %s"
+        " RETURNING (SELECT location FROM card_inputs WHERE id = %s)",
+        (early.id, gap, late_id, early.id),
+    )
+    found = cur.fetchone()
+    assert found is not None
+    msg = GenerateCard(
+        card_input_id=late_id,
+        product_id=str(row[4]),
+        card="coh",
+        location=str(row[5]),
+        partner_input_id=early.id,
+        partner_location=str(found[0]),
+    )
+    cur.execute("SELECT 1 FROM outbox WHERE message_id = %s AND published_at IS NULL", (msg.message_id,))
+    if cur.fetchone() is not None:
+        return False
+    enqueue(cur, msg)
+    log.info("watch.coh_paired", card_input_id=late_id, partner_input_id=early.id, gap_days=gap)
+    return True
+
+
+def pair_slc(cur: psycopg2.extensions.cursor, input_id: int) -> int:
+    """Coherence jobs an SLC input just recorded (new, changed or superseded) makes possible, in the
+    caller's transaction; returns how many were written.
+
+    * Its own ``GenerateCard(coh)``, when the previous acquisition of its relative orbit is recorded
+      (:func:`choose_partner`; none: it waits in ``awaiting_card`` without a job).
+    * A late arrival: a successor 6 or 12 days later that is waiting without a partner gets its job
+      now (with its best predecessor, which may be this one).
+    * A changed product: the successors paired with it are reset (generation bumped, lease cleared,
+      back to ``awaiting_card``) and get their job again, their coherence having been made from the
+      previous version.
+
+    A successor already paired keeps its pair (a 6-day predecessor arriving after a 12-day pair was
+    made does not redo it). No job is written while one of the same input is still pending in the
+    outbox, so a re-scan or a second change does not pile jobs up.
+    """
+    written = int(_coh_job(cur, input_id))
+    cur.execute(
+        "SELECT id, relative_orbit, acquired_at, ST_AsBinary(footprint) FROM card_inputs WHERE id = %s", (input_id,)
+    )
+    row = cur.fetchone()
+    if row is None or row[1] is None:
+        return written
+    this = _slc(row)
+    cur.execute(
+        "UPDATE card_inputs SET status = 'awaiting_card', generation = generation + 1, lease_owner = NULL,"
+        " lease_until = NULL, reason = NULL, updated_at = now()"
+        " WHERE partner_input_id = %s AND kind = 'slc' AND deleted_at IS NULL RETURNING id",
+        (input_id,),
+    )
+    paired = sorted(int(r[0]) for r in cur.fetchall())
+    cur.execute(
+        "SELECT id FROM card_inputs WHERE id = ANY(%s) AND partner_input_id IS NULL",
+        ([s.id for s in _neighbours(cur, this, +1) if coherence_gap(this, s) is not None],),
+    )
+    waiting = sorted(int(r[0]) for r in cur.fetchall())
+    for succ in paired + waiting:
+        written += int(_coh_job(cur, succ))
+    return written
 
 
 def record_rejected(cur: psycopg2.extensions.cursor, source: str, item: Rejected) -> None:
