@@ -76,7 +76,7 @@ class UnknownCardInput(PermanentJobError):
 
 
 class UnsupportedCardJob(PermanentJobError):
-    """A CARD job this worker cannot run yet (coherence), or an input of the wrong kind."""
+    """A CARD job for an input of the wrong kind (bs needs a GRD, coh an SLC)."""
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,7 @@ class CardJobs:
         Like :meth:`worker.consumer.SceneJobs.claim`: an expired lease is taken over, a live one
         raises :class:`LeaseHeld`, our own is re-claimed (a job retried in place).
         """
-        if msg.card != "bs":
-            raise UnsupportedCardJob(f"GenerateCard({msg.card}) is not implemented yet (only bs from a GRD)")
+        wanted = {"bs": "grd", "coh": "slc"}[msg.card]  # coh: worker/cardjob_coh.py runs it
         with conn, conn.cursor() as cur:
             cur.execute(
                 "UPDATE card_inputs SET status = 'processing', lease_owner = %(me)s,"
@@ -141,8 +140,10 @@ class CardJobs:
             row = cur.fetchone()
             if row is not None:
                 claimed = ClaimedInput(msg.card_input_id, *row)
-                if claimed.kind != "grd":
-                    raise UnsupportedCardJob(f"card input {claimed.id} is a {claimed.kind}, not a GRD")
+                if claimed.kind != wanted:
+                    raise UnsupportedCardJob(
+                        f"card input {claimed.id} is a {claimed.kind}: GenerateCard({msg.card}) needs a {wanted}"
+                    )
                 return claimed
             cur.execute(
                 "SELECT status, extract(epoch FROM lease_until - now()) FROM card_inputs WHERE id = %s",

@@ -59,6 +59,7 @@ from cbmflow.messages import JOB_KINDS, ExtractParcels, GenerateCard, parse_mess
 from cbmflow.outbox import flush_outbox
 from cbmflow.settings import BusSettings, DbSettings, WorkerSettings
 from worker.cardjob import CardJobs, ClaimedInput, UnknownCardInput, UnsupportedCardJob
+from worker.cardjob_coh import CardJobsWithCoh
 from worker.deadletters import reconcile_dead_letters
 from worker.leases import LeaseHeld, LeaseLost, SceneChanged
 from worker.metrics import WorkerMetrics
@@ -97,11 +98,12 @@ class UnsupportedCard(PermanentJobError):
     """The scene is of a product type this worker cannot extract yet."""
 
 
-# How each card is extracted: Sentinel-2 L2A SAFE, Sentinel-1 CARD backscatter and 6-day coherence.
+# How each card is extracted: Sentinel-2 L2A SAFE, Sentinel-1 CARD backscatter and 6-/12-day coherence.
 EXTRACTORS: dict[str, Callable[[psycopg2.extensions.cursor, ClaimedScene, IndexCache, RowSink], SceneResult]] = {
     "s2": extract_s2,
     "bs": extract_card,
     "c6": extract_card,
+    "c12": extract_card,
 }
 
 
@@ -305,7 +307,7 @@ class Worker:
         self.settings = settings or WorkerSettings()
         self.me = worker_id()
         self.jobs = SceneJobs(self.dsn, self.me, self.settings)
-        self.card_jobs = CardJobs(self.dsn, self.me, self.settings)
+        self.card_jobs: CardJobs = CardJobsWithCoh(self.dsn, self.me, self.settings)
         self.metrics = WorkerMetrics(self.me)
         self.metrics_port: int | None = None
         self.max_jobs = max_jobs

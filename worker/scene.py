@@ -50,6 +50,7 @@ S2_BANDS_20M = ("B05", "B11")
 S1_CARD_BANDS: dict[str, dict[str, str]] = {
     "bs": {"VV": "VVb", "VH": "VHb"},
     "c6": {"VV": "VVc", "VH": "VHc"},
+    "c12": {"VV": "VVc", "VH": "VHc"},
 }
 """Sentinel-1 CARD polarisation → band name in ``sigs_<year>``, per card (the names the JRC API serves)."""
 

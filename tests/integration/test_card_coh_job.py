@@ -14,17 +14,28 @@ a changed product) are checked on the same database without a worker.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import threading
+import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
+import rasterio
+import rasterio.errors
 import shapely
 import shapely.geometry
+from pyproj import Transformer
 
 from catalog_watcher.service import upsert_card_input
 from catalog_watcher.stac import SceneRecord
 from cbmflow import db
 from cbmflow.messages import GenerateCard, parse_message
+from cbmflow.outbox import enqueue, flush_outbox
+from cbmflow.settings import BusSettings, WorkerSettings
 
 PAIR = Path("../shared/data/sentinel1/coh-pair")
 EARLY = PAIR / "S1A_IW_SLC__1SDV_20250406T022008_20250406T022035_058630_07421F_93A7.SAFE"
@@ -128,3 +139,253 @@ def test_the_watcher_pairs_slcs_by_orbit_and_gap_once(pg_dsn: str) -> None:
     jobs = coh_jobs()
     assert len(jobs) == 5 and (jobs[-1].card_input_id, jobs[-1].partner_input_id) == (nxt, late)
     assert pair_of(nxt) == (late, 6)
+
+
+# --- the job ----------------------------------------------------------------------------------------
+
+C = 299792458.0
+YEAR = 2025
+GAMMA = {"VV": 0.7, "VH": 0.3}
+"""The synthetic coherence per polarisation (different, so a swapped band shows)."""
+LOOKS = 27.0
+"""Effective looks of the 7 x 7 window at 10 m on this geometry: the equivalent number of looks of
+one date's window-mean intensity that tests/unit/test_card_coh.py measures (26.9; docs/card-coh.md)."""
+BASELINE_COH = 0.995
+"""The pair's baseline and burst-timing decorrelation predicted from the orbits (0.9952, same test)."""
+AOI_HALF_M = 400.0
+PARCEL_M = 340.0
+
+
+def _require_pair() -> None:
+    if not EARLY.is_dir() or not LATE.is_dir():
+        pytest.skip(f"shared test data missing: {PAIR}")
+
+
+def _window(swath: Any, points: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Measurement rows/cols the scatterers fall on (all bursts), with a margin for the kernels
+    (the generator's own zero-Doppler solve, as in tests/unit/test_card_coh.py)."""
+    from card.s1grd.orbit import OrbitInterpolator
+    from card.s1slc import synthetic as syn
+
+    t, r = syn.zero_doppler(OrbitInterpolator(swath.orbit), points, swath.bursts[4].azimuth_time_s)
+    sample = (2 * r / C - swath.slant_range_time_s) * swath.range_sampling_rate_hz
+    rows: list[int] = []
+    for b in swath.bursts:
+        line = (t - b.azimuth_time_s) / swath.azimuth_time_interval_s
+        if ((line > 0) & (line < b.lines)).any():
+            rows += [b.first_line + max(0, int(line.min()) - 10), b.first_line + min(b.lines, int(line.max()) + 10)]
+    return (min(rows), max(rows)), (int(sample.min()) - 10, int(sample.max()) + 10)
+
+
+def _safe(src: Path, dst: Path, data: dict[str, Any]) -> Path:
+    """A SAFE directory: the real manifest and IW2 annotations (VV, VH), and per polarisation a sparse
+    complex-int16 measurement holding the synthetic window (the rest of the swath is 0)."""
+    safe = dst / src.name
+    (safe / "annotation").mkdir(parents=True)
+    (safe / "measurement").mkdir()
+    (safe / "manifest.safe").write_bytes((src / "manifest.safe").read_bytes())
+    for pol, swath in data.items():
+        xml = next((src / "annotation").glob(f"s1a-iw2-slc-{pol.lower()}-*.xml"))
+        (safe / "annotation" / xml.name).write_bytes(xml.read_bytes())
+        sw = swath.swath
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(
+                safe / "measurement" / (xml.stem + ".tiff"),
+                "w",
+                driver="GTiff",
+                width=sw.n_samples,
+                height=sw.n_lines,
+                count=1,
+                dtype="complex_int16",
+                tiled=True,
+                blockxsize=256,
+                blockysize=256,
+                sparse_ok=True,
+            ) as ds:
+                ny, nx = swath.data.shape
+                ds.write(np.round(swath.data), 1, window=rasterio.windows.Window(swath.col0, swath.row0, nx, ny))
+    return safe
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Both dates as small synthetic SAFEs over an 800 m AOI mid-swath in burst 3 (tile 09UWT), with
+    four parcels; the field extends 250 m beyond the AOI, past the job's grid and window."""
+    _require_pair()
+    from affine import Affine
+
+    from card.geobox import GeoBox
+    from card.s1slc import synthetic as syn
+    from card.s1slc.safe import open_slc
+
+    early, late = open_slc(EARLY, ("VV",), ("IW2",)), open_slc(LATE, ("VV",), ("IW2",))
+    se, sl = early.swaths[("IW2", "VV")], late.swaths[("IW2", "VV")]
+    g = se.grid
+    on_line = g.line == 4539.0  # a geolocation grid line inside burst 3, mid-swath at sample 13 000
+    order = np.argsort(g.pixel[on_line])
+    lon = float(np.interp(13000, g.pixel[on_line][order], g.lon[on_line][order]))
+    lat = float(np.interp(13000, g.pixel[on_line][order], g.lat[on_line][order]))
+    crs = "EPSG:32609"
+    x, y = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
+    x, y = round(x / 10) * 10, round(y / 10) * 10
+    field_half = AOI_HALF_M + 250
+    n = int(2 * field_half / 10)
+    field = GeoBox((n, n), Affine(10.0, 0.0, x - field_half, 0.0, -10.0, y + field_half), crs)
+    rng = np.random.default_rng(13)
+    common, other = syn.scatterers(field, 5.0, rng), syn.scatterers(field, 5.0, rng)
+    a, noise = syn.complex_gaussian(len(common.x), rng), syn.complex_gaussian(len(other.x), rng)
+    we, wl = _window(se, common.points), _window(sl, np.concatenate([common.points, other.points]))
+    e_a = syn.simulate(se, common.points, a, *we)
+    l_a, l_n = syn.simulate(sl, common.points, a, *wl), syn.simulate(sl, other.points, noise, *wl)
+    late_pol = {
+        pol: syn.SyntheticSwath(
+            sl, l_a.row0, l_a.col0, (g_ * l_a.data + np.sqrt(1 - g_ * g_) * l_n.data).astype(np.complex64)
+        )
+        for pol, g_ in GAMMA.items()
+    }
+    root = tmp_path_factory.mktemp("coh")
+    to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform
+    aoi = shapely.transform(
+        shapely.geometry.box(x - AOI_HALF_M, y - AOI_HALF_M, x + AOI_HALF_M, y + AOI_HALF_M),
+        to_lonlat,
+        interleaved=False,
+    )
+    size = PARCEL_M  # four parcels, one per quarter of the AOI, 30 m from the centre lines
+    parcels = {
+        f"p{i}": shapely.geometry.box(x0, y0, x0 + size, y0 + size)
+        for i, (x0, y0) in enumerate(
+            (x - 30 - size if dx < 0 else x + 30, y - 30 - size if dy < 0 else y + 30)
+            for dx, dy in ((-1, -1), (-1, 1), (1, -1), (1, 1))
+        )
+    }
+    # VV and VH share the geometry and the field; only the late date's γ differs per polarisation.
+    return {
+        "early": _safe(EARLY, root / "early", {"VV": e_a, "VH": e_a}),
+        "late": _safe(LATE, root / "late", late_pol),
+        "footprints": (early.footprint_lonlat(), late.footprint_lonlat()),
+        "aoi": aoi,
+        "parcels": parcels,
+        "crs": crs,
+        "root": root,
+    }
+
+
+def _world(dsn: str, pair: dict[str, Any], tmp: Path) -> None:
+    from cbmflow.parcels.ingest import add_aoi, import_parcels
+
+    (tmp / "aoi.geojson").write_text(
+        json.dumps({"type": "Feature", "properties": {}, "geometry": pair["aoi"].__geo_interface__})
+    )
+    to_lonlat = Transformer.from_crs(pair["crs"], "EPSG:4326", always_xy=True).transform
+    features = [
+        {
+            "type": "Feature",
+            "properties": {"parcel_id": pid},
+            "geometry": shapely.transform(
+                shapely.segmentize(poly, 10.0), to_lonlat, interleaved=False
+            ).__geo_interface__,
+        }
+        for pid, poly in pair["parcels"].items()
+    ]
+    (tmp / "parcels.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    with db.transaction(dsn) as cur:
+        add_aoi(cur, "bc", tmp / "aoi.geojson")
+        import_parcels(cur, tmp / "parcels.geojson", "bc", YEAR, id_column="parcel_id", srid=32609)
+
+
+def _slc_record(safe: Path, footprint: list[tuple[float, float]]) -> SceneRecord:
+    name = safe.name.removesuffix(".SAFE")
+    when = datetime.strptime(name.split("_")[5], "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    return dataclasses.replace(
+        _record(name, when, location=str(safe)), footprint=shapely.geometry.Polygon(footprint), relative_orbit=108
+    )
+
+
+def _run_worker(dsn: str, bus: BusSettings, jobs: int, tmp: Path) -> None:
+    from worker.consumer import Worker
+
+    settings = WorkerSettings(
+        heartbeat_s=0.5,
+        metrics_port=-1,
+        idle_exit_s=40,
+        card_margin_m=50.0,
+        card_threads=1,
+        card_output_url=str(tmp / "store"),
+        card_scratch_dir=str(tmp / "scratch"),
+    )
+    worker = Worker(dsn=dsn, bus=bus, settings=settings, max_jobs=jobs)
+    rc: list[int] = []
+    t = threading.Thread(target=lambda: rc.append(worker.run()), daemon=True)
+    t.start()
+    t.join(150)
+    assert not t.is_alive(), "worker did not finish its jobs in time"
+    assert rc == [0] and worker.done == jobs
+
+
+@pytest.mark.timeout(300)
+def test_a_12_day_pair_becomes_c12_scenes_whose_parcel_means_are_the_coherence(
+    pair: dict[str, Any], cbm_env: Any, pg_dsn: str, amqp_url: str, management_url: str, tmp_path: Path
+) -> None:
+    from card import mgrs
+    from card.s1slc.coh import expected_coherence
+
+    _world(pg_dsn, pair, tmp_path)
+    bus = BusSettings(amqp_url=amqp_url, management_url=management_url)
+    foot_e, foot_l = pair["footprints"]
+    with db.transaction(pg_dsn) as cur:
+        early_id, _ = upsert_card_input(cur, _slc_record(pair["early"], foot_e))
+        late_id, what = upsert_card_input(cur, _slc_record(pair["late"], foot_l))
+    assert what == "new"
+    jobs = _one(pg_dsn, "SELECT message_id, body::text FROM outbox")
+    assert [j[0] for j in jobs] == [f"card-coh-{late_id}"], "one GenerateCard(coh), for the later date"
+    msg = parse_message(jobs[0][1])
+    assert isinstance(msg, GenerateCard) and (msg.partner_input_id, msg.partner_location) == (
+        early_id,
+        str(pair["early"]),
+    )
+    assert flush_outbox(pg_dsn, bus) == 1
+    assert mgrs.tiles_intersecting(pair["aoi"]) == ["09UWT"]
+    _run_worker(pg_dsn, bus, 2, tmp_path)  # the CARD job, then the tile's extraction
+
+    status, written, reason, gap = _one(
+        pg_dsn, "SELECT status, scenes_written, reason, gap_days FROM card_inputs WHERE id = %s", (late_id,)
+    )[0]
+    assert (status, written, reason, gap) == ("done", 1, None, 12)
+    assert _one(pg_dsn, "SELECT status FROM card_inputs WHERE id = %s", (early_id,)) == [("awaiting_card",)]
+    scenes = _one(pg_dsn, "SELECT id, product_id, card, status, acq_key, location, acquired_at FROM scenes")
+    (scene_id, product_id, card, sstatus, acq_key, location, acquired) = scenes[0]
+    assert len(scenes) == 1 and (card, sstatus) == ("c12", "extracted")
+    assert product_id == f"{LATE.name.removesuffix('.SAFE')}_09UWT_COH12"
+    assert acq_key == "S1A_c12_09UWT_20250418T022008" and acquired == datetime(2025, 4, 18, 2, 20, 8, tzinfo=UTC)
+    item = json.loads(Path(location).read_text())
+    assert set(item["assets"]) == {"vv", "vh"} and item["properties"]["cbmflow:gap_days"] == 12
+    with rasterio.open(Path(location).parent / item["assets"]["vv"]["href"]) as ds:
+        assert ds.tags()["GAP_DAYS"] == "12" and ds.tags()["DATE_EARLY"].startswith("2025-04-06")
+        assert ds.crs.to_epsg() == 32609 and ds.transform.a == 10
+        assert (ds.transform.c - mgrs.tile_geobox("09UWT").transform.c) % 10 == 0
+
+    rows = _one(
+        pg_dsn,
+        "SELECT p.parcel_id, g.band, g.count, g.mean FROM bc.sigs_2025 g JOIN bc.parcels_2025 p USING (pid)"
+        " WHERE g.scene_id = %s",
+        (scene_id,),
+    )
+    assert {(r[0], r[1]) for r in rows} == {(pid, b) for pid in pair["parcels"] for b in ("VVc", "VHc")}
+    for pol, band in (("VV", "VVc"), ("VH", "VHc")):
+        mine = [r for r in rows if r[1] == band]
+        counts = np.array([r[2] for r in mine], float)
+        assert counts.min() > 0.9 * (PARCEL_M / 10) ** 2, "every parcel pixel has a coherence (no edge NaN)"
+        mean = float(np.sum(counts * np.array([r[3] for r in mine])) / counts.sum())
+        truth = expected_coherence(GAMMA[pol] * BASELINE_COH, LOOKS)
+        assert mean == pytest.approx(truth, abs=0.03), (pol, mean, truth)
+
+    # The same job delivered again: acknowledged as a duplicate, nothing added or replaced.
+    before = _one(pg_dsn, "SELECT count(*), sum(mean) FROM bc.sigs_2025")
+    with db.transaction(pg_dsn) as cur:
+        enqueue(cur, msg)
+    assert flush_outbox(pg_dsn, bus) == 1
+    _run_worker(pg_dsn, bus, 1, tmp_path)
+    assert _one(pg_dsn, "SELECT count(*), sum(mean) FROM bc.sigs_2025") == before
+    assert _one(pg_dsn, "SELECT count(*) FROM scenes") == [(1,)]
+    assert _one(pg_dsn, "SELECT attempts, status FROM card_inputs WHERE id = %s", (late_id,)) == [(1, "done")]
