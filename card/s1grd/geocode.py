@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import numpy.typing as npt
 
@@ -110,18 +111,19 @@ class Geocoder:
         that the RTC area simulation needs (a jump there would fold facets onto the seam).
         """
         cc = self.ann.conversion
-        if len(cc.t) == 1:
-            gr1, dgr1 = _poly(cc.srgr[0], slant_range - cc.sr0[0])
-            return gr1, 1.0 / dgr1
-        k = np.clip(np.searchsorted(cc.t, t, side="right") - 1, 0, len(cc.t) - 2)
-        if interpolate:
-            w = np.clip((t - cc.t[k]) / (cc.t[k + 1] - cc.t[k]), 0.0, 1.0)
-            g0, d0 = _poly(cc.srgr[k], slant_range - cc.sr0[k])
-            g1, d1 = _poly(cc.srgr[k + 1], slant_range - cc.sr0[k + 1])
-            return (1 - w) * g0 + w * g1, 1.0 / ((1 - w) * d0 + w * d1)
-        k = np.where(np.abs(t - cc.t[k]) <= np.abs(cc.t[k + 1] - t), k, k + 1)
-        gr, dgr_dr = _poly(cc.srgr[k], slant_range - cc.sr0[k])
-        return gr, 1.0 / dgr_dr
+        tt, rr = np.broadcast_arrays(np.asarray(t, dtype=np.float64), np.asarray(slant_range, dtype=np.float64))
+        gr, dr_dgr = np.empty(tt.shape), np.empty(tt.shape)
+        _srgr_kernel(
+            np.ascontiguousarray(tt).reshape(-1),
+            np.ascontiguousarray(rr).reshape(-1),
+            np.ascontiguousarray(cc.t, dtype=np.float64),
+            np.ascontiguousarray(cc.sr0, dtype=np.float64),
+            np.ascontiguousarray(cc.srgr, dtype=np.float64),
+            interpolate,
+            gr.reshape(-1),
+            dr_dgr.reshape(-1),
+        )
+        return gr, dr_dgr
 
     def radar_position(self, points: FloatArray) -> RadarPosition:
         t = self.zero_doppler(points)
@@ -160,12 +162,52 @@ def line_time_offset(annotation: Annotation) -> tuple[float, float]:
     return float(c[0]), float(c[1])
 
 
-def _poly(coeffs: FloatArray, x: FloatArray) -> tuple[FloatArray, FloatArray]:
-    """Σ c_k x^k and its derivative, by Horner; ``coeffs`` is (n,) or (..., n) per point."""
-    val = np.zeros_like(x) + coeffs[..., -1]
-    der = np.zeros_like(x)
-    for i in range(coeffs.shape[-1] - 2, -1, -1):
-        c = coeffs[..., i]
-        der = der * x + val
-        val = val * x + c
-    return val, der
+@numba.njit(cache=True, nogil=True)
+def _srgr_kernel(
+    t: FloatArray,
+    r: FloatArray,
+    ct: FloatArray,
+    sr0: FloatArray,
+    srgr: FloatArray,
+    interpolate: bool,
+    gr: FloatArray,
+    dr_dgr: FloatArray,
+) -> None:
+    """:meth:`Geocoder.ground_range` per point in one pass (numpy gathered a coefficient row per point)."""
+    n, m = srgr.shape
+    for i in range(t.shape[0]):
+        ti = t[i]
+        if n == 1:
+            k, k1, w = 0, 0, 0.0
+        else:
+            if not np.isfinite(ti):  # as searchsorted: NaN after every entry
+                k = n - 2
+            else:
+                lo, hi = 0, n
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if ct[mid] <= ti:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                k = min(max(lo - 1, 0), n - 2)
+            k1 = k + 1
+            if interpolate:
+                w = min(max((ti - ct[k]) / (ct[k1] - ct[k]), 0.0), 1.0) if np.isfinite(ti) else np.nan
+            else:
+                if not (abs(ti - ct[k]) <= abs(ct[k1] - ti)):
+                    k = k1
+                k1, w = k, 0.0
+        x0, x1 = r[i] - sr0[k], r[i] - sr0[k1]
+        g0, d0, g1, d1 = srgr[k, m - 1], 0.0, srgr[k1, m - 1], 0.0
+        for j in range(m - 2, -1, -1):
+            d0 = d0 * x0 + g0
+            g0 = g0 * x0 + srgr[k, j]
+            d1 = d1 * x1 + g1
+            g1 = g1 * x1 + srgr[k1, j]
+        if interpolate and n > 1:
+            gr[i] = (1 - w) * g0 + w * g1
+            dr_dgr[i] = 1.0 / ((1 - w) * d0 + w * d1)
+        else:
+            gr[i] = g0
+            dr_dgr[i] = 1.0 / d0

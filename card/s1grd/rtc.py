@@ -96,29 +96,40 @@ def splat(
 def bilinear(image: FloatArray, line: FloatArray, pixel: FloatArray, row0: int = 0, col0: int = 0) -> FloatArray:
     """``image`` (whose top-left is radar (row0, col0)) at fractional (line, pixel); NaN outside or next to NaN."""
     out = np.full(line.shape, np.nan)
-    lf, pf = line - row0, pixel - col0
-    ok = (
-        np.isfinite(lf)
-        & np.isfinite(pf)
-        & (lf >= 0)
-        & (pf >= 0)
-        & (lf <= image.shape[0] - 1)
-        & (pf <= image.shape[1] - 1)
-    )
-    if not ok.any() or image.size == 0:
+    if image.size == 0:
         return out
-    lo, po = lf[ok], pf[ok]
-    i0 = np.minimum(np.floor(lo).astype(np.int64), image.shape[0] - 2 if image.shape[0] > 1 else 0)
-    j0 = np.minimum(np.floor(po).astype(np.int64), image.shape[1] - 2 if image.shape[1] > 1 else 0)
-    i1, j1 = np.minimum(i0 + 1, image.shape[0] - 1), np.minimum(j0 + 1, image.shape[1] - 1)
-    fi, fj = lo - i0, po - j0
-    out[ok] = (
-        image[i0, j0] * (1 - fi) * (1 - fj)
-        + image[i0, j1] * (1 - fi) * fj
-        + image[i1, j0] * fi * (1 - fj)
-        + image[i1, j1] * fi * fj
+    _bilinear_kernel(
+        np.ascontiguousarray(image, dtype=np.float64),
+        np.ascontiguousarray(line, dtype=np.float64).reshape(-1),
+        np.ascontiguousarray(pixel, dtype=np.float64).reshape(-1),
+        float(row0),
+        float(col0),
+        out.reshape(-1),
     )
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _bilinear_kernel(
+    image: FloatArray, line: FloatArray, pixel: FloatArray, row0: float, col0: float, out: FloatArray
+) -> None:
+    """One pass per point (numpy needed ~15 temporaries of the block's size)."""
+    rows, cols = image.shape
+    for n in range(line.shape[0]):
+        lf = line[n] - row0
+        pf = pixel[n] - col0
+        if not (np.isfinite(lf) and np.isfinite(pf)) or lf < 0 or pf < 0 or lf > rows - 1 or pf > cols - 1:
+            continue
+        i0 = min(int(np.floor(lf)), rows - 2 if rows > 1 else 0)
+        j0 = min(int(np.floor(pf)), cols - 2 if cols > 1 else 0)
+        i1, j1 = min(i0 + 1, rows - 1), min(j0 + 1, cols - 1)
+        fi, fj = lf - i0, pf - j0
+        out[n] = (
+            image[i0, j0] * (1 - fi) * (1 - fj)
+            + image[i0, j1] * (1 - fi) * fj
+            + image[i1, j0] * fi * (1 - fj)
+            + image[i1, j1] * fi * fj
+        )
 
 
 @numba.njit(cache=True, nogil=True)
