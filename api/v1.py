@@ -42,6 +42,11 @@ INDICES: dict[str, tuple[str, str]] = {
 DEFAULT_SCL_MASK = (0, 1, 3, 8, 9, 10)
 MAX_SCENES_PAGE = 1000
 SERIES_COLUMNS = ("acquired", "scene_id", "band", "count", "mean", "std", "min", "p25", "p50", "p75", "max")
+COHERENCE_CARDS = {"c6": ("c6",), "c12": ("c12",), "coh": ("c6", "c12")}
+"""Coherence in the series: 6-day, 12-day, or both (``coh``: the repeat changed with the constellation,
+12 days from December 2021 until S1C, so a multi-year series mixes them). Their observations carry
+``gap_days``, the n of COHn, which the JRC ``tstype=c6`` response has no column for."""
+V1_CARDS = (*queries.CARDS, "c12", "coh")
 
 BANDS = Param("bands", pattern=BAND_LIST_PATTERN, max_len=200, description="e.g. B04,B08")
 FROM = Param("from", "date", max_len=40, description="first day (UTC), or an ISO 8601 date-time")
@@ -49,7 +54,14 @@ TO = Param("to", "date", max_len=40, description="last day included (UTC), or an
 PARCEL = (PATH_AOI, PATH_YEAR, PID, PTYPE)
 TIMESERIES = (
     *PARCEL,
-    Param("card", enum=tuple(queries.CARDS), default="s2", case="lower", max_len=4),
+    Param(
+        "card",
+        enum=V1_CARDS,
+        default="s2",
+        case="lower",
+        max_len=4,
+        description="coh: 6- and 12-day coherence together (each observation has gap_days)",
+    ),
     BANDS,
     FROM,
     TO,
@@ -79,7 +91,7 @@ PLOT = (*PARCEL, *INDEX_PARAMS)
 SCENES = (
     OPTIONAL_AOI,
     Param("status", enum=SCENE_STATUSES, max_len=20),
-    Param("card", enum=tuple(queries.CARDS), max_len=4),
+    Param("card", enum=(*queries.CARDS, "c12"), max_len=4),
     FROM,
     TO,
     Param("limit", "integer", default=100, minimum=1, maximum=MAX_SCENES_PAGE),
@@ -224,25 +236,29 @@ def timeseries(request: Request, p: Params) -> Response:
         fmt = p.choice("format") or "json"
         ds = _path_dataset(call, p)
         pk = queries.parcel_pk(call.cur, queries.parcel_table(call.cur, ds, ptype), pid)
-        where = [sql.SQL("g.pid = %(pk)s"), sql.SQL("s.card = %(card)s")]
+        where = [sql.SQL("g.pid = %(pk)s"), sql.SQL("s.card = ANY(%(cards)s)")]
         if bands:
             where.append(sql.SQL("g.band = ANY(%(bands)s)"))
         where += _period_filter(start, end)
+        coherence = card in COHERENCE_CARDS
+        columns = (*SERIES_COLUMNS, "gap_days") if coherence else SERIES_COLUMNS
+        gap = sql.SQL(", CASE s.card WHEN 'c6' THEN 6 WHEN 'c12' THEN 12 END" if coherence else "")
         call.cur.execute(
             sql.SQL(
-                "SELECT s.acquired_at, g.scene_id, g.band, g.count, g.mean, g.std, g.min, g.p25, g.p50, g.p75, g.max"
+                "SELECT s.acquired_at, g.scene_id, g.band, g.count, g.mean, g.std, g.min, g.p25, g.p50, g.p75,"
+                " g.max{gap}"
                 " FROM {sigs} g JOIN scenes s ON s.id = g.scene_id WHERE {where}"
                 " ORDER BY s.acquired_at, g.band, s.id"
-            ).format(sigs=one_per_acquisition(ds), where=sql.SQL(" AND ").join(where)),
-            {"pk": pk, "card": card, "bands": bands, "start": start, "end": end},
+            ).format(gap=gap, sigs=one_per_acquisition(ds), where=sql.SQL(" AND ").join(where)),
+            {"pk": pk, "cards": list(COHERENCE_CARDS.get(card, (card,))), "bands": bands, "start": start, "end": end},
         )
         rows = [
-            {c: (_iso(v) if c == "acquired" else _finite(v)) for c, v in zip(SERIES_COLUMNS, r, strict=True)}
+            {c: (_iso(v) if c == "acquired" else _finite(v)) for c, v in zip(columns, r, strict=True)}
             for r in call.cur.fetchall()
         ]
         if fmt == "json":
             return ApiJSONResponse({"pid": pid, "aoi": ds.aoi, "year": ds.year, "card": card, "observations": rows})
-        return _table_response(rows, SERIES_COLUMNS, fmt, f"{ds.aoi}_{ds.year}_{_safe(pid)}_{card}")
+        return _table_response(rows, columns, fmt, f"{ds.aoi}_{ds.year}_{_safe(pid)}_{card}")
 
 
 def _index_spec(p: Params) -> tuple[str, str, str]:
