@@ -389,3 +389,28 @@ def test_a_12_day_pair_becomes_c12_scenes_whose_parcel_means_are_the_coherence(
     assert _one(pg_dsn, "SELECT count(*), sum(mean) FROM bc.sigs_2025") == before
     assert _one(pg_dsn, "SELECT count(*) FROM scenes") == [(1,)]
     assert _one(pg_dsn, "SELECT attempts, status FROM card_inputs WHERE id = %s", (late_id,)) == [(1, "done")]
+
+
+def test_a_coh_job_without_a_pair_or_for_the_wrong_kind_is_permanent(pg_dsn: str, tmp_path: Path) -> None:
+    """An SLC whose pair is gone (a stale or hand-written job) cannot make coherence, and a bs job
+    for an SLC is refused: both permanent, neither leaves a scene."""
+    from cbmflow.errors import PermanentJobError
+    from worker.cardjob import UnsupportedCardJob
+    from worker.cardjob_coh import CardJobsWithCoh
+
+    t0 = datetime(2025, 4, 30, 2, 20, 8, tzinfo=UTC)
+    with db.transaction(pg_dsn) as cur:
+        alone, _ = upsert_card_input(cur, _record(_name(t0, "A000"), t0))
+    jobs = CardJobsWithCoh(pg_dsn, "w-test", WorkerSettings(card_scratch_dir=str(tmp_path)))
+    conn = db.connect(pg_dsn)
+    try:
+        msg = GenerateCard(card_input_id=alone, product_id="p", card="coh", location="/data/x.SAFE")
+        claimed = jobs.claim(conn, msg)
+        assert claimed is not None and claimed.kind == "slc"
+        with pytest.raises(PermanentJobError, match="no \\(live\\) earlier acquisition"):
+            jobs.run(conn, claimed)
+        with pytest.raises(UnsupportedCardJob, match="needs a grd"):
+            jobs.claim(conn, msg.model_copy(update={"card": "bs"}))
+    finally:
+        conn.close()
+    assert _one(pg_dsn, "SELECT count(*) FROM scenes") == [(0,)]
