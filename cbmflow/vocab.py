@@ -30,10 +30,10 @@ CARD_INPUT_KINDS: tuple[CardInputKind, ...] = get_args(CardInputKind)
 
 CardInputStatus = Literal["awaiting_card", "queued", "processing", "done", "failed"]
 """A CARD input's life (sql/013_card_jobs.sql): recorded by the watcher with its ``GenerateCard`` job
-in the outbox (``awaiting_card``; SLC inputs stay there until coherence is a job), the job confirmed
-by the broker (``queued``), claimed by a worker under a lease (``processing``), then ``done`` (its
-scenes registered and their extractions queued) or ``failed`` with a reason. The values of
-``card_inputs.status``."""
+in the outbox (``awaiting_card``; an SLC stays there without a job until its predecessor on the
+orbit is recorded), the job confirmed by the broker (``queued``), claimed by a worker under a lease
+(``processing``), then ``done`` (its scenes registered and their extractions queued) or ``failed``
+with a reason. The values of ``card_inputs.status``."""
 CARD_INPUT_STATUSES: tuple[CardInputStatus, ...] = get_args(CardInputStatus)
 
 AOI_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
