@@ -16,7 +16,7 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
-from card.s1grd.orbit import OrbitInterpolator
+from card.s1grd.orbit import OrbitInterpolator, hermite_at
 from card.s1grd.safe import Annotation
 
 FloatArray = npt.NDArray[np.float64]
@@ -87,16 +87,14 @@ class Geocoder:
         return self._newton(points, np.full(points.shape[:-1], self._t_mid), iterations, tol_s)
 
     def _newton(self, points: FloatArray, t: FloatArray, iterations: int, tol_s: float) -> FloatArray:
-        for _ in range(iterations):
-            s, v, a = self.orbit.state(t)
-            d = points - s
-            f = np.einsum("...k,...k->...", d, v)
-            fp = np.einsum("...k,...k->...", d, a) - np.einsum("...k,...k->...", v, v)
-            step = f / fp
-            t = t - step
-            if not np.any(np.abs(step) >= tol_s):  # NaN points (no DEM) do not keep it iterating
-                break
-        return t
+        """Each point iterates until its own step is under ``tol_s`` (compiled: one pass per point)."""
+        o = self.orbit.orbit
+        out = np.array(t, dtype=np.float64, copy=True, order="C")
+        pts = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 3)
+        _newton_kernel(
+            pts, out.reshape(-1), o.t, np.ascontiguousarray(o.pos), np.ascontiguousarray(o.vel), iterations, tol_s
+        )
+        return out
 
     def ground_range(
         self, t: FloatArray, slant_range: FloatArray, *, interpolate: bool = False
@@ -160,6 +158,29 @@ def line_time_offset(annotation: Annotation) -> tuple[float, float]:
     a = np.stack([np.ones_like(dt), g.slant_range_time], axis=1)
     c, *_ = np.linalg.lstsq(a, dt, rcond=None)
     return float(c[0]), float(c[1])
+
+
+@numba.njit(cache=True, nogil=True)
+def _newton_kernel(
+    points: FloatArray, t: FloatArray, ot: FloatArray, p: FloatArray, v: FloatArray, iterations: int, tol_s: float
+) -> None:
+    """Zero-Doppler Newton per point: f = (P − S)·V, f′ = (P − S)·A − |V|² (NaN points stay NaN)."""
+    s, vel, acc = np.empty(3), np.empty(3), np.empty(3)
+    for i in range(t.shape[0]):
+        ti = t[i]
+        for _ in range(iterations):
+            hermite_at(ot, p, v, ti, s, vel, acc)
+            f = fp = vv = 0.0
+            for c in range(3):
+                d = points[i, c] - s[c]
+                f += d * vel[c]
+                fp += d * acc[c]
+                vv += vel[c] * vel[c]
+            step = f / (fp - vv)
+            ti -= step
+            if not abs(step) >= tol_s:
+                break
+        t[i] = ti
 
 
 @numba.njit(cache=True, nogil=True)

@@ -67,34 +67,40 @@ class OrbitInterpolator:
 def _hermite(
     t: FloatArray, ot: FloatArray, p: FloatArray, v: FloatArray, pos: FloatArray, vel: FloatArray, acc: FloatArray
 ) -> None:
-    """Cubic Hermite through (ot, p, v) at each t: the segment k with ot[k] ≤ t < ot[k+1] (clamped)."""
-    n = ot.shape[0]
     for i in range(t.shape[0]):
-        ti = t[i]
-        # searchsorted(ot, t, "right") − 1, clipped to [0, n − 2]; NaN takes the last segment
-        if not np.isfinite(ti):
-            k = n - 2
-        else:
-            lo, hi = 0, n
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if ot[mid] <= ti:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            k = min(max(lo - 1, 0), n - 2)
-        h = ot[k + 1] - ot[k]
-        s = (ti - ot[k]) / h
-        s2 = s * s
-        s3 = s2 * s
-        h00, h10, h01, h11 = 2 * s3 - 3 * s2 + 1, s3 - 2 * s2 + s, -2 * s3 + 3 * s2, s3 - s2
-        d00, d10, d01, d11 = 6 * s2 - 6 * s, 3 * s2 - 4 * s + 1, -6 * s2 + 6 * s, 3 * s2 - 2 * s
-        a00, a10, a01, a11 = 12 * s - 6, 6 * s - 4, -12 * s + 6, 6 * s - 2
-        for c in range(3):
-            p0, p1, v0, v1 = p[k, c], p[k + 1, c], v[k, c] * h, v[k + 1, c] * h
-            pos[i, c] = h00 * p0 + h10 * v0 + h01 * p1 + h11 * v1
-            vel[i, c] = (d00 * p0 + d10 * v0 + d01 * p1 + d11 * v1) / h
-            acc[i, c] = (a00 * p0 + a10 * v0 + a01 * p1 + a11 * v1) / (h * h)
+        hermite_at(ot, p, v, t[i], pos[i], vel[i], acc[i])
+
+
+@numba.njit(cache=True, nogil=True)
+def hermite_at(
+    ot: FloatArray, p: FloatArray, v: FloatArray, ti: float, pos: FloatArray, vel: FloatArray, acc: FloatArray
+) -> None:
+    """Cubic Hermite through (ot, p, v) at ti into pos, vel, acc (3 each): the segment k with
+    ot[k] ≤ ti < ot[k+1], clamped to the ends; NaN takes the last segment (as searchsorted)."""
+    n = ot.shape[0]
+    if not np.isfinite(ti):
+        k = n - 2
+    else:
+        lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ot[mid] <= ti:
+                lo = mid + 1
+            else:
+                hi = mid
+        k = min(max(lo - 1, 0), n - 2)
+    h = ot[k + 1] - ot[k]
+    s = (ti - ot[k]) / h
+    s2 = s * s
+    s3 = s2 * s
+    h00, h10, h01, h11 = 2 * s3 - 3 * s2 + 1, s3 - 2 * s2 + s, -2 * s3 + 3 * s2, s3 - s2
+    d00, d10, d01, d11 = 6 * s2 - 6 * s, 3 * s2 - 4 * s + 1, -6 * s2 + 6 * s, 3 * s2 - 2 * s
+    a00, a10, a01, a11 = 12 * s - 6, 6 * s - 4, -12 * s + 6, 6 * s - 2
+    for c in range(3):
+        p0, p1, v0, v1 = p[k, c], p[k + 1, c], v[k, c] * h, v[k + 1, c] * h
+        pos[c] = h00 * p0 + h10 * v0 + h01 * p1 + h11 * v1
+        vel[c] = (d00 * p0 + d10 * v0 + d01 * p1 + d11 * v1) / h
+        acc[c] = (a00 * p0 + a10 * v0 + a01 * p1 + a11 * v1) / (h * h)
 
 
 @dataclass(frozen=True)
