@@ -6,6 +6,7 @@ eodata and a classic ``.zip`` object, read through a boto3 client (XML) and GDAL
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from card.geobox import GeoBox
 from card.s1grd.bs import generate_bs
 from card.s1grd.dem import FlatDem
 from card.s1grd.safe import S3SafeSource, SafeError, SafeSource
+from cbmflow import store
 
 BUCKET = "eodata"
 COG_KEY = f"Sentinel-1/SAR/IW_GRDH_1S-COG/2021/12/23/{SAFE.stem}_COG.SAFE"
@@ -63,22 +65,23 @@ def _values(product: str | SafeSource, grid: GeoBox, out: Path) -> tuple[np.ndar
         return ds.read(1), ds.tags()
 
 
-def _gdal_s3(endpoint: str) -> rasterio.Env:
-    """GDAL's /vsis3/ on the moto server, as the worker's store.gdal_env sets it up for its store."""
-    from rasterio.session import AWSSession
-
-    session = AWSSession(
-        aws_access_key_id="k",
-        aws_secret_access_key="s",
-        region_name="us-east-1",
-        endpoint_url=endpoint.removeprefix("http://"),
-    )
-    return rasterio.Env(session=session, AWS_HTTPS="NO", AWS_VIRTUAL_HOSTING="FALSE")
+def _gdal_s3(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> AbstractContextManager[None]:
+    """GDAL's /vsis3/ on the moto server, set up exactly as the worker sets it for its store
+    (``store.gdal_env``). Its /vsis3/ options are process-wide path-specific options that outlive
+    the block (every thread of a worker must see them), so a plain ``rasterio.Env`` here would lose
+    to the endpoint an earlier test's store left behind."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_NO_SIGN_REQUEST"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("CBMFLOW_STORE_S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("CBMFLOW_STORE_S3_REGION", "us-east-1")
+    return store.gdal_env()
 
 
 @pytest.mark.parametrize("key", [COG_KEY, ZIP_KEY], ids=["cog-safe-prefix", "classic-zip"])
 def test_a_grd_on_s3_gives_the_local_backscatter(
-    products: tuple[Any, GeoBox, Path, Path], endpoint: str, tmp_path: Path, key: str
+    products: tuple[Any, GeoBox, Path, Path], endpoint: str, tmp_path: Path, key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client, grid, cog, zipped = products
     local, _ = _values(str(cog if key == COG_KEY else zipped), grid, tmp_path / "local")
@@ -86,7 +89,7 @@ def test_a_grd_on_s3_gives_the_local_backscatter(
     assert src.product_name == (f"{SAFE.stem}_COG" if key == COG_KEY else SAFE.stem)
     vv = src.gdal_path(src.find("measurement", "VV"))
     assert vv.startswith("/vsizip//vsis3/" if key == ZIP_KEY else f"/vsis3/{BUCKET}/{COG_KEY}/measurement/")
-    with _gdal_s3(endpoint):
+    with _gdal_s3(endpoint, monkeypatch):
         remote, tags = _values(src, grid, tmp_path / "s3")
     assert np.isfinite(local).all() and np.array_equal(remote, local)
     assert tags["PRODUCT"] == src.product_name
