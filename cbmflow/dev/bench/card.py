@@ -193,16 +193,23 @@ def prepare_crop(root: Path, dem: Path, crop_px: int) -> tuple[Path, tuple[float
 # --- cases (each in its own process) ------------------------------------------------------------
 
 
-def _generate(safe: str, shape: tuple[int, int], origin: tuple[float, float], dem: Any, out: str, **kw: Any) -> int:
+def _generate(
+    safe: str, shape: tuple[int, int], origin: tuple[float, float], dem: Any, out: str, workers: int, **kw: Any
+) -> dict[str, Any]:
     from card.geobox import GeoBox
     from card.s1grd.bs import generate_bs
 
     grid = GeoBox(shape, Affine(RES_M, 0, origin[0], 0, -RES_M, origin[1]), CRS)
     params = inspect.signature(generate_bs).parameters
-    if "workers" in params:  # parallel blocks, if card.s1grd grows them
-        kw["workers"] = len(os.sched_getaffinity(0))
+    if "workers" in params:  # block threads: one per core of the case unless --workers says otherwise
+        kw["workers"] = workers or len(os.sched_getaffinity(0))
     result = generate_bs(safe, grid, dem, out, **kw)
-    return int(result.pixels)
+    return {
+        "pixels": int(result.pixels),
+        "workers": kw.get("workers", 1),
+        "blocks": getattr(result, "blocks", 0),
+        "blocks_skipped": getattr(result, "blocks_skipped", 0),
+    }
 
 
 def case(spec: dict[str, Any]) -> dict[str, Any]:
@@ -216,10 +223,9 @@ def case(spec: dict[str, Any]) -> dict[str, Any]:
 
         dem: Any = FlatDem() if spec["dem"] == "flat" else FileDem(Path(spec["dem"]), spec.get("geoid"))
         pols = tuple(spec["pols"])
-        px = _generate(spec["safe"], tuple(spec["shape"]), tuple(spec["origin"]), dem, str(out),
-                       quantity=spec["quantity"], polarisations=pols)  # fmt: skip
-        valid = _valid_fraction(out)
-        return {"pixels": px, "valid": valid}
+        got = _generate(spec["safe"], tuple(spec["shape"]), tuple(spec["origin"]), dem, str(out),
+                        int(spec.get("workers", 0)), quantity=spec["quantity"], polarisations=pols)  # fmt: skip
+        return {**got, "valid": _valid_fraction(out)}
     from sarsen import apps, sentinel1
 
     product = sentinel1.Sentinel1SarProduct(spec["safe"], measurement_group="IW/VV")
@@ -264,6 +270,8 @@ class Row:
     rss_mb: float
     valid: float = 1.0
     note: str = ""
+    load: str = ""
+    """1-minute load average at the case's start and end (the machine is shared)."""
 
     @property
     def us_per_px(self) -> float:
@@ -287,6 +295,7 @@ def run_case(spec: dict[str, Any], cores: int) -> Row:
     for var in ("NUMBA_NUM_THREADS", "GDAL_NUM_THREADS"):
         env[var] = str(cores)
     cmd = ["taskset", "-c", cpus, sys.executable, "-m", "cbmflow.dev.bench.card", "--case", json.dumps(spec)]
+    load0 = os.getloadavg()[0]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
@@ -297,8 +306,13 @@ def run_case(spec: dict[str, Any], cores: int) -> Row:
     if proc.returncode != 0:
         raise RuntimeError(f"case {spec['case']} failed ({proc.returncode}):\n{stderr[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
+    note = spec.get("note", "")
+    if "blocks" in result:
+        skipped = f", {result['blocks_skipped']}/{result['blocks']} blocks off the image" if result["blocks"] else ""
+        note = f"{note}{', ' if note else ''}{result['workers']} thread(s){skipped}"
     return Row(spec["case"], cores, int(result["pixels"]), float(result["work_s"]), float(result["work_cpu_s"]),
-               process_s, float(result["rss_mb"]), float(result["valid"]), spec.get("note", ""))  # fmt: skip
+               process_s, float(result["rss_mb"]), float(result["valid"]), note,
+               f"{load0:.1f}–{os.getloadavg()[0]:.1f}")  # fmt: skip
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -335,13 +349,14 @@ def render(rows: list[Row], targets: list[tuple[str, str, str, bool | None]], he
     lines = [
         *header,
         "",
-        "| case | cores | output px | with data | wall s | CPU s | process s | peak RSS | µs/px wall | µs/px CPU |",
+        "| case | cores | load | output px | with data | wall s | CPU s | process s | peak RSS | µs/px wall"
+        " | µs/px CPU |",
     ]
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        lines.append(f"| {r.case}{' (' + r.note + ')' if r.note else ''} | {r.cores} | {r.pixels:,} | {r.valid:.0%} | "
-                     f"{r.wall_s:.1f} | {r.cpu_s:.1f} | {r.process_s:.1f} | {r.rss_mb:,.0f} MB | {r.us_per_px:.2f} | "
-                     f"{r.cpu_us_per_px:.2f} |")  # fmt: skip
+        lines.append(f"| {r.case}{' (' + r.note + ')' if r.note else ''} | {r.cores} | {r.load or '—'} | "
+                     f"{r.pixels:,} | {r.valid:.0%} | {r.wall_s:.1f} | {r.cpu_s:.1f} | {r.process_s:.1f} | "
+                     f"{r.rss_mb:,.0f} MB | {r.us_per_px:.2f} | {r.cpu_us_per_px:.2f} |")  # fmt: skip
     lines += ["", "| target | figure | target | met |", "|---|---:|---|---|"]
     for what, figure, target, met in targets:
         lines.append(f"| {what} | {figure} | {target} | {'—' if met is None else ('yes' if met else 'NO')} |")
@@ -373,6 +388,9 @@ def main() -> None:
     ap.add_argument("--crop-px", type=int, default=1024, help="side of the sarsen comparison crop (pixels)")
     ap.add_argument("--dem", choices=("tiled", "flat"), default="tiled", help="mirror-tiled Rome 30 m DEM, or flat")
     ap.add_argument("--no-sarsen", action="store_true", help="skip the sarsen cases")
+    ap.add_argument(
+        "--workers", type=int, default=0, help="card.s1grd block threads per case (default 0: one per core of the case)"
+    )
     ap.add_argument("--cases", help="comma-separated subset of: " + ", ".join(CASES))
     ap.add_argument("--no-coh", action="store_true", help="skip cbmflow.dev.bench.coh even if it exists")
     ap.add_argument("--root", type=Path, default=_state_dir() / "bench" / "card")
@@ -408,9 +426,10 @@ def main() -> None:
         crop_dem, crop_origin = prepare_crop(root, dem, args.crop_px)
     shape, origin = scene_grid(args.scale)
     full: dict[str, Any] = {"case": "ours-full", "safe": str(safe), "shape": shape, "origin": origin,
-                            "quantity": "gamma0-rtc", "pols": ["VV", "VH"]}  # fmt: skip
+                            "quantity": "gamma0-rtc", "pols": ["VV", "VH"], "workers": args.workers}  # fmt: skip
     full |= {"dem": "flat"} if args.dem == "flat" else {"dem": str(dem), "geoid": "egm96"}
-    crop = {"safe": str(safe), "shape": [args.crop_px] * 2, "origin": crop_origin, "dem": str(crop_dem), "pols": ["VV"]}
+    crop = {"safe": str(safe), "shape": [args.crop_px] * 2, "origin": crop_origin, "dem": str(crop_dem), "pols": ["VV"],
+            "workers": args.workers}  # fmt: skip
     specs: list[dict[str, Any]] = [
         full,
         {**crop, "case": "ours-gtc", "quantity": "beta0", "note": "β0, VV"},
