@@ -16,8 +16,9 @@ worker is processing right now and scenes not asked for are kept.
 
 CARD jobs (``GenerateCard``) get the same treatment for their card input: a failed or
 dead-lettered input goes back to ``awaiting_card`` with its generation bumped and a new job in the
-outbox, and its letter goes once that job is confirmed. Only GRD inputs have a job today; an SLC
-input is skipped with the reason.
+outbox, and its letter goes once that job is confirmed: ``bs`` for a GRD, ``coh`` for an SLC the
+watcher has paired (its partner is read from the row, as the worker does); an SLC without a
+partner has no job to re-publish and is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -192,8 +193,10 @@ def _reset_card_inputs(
     if not wanted:
         return finished
     cur.execute(
-        "SELECT id, product_id, kind, location, status, lease_until > now(), deleted_at IS NOT NULL"
-        " FROM card_inputs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+        "SELECT ci.id, ci.product_id, ci.kind, ci.location, ci.status, ci.lease_until > now(),"
+        "       ci.deleted_at IS NOT NULL, ci.partner_input_id, p.location"
+        " FROM card_inputs ci LEFT JOIN card_inputs p ON p.id = ci.partner_input_id"
+        " WHERE ci.id = ANY(%s) ORDER BY ci.id FOR UPDATE OF ci",
         (wanted,),
     )
     rows = {int(r[0]): r for r in cur.fetchall()}
@@ -202,12 +205,15 @@ def _reset_card_inputs(
         if row is None:
             report.cards_skipped[input_id] = "unknown card input"
             continue
-        _, product_id, kind, location, status, lease_live, deleted = row
+        _, product_id, kind, location, status, lease_live, deleted, partner_id, partner_location = row
         if deleted:
             report.cards_skipped[input_id] = "deleted from the catalogue"
             continue
-        if kind != "grd":
-            report.cards_skipped[input_id] = f"a {kind} input: only GRD inputs have a CARD job today"
+        if kind == "slc" and partner_id is None:
+            report.cards_skipped[input_id] = "an SLC without a coherence partner (6 or 12 days earlier) yet"
+            continue
+        if kind not in ("grd", "slc"):
+            report.cards_skipped[input_id] = f"a {kind} input has no CARD job"
             continue
         if status == "processing" and lease_live:
             report.cards_skipped[input_id] = "being processed now"
@@ -222,7 +228,17 @@ def _reset_card_inputs(
             " generation = generation + 1, updated_at = now() WHERE id = %s",
             (input_id,),
         )
-        outbox_ids.append(
-            enqueue(cur, GenerateCard(card_input_id=input_id, product_id=product_id, card="bs", location=location))
+        msg = (
+            GenerateCard(card_input_id=input_id, product_id=product_id, card="bs", location=location)
+            if kind == "grd"
+            else GenerateCard(
+                card_input_id=input_id,
+                product_id=product_id,
+                card="coh",
+                location=location,
+                partner_input_id=partner_id,
+                partner_location=partner_location,
+            )
         )
+        outbox_ids.append(enqueue(cur, msg))
     return finished

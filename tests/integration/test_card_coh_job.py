@@ -414,3 +414,38 @@ def test_a_coh_job_without_a_pair_or_for_the_wrong_kind_is_permanent(pg_dsn: str
     finally:
         conn.close()
     assert _one(pg_dsn, "SELECT count(*) FROM scenes") == [(0,)]
+
+
+def test_jobs_retry_republishes_a_failed_coherence_job_with_its_pair(
+    cbm_env: Any, pg_dsn: str, amqp_url: str, management_url: str
+) -> None:
+    """`cbmflow jobs retry --failed` after a fix: a paired SLC gets its coh job again, with the
+    partner recorded on its row; an SLC without a partner is reported, not given a job."""
+    from cbmflow import bus as busmod
+    from cbmflow.ops.jobs import retry
+
+    bus = BusSettings(amqp_url=amqp_url, management_url=management_url)
+    t0 = datetime(2025, 5, 30, 2, 20, 8, tzinfo=UTC)
+    early_at = t0 - timedelta(days=12)
+    with db.transaction(pg_dsn) as cur:
+        early, _ = upsert_card_input(cur, _record(_name(early_at, "R012"), early_at, location="/data/r12.SAFE"))
+        late, _ = upsert_card_input(cur, _record(_name(t0, "R000"), t0, location="/data/r0.SAFE"))
+        alone, _ = upsert_card_input(cur, _record(_name(t0, "R137"), t0, orbit=137))
+    assert flush_outbox(pg_dsn, bus) >= 1
+    with db.transaction(pg_dsn) as cur:
+        cur.execute("UPDATE card_inputs SET status = 'failed', reason = 'x' WHERE id = ANY(%s)", ([late, alone],))
+    report = retry(pg_dsn, bus, failed=True)
+    assert report.cards_republished == [late] and report.cards_pending == []
+    assert report.cards_skipped == {alone: "an SLC without a coherence partner (6 or 12 days earlier) yet"}
+    conn = busmod.connect(bus)
+    try:
+        ch = conn.channel()
+        msgs = []
+        while (got := ch.basic_get(bus.card_queue, auto_ack=True))[0] is not None:
+            msgs.append(parse_message(got[2]))
+    finally:
+        conn.close()
+    again = [m for m in msgs if isinstance(m, GenerateCard) and m.card_input_id == late]
+    assert len(again) == 2, "the watcher's job and the retry's"
+    assert {(m.card, m.partner_input_id, m.partner_location) for m in again} == {("coh", early, "/data/r12.SAFE")}
+    assert _one(pg_dsn, "SELECT status FROM card_inputs WHERE id = %s", (late,)) == [("queued",)]
