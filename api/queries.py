@@ -9,6 +9,7 @@ national SRID, as JRC did, so values are comparable across Member States.
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import date, datetime
 from decimal import Decimal
@@ -208,10 +209,12 @@ def parcel_peers(
     return fetch_columns(cur)
 
 
-def _series_sql(
+def _view_series_sql(
     ds: Dataset, *, bands: list[str] | None, scl: bool, ref: bool, pk: sql.Composable = sql.SQL("%(pk)s")
 ) -> sql.Composed:
-    """One row per (scene, band) of the parcel, by acquisition time then band.
+    """One row per (scene, band) of the parcel, read through the row-per-band ``sigs``/``hists``
+    (views since sql/011; tables in a dataset from before it, which only the storage benchmark
+    still builds). The compact statement (:func:`_compact_series_sql`) returns the same rows.
 
     Unlike JRC, which inner-joined the histogram table and so silently dropped observations
     without an SCL histogram, the histogram is a LEFT JOIN: such rows stay, with ``hist`` ``{}``.
@@ -260,6 +263,136 @@ def _series_sql(
     )
 
 
+# SCL histograms of up to this many classes are written as JSON text by concatenation when their
+# (class, count) pairs are stored in class order (the worker writes them so); others go through
+# json_object_agg. A parcel's SCL holds one to three classes in nearly every scene.
+_HIST_INLINE_PAIRS = 4
+
+
+def _hist_text(o: str) -> sql.Composed:
+    """``json_object_agg(class::text, count ORDER BY class)`` of the pairs in ``<o>.scl``, as text.
+
+    json_object_agg's own format (``{ "4" : 120, "5" : 3 }``) built by string concatenation costs
+    a fraction of the aggregate's sub-plan per row; the aggregate stays for what the concatenation
+    does not cover (more pairs, pairs out of class order, a null). Null when there are no pairs.
+    """
+    s = sql.Identifier(o)
+    k = _HIST_INLINE_PAIRS
+    ordered = sql.SQL(" AND ").join(
+        sql.SQL("coalesce({s}.scl[{a}] < {s}.scl[{b}], true)").format(
+            s=s, a=sql.Literal(2 * j + 1), b=sql.Literal(2 * j + 3)
+        )
+        for j in range(k - 1)
+    )
+    pairs: list[sql.Composable] = [sql.SQL("""'{{ "' || {s}.scl[1]::smallint || '" : ' || {s}.scl[2]""").format(s=s)]
+    for j in range(1, k):
+        pairs.append(
+            sql.SQL(""" || coalesce(', "' || {s}.scl[{a}]::smallint || '" : ' || {s}.scl[{b}], '')""").format(
+                s=s, a=sql.Literal(2 * j + 1), b=sql.Literal(2 * j + 2)
+            )
+        )
+    return sql.SQL(
+        "CASE WHEN cardinality({s}.scl) <= {n} AND {ordered} AND array_position({s}.scl, NULL) IS NULL"
+        " THEN {pairs} || ' }}'"
+        " ELSE (SELECT json_object_agg({s}.scl[2 * h - 1]::smallint::text, {s}.scl[2 * h]"
+        " ORDER BY {s}.scl[2 * h - 1]::smallint)"
+        " FROM generate_series(1, cardinality({s}.scl) / 2) h)::text END"
+    ).format(s=s, n=sql.Literal(2 * k), ordered=ordered, pairs=sql.Composed(pairs))
+
+
+def _compact_series_sql(
+    ds: Dataset, *, bands: list[str] | None, scl: bool, ref: bool, pk: sql.Composable, text: bool
+) -> sql.Composed:
+    """The rows of :func:`_view_series_sql` read from the compact tables of sql/011 directly.
+
+    Through the views, each (scene, band) row cost a join to the band list, a trip through
+    ``one_per_acquisition``'s sort with the parcel's UTM zone (a PROJ transformation set up on every
+    execution) in its key, and a histogram built by a sub-plan; at 50 M observations the statement
+    missed its 1 ms (docs/performance.md "Chain rehearsal"). Here one scene row is read per
+    ``(parcel, scene)`` (one index range scan of ``<sigs>_obs``, clustered by pid), its histogram
+    and epoch are formatted once per scene, and the bands are unnested from the row. Scenes and band
+    lists are fetched by the parcel's scene ids (``= ANY``, one index scan each): joined plainly,
+    the planner merge-joined or hashed the whole ``scenes`` table, which holds every scene of every
+    dataset (4.4 ms per series with 5,000 scenes, against 1.6 ms this way).
+
+    The overlap rule is :func:`cbmflow.observations.one_per_acquisition`'s, applied without its
+    sort: a (scene, band) is kept unless another scene of the same UTC date has that band with more
+    pixels, or as many and the parcel's own UTM zone where this one has not, or both alike and a
+    lower id. Only dates with two scenes (``n > 1``, the window over the parcel's scenes) test it,
+    and only they compute the zone. A parcel key absent from the dataset's parcels yields no rows,
+    as the rule's join to the parcels did.
+
+    ``text``: ``date_part`` and ``hist`` as JSON text for :func:`series_json_sql`; else float8 and
+    json, as the view statement returns them.
+    """
+    obs = ds.ident(f"{ds.sigs_table}_obs")
+    band_lists = ds.ident(f"{ds.sigs_table}_bands")
+    scene_cols: list[sql.Composable] = [
+        sql.SQL(
+            "to_json(date_part('epoch', s.acquired_at))::text AS date_part"
+            if text
+            else "date_part('epoch', s.acquired_at) AS date_part"
+        )
+    ]
+    if scl:
+        hist = sql.SQL("coalesce({h}, '{{}}')").format(h=_hist_text("o"))
+        scene_cols.append(sql.SQL("{h} AS hist").format(h=hist if text else sql.SQL("{h}::json").format(h=hist)))
+    row_cols = [sql.SQL("r.date_part")]
+    row_cols += [
+        sql.SQL("b.name AS band, r.stats[8 * b.i - 7]::integer AS count, r.stats[8 * b.i - 6] AS mean,"
+                " r.stats[8 * b.i - 5] AS std, r.stats[8 * b.i - 4] AS min, r.stats[8 * b.i - 2] AS p25,"
+                " r.stats[8 * b.i - 1] AS p50, r.stats[8 * b.i] AS p75, r.stats[8 * b.i - 3] AS max")
+    ]  # fmt: skip
+    if scl:
+        row_cols.append(sql.SQL("r.hist"))
+    if ref:
+        row_cols.append(sql.SQL("r.product_name AS reference"))
+    where = [sql.SQL("r.stats[8 * b.i - 7] > 0")]
+    if bands:
+        where.append(sql.SQL("b.name = ANY(%(bands)s)"))
+    return sql.SQL(
+        "WITH o AS (SELECT o.scene_id, o.stats, o.scl FROM {obs} o WHERE o.pid = {pk}"
+        " AND EXISTS (SELECT 1 FROM {parcels} p WHERE p.pid = {pk})),"
+        " r AS (SELECT s.id, s.acquired_at, s.product_name, (s.acquired_at AT TIME ZONE 'UTC')::date AS day,"
+        " count(*) OVER (PARTITION BY (s.acquired_at AT TIME ZONE 'UTC')::date) AS n, o.stats, sb.bands, {scene_cols}"
+        " FROM o JOIN scenes s ON s.id = o.scene_id JOIN {band_lists} sb ON sb.scene_id = o.scene_id"
+        " WHERE s.card = %(card)s AND s.id = ANY (ARRAY(SELECT o.scene_id FROM o))"
+        " AND sb.scene_id = ANY (ARRAY(SELECT o.scene_id FROM o))),"
+        " z AS (SELECT '_T' || lpad((floor((ST_X(ST_Transform(ST_PointOnSurface(p.geom), 4326)) + 180) / 6)::int + 1)"
+        "::text, 2, '0') AS tile_prefix FROM {parcels} p WHERE p.pid = {pk})"
+        " SELECT {row_cols} FROM r CROSS JOIN LATERAL unnest(r.bands) WITH ORDINALITY b(name, i)"
+        " WHERE {where} AND (r.n = 1 OR NOT EXISTS (SELECT 1 FROM r r2"
+        " CROSS JOIN LATERAL unnest(r2.bands) WITH ORDINALITY b2(name, i)"
+        " WHERE r2.day = r.day AND r2.id <> r.id AND b2.name = b.name AND r2.stats[8 * b2.i - 7] > 0"
+        " AND (r2.stats[8 * b2.i - 7]::integer, strpos(r2.product_name, (SELECT z.tile_prefix FROM z)) > 0, -r2.id)"
+        " > (r.stats[8 * b.i - 7]::integer, strpos(r.product_name, (SELECT z.tile_prefix FROM z)) > 0, -r.id)))"
+        " ORDER BY r.acquired_at, b.name, r.id"
+    ).format(
+        scene_cols=sql.SQL(", ").join(scene_cols),
+        obs=obs,
+        pk=pk,
+        parcels=ds.parcels,
+        band_lists=band_lists,
+        row_cols=sql.SQL(", ").join(row_cols),
+        where=sql.SQL(" AND ").join(where),
+    )
+
+
+def _series_sql(
+    ds: Dataset,
+    *,
+    bands: list[str] | None,
+    scl: bool,
+    ref: bool,
+    pk: sql.Composable = sql.SQL("%(pk)s"),
+    compact: bool = True,
+) -> sql.Composed:
+    """One row per (scene, band) of the parcel, by acquisition time then band (see the two above)."""
+    if compact:
+        return _compact_series_sql(ds, bands=bands, scl=scl, ref=ref, pk=pk, text=False)
+    return _view_series_sql(ds, bands=bands, scl=scl, ref=ref, pk=pk)
+
+
 def time_series(
     cur: Cursor, ds: Dataset, pk: int, card: str, *, bands: list[str] | None, scl: bool, ref: bool
 ) -> Columns:
@@ -269,9 +402,12 @@ def time_series(
 
 
 SERIES_COLUMNS = ("date_part", "band", "count", "mean", "std", "min", "p25", "p50", "p75", "max")
+_STATS = ("mean", "std", "min", "p25", "p50", "p75", "max")
 
 
-def series_json_sql(ds: Dataset, *, bands: list[str] | None, scl: bool, ref: bool, pk: sql.Composable) -> sql.Composed:
+def series_json_sql(
+    ds: Dataset, *, bands: list[str] | None, scl: bool, ref: bool, pk: sql.Composable, compact: bool = True
+) -> sql.Composed:
     """One text value: the series as JRC's column → list JSON, for the parcel key ``pk`` (SQL).
 
     A parcel-year is hundreds of rows; converting each value to Python and back to JSON cost more
@@ -282,24 +418,37 @@ def series_json_sql(ds: Dataset, *, bands: list[str] | None, scl: bool, ref: boo
     sorts, 0.6 of 1.5 ms). They read a subquery that is already sorted, with nothing but the
     aggregate above it, which the PostgreSQL manual ("Aggregate Expressions") names as the way to
     feed ordered input; tests/test_api.py inserts scenes out of time order to keep this honest.
+
+    On the compact tables the body is ``json_build_object``'s format (``{"k" : [a, b], ...}`` with
+    ``json_agg``'s lists) written by concatenation, so that the epoch and the histogram, formatted
+    once per scene by :func:`_compact_series_sql`, are appended as text (``string_agg`` with
+    ``json_agg``'s separator) instead of being parsed back into json values once per band row.
+    ``compact=False`` is the statement through the row-per-band views (or the tables of a dataset
+    from before sql/011), unchanged: the reference of tests/integration/test_series_compact.py and
+    the benchmark's "before".
     """
     cols = [*SERIES_COLUMNS, *(["hist"] if scl else []), *(["reference"] if ref else [])]
+    if not compact:
+        old: list[sql.Composable] = []
+        for name in cols:
+            value = sql.SQL("nullif(t.{c}, 'NaN')" if name in _STATS else "t.{c}").format(c=sql.Identifier(name))
+            old.append(sql.SQL("{k}, coalesce(json_agg({v}), '[]'::json)").format(k=sql.Literal(name), v=value))
+        return sql.SQL("SELECT json_build_object({parts})::text FROM ({inner}) t").format(
+            parts=sql.SQL(", ").join(old), inner=_view_series_sql(ds, bands=bands, scl=scl, ref=ref, pk=pk)
+        )
     parts: list[sql.Composable] = []
-    for name in cols:
-        value = (
-            sql.SQL("nullif(t.{c}, 'NaN')")
-            if name in ("mean", "std", "min", "p25", "p50", "p75", "max")
-            else (sql.SQL("t.{c}"))
-        )
-        parts.append(
-            sql.SQL("{k}, coalesce(json_agg({v}), '[]'::json)").format(
-                k=sql.Literal(name), v=value.format(c=sql.Identifier(name))
-            )
-        )
-    inner = _series_sql(ds, bands=bands, scl=scl, ref=ref, pk=pk)
-    return sql.SQL("SELECT json_build_object({parts})::text FROM ({inner}) t").format(
-        parts=sql.SQL(", ").join(parts), inner=inner
-    )
+    for n, name in enumerate(cols):
+        c = sql.Identifier(name)
+        if name in ("date_part", "hist"):
+            agg = sql.SQL("coalesce('[' || string_agg(t.{c}, ', ') || ']', '[]')").format(c=c)
+        elif name in _STATS:
+            agg = sql.SQL("coalesce(json_agg(nullif(t.{c}, 'NaN'))::text, '[]')").format(c=c)
+        else:
+            agg = sql.SQL("coalesce(json_agg(t.{c})::text, '[]')").format(c=c)
+        key = ("{" if n == 0 else ", ") + json.dumps(name) + " : "
+        parts.append(sql.SQL("{k} || {a}").format(k=sql.Literal(key), a=agg))
+    inner = _compact_series_sql(ds, bands=bands, scl=scl, ref=ref, pk=pk, text=True)
+    return sql.SQL("SELECT {parts} || '}}' FROM ({inner}) t").format(parts=sql.SQL(" || ").join(parts), inner=inner)
 
 
 def time_series_json(
@@ -313,7 +462,9 @@ def time_series_json(
     return str(cur.fetchone()[0]).encode("utf-8")
 
 
-def series_for_user_sql(ds: Dataset, *, bands: list[str] | None, scl: bool, ref: bool) -> sql.Composed:
+def series_for_user_sql(
+    ds: Dataset, *, bands: list[str] | None, scl: bool, ref: bool, compact: bool = True
+) -> sql.Composed:
     """The caller's user row, the parcel key and the series body, in one statement.
 
     Columns: name, password_hash, is_admin, grants (``auth.USER_ROW_SQL``), then the parcel key
@@ -330,7 +481,7 @@ def series_for_user_sql(ds: Dataset, *, bands: list[str] | None, scl: bool, ref:
     ).format(
         user_row=sql.SQL(USER_ROW_SQL),
         t=ds.parcels,
-        series=series_json_sql(ds, bands=bands, scl=scl, ref=ref, pk=sql.SQL("k.pk")),
+        series=series_json_sql(ds, bands=bands, scl=scl, ref=ref, pk=sql.SQL("k.pk"), compact=compact),
     )
 
 

@@ -604,10 +604,11 @@ def test_unexpected_errors_are_generic_json_500(seed: Seed) -> None:
     with TestClient(create_app(seed.dsn), raise_server_exceptions=False) as client:
         assert client.get("/query/parcelTimeSeries?aoi=ms&year=2024&pid=P-1", auth=ALICE).status_code == 200
         with db.transaction(seed.dsn) as cur:
-            cur.execute("DROP VIEW ms.hists_2024")  # an operator mistake, not the user's (a view since sql/011)
+            # an operator mistake, not the user's: a table the series reads (sql/011's band lists)
+            cur.execute("DROP TABLE ms.sigs_2024_bands CASCADE")
         resp = client.get("/query/parcelTimeSeries?aoi=ms&year=2024&pid=P-1", auth=ALICE)
         err = _error(resp, 500, "internal_error")
-        assert err["message"] == "internal server error" and "hists" not in resp.text
+        assert err["message"] == "internal server error" and "sigs" not in resp.text
 
 
 def test_fractional_statement_timeout_reaches_postgresql(seed: Seed) -> None:
@@ -698,10 +699,14 @@ def test_prepared_series_survives_table_changes(seed: Seed) -> None:
         assert client.get(url, auth=ALICE).json() == before  # the first request verified the password
         assert any(conn.prepared for conn in state.aio._idle), "served by the event-loop path, prepared"
         with db.transaction(seed.dsn) as cur:
-            cur.execute("CREATE TABLE ms.sigs_copy AS SELECT * FROM ms.sigs_2024")
-            cur.execute("UPDATE ms.sigs_copy SET mean = mean + 1000")
-            cur.execute("DROP VIEW ms.sigs_2024")  # a view over the compact table since sql/011
-            cur.execute("ALTER TABLE ms.sigs_copy RENAME TO sigs_2024")
+            # the series reads sql/011's compact table directly (sql/015); its mean is slot 2 of 8 per band
+            cur.execute("CREATE TABLE ms.obs_copy AS SELECT * FROM ms.sigs_2024_obs")
+            cur.execute(
+                "UPDATE ms.obs_copy SET stats = (SELECT array_agg(CASE WHEN j % 8 = 2 THEN v + 1000 ELSE v END"
+                " ORDER BY j) FROM unnest(stats) WITH ORDINALITY u(v, j))"
+            )
+            cur.execute("DROP TABLE ms.sigs_2024_obs CASCADE")  # and the views over it
+            cur.execute("ALTER TABLE ms.obs_copy RENAME TO sigs_2024_obs")
         after = client.get(url, auth=ALICE).json()
         assert after["band"] == before["band"]
         assert after["mean"] == [m + 1000 for m in before["mean"]]
