@@ -699,7 +699,7 @@ def test_prepared_series_survives_table_changes(seed: Seed) -> None:
         assert client.get(url, auth=ALICE).json() == before  # the first request verified the password
         assert any(conn.prepared for conn in state.aio._idle), "served by the event-loop path, prepared"
         with db.transaction(seed.dsn) as cur:
-            # the series reads sql/011's compact table directly (sql/015); its mean is slot 2 of 8 per band
+            # the series reads sql/011's compact table directly; its mean is slot 2 of 8 per band
             cur.execute("CREATE TABLE ms.obs_copy AS SELECT * FROM ms.sigs_2024_obs")
             cur.execute(
                 "UPDATE ms.obs_copy SET stats = (SELECT array_agg(CASE WHEN j % 8 = 2 THEN v + 1000 ELSE v END"
