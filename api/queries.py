@@ -319,8 +319,10 @@ def _compact_series_sql(
     sort: a (scene, band) is kept unless another scene of the same UTC date has that band with more
     pixels, or as many and the parcel's own UTM zone where this one has not, or both alike and a
     lower id. Only dates with two scenes (``n > 1``, the window over the parcel's scenes) test it,
-    and only they compute the zone. A parcel key absent from the dataset's parcels yields no rows,
-    as the rule's join to the parcels did.
+    and only they compute the zone. A zone that cannot be computed (null for all the parcel's
+    scenes alike, so the sort found them equal) compares as false, lest the row comparison be null
+    and keep both. A parcel key absent from the dataset's parcels yields no rows, as the rule's join
+    to the parcels did.
 
     ``text``: ``date_part`` and ``hist`` as JSON text for :func:`series_json_sql`; else float8 and
     json, as the view statement returns them.
@@ -364,8 +366,9 @@ def _compact_series_sql(
         " WHERE {where} AND (r.n = 1 OR NOT EXISTS (SELECT 1 FROM r r2"
         " CROSS JOIN LATERAL unnest(r2.bands) WITH ORDINALITY b2(name, i)"
         " WHERE r2.day = r.day AND r2.id <> r.id AND b2.name = b.name AND r2.stats[8 * b2.i - 7] > 0"
-        " AND (r2.stats[8 * b2.i - 7]::integer, strpos(r2.product_name, (SELECT z.tile_prefix FROM z)) > 0, -r2.id)"
-        " > (r.stats[8 * b.i - 7]::integer, strpos(r.product_name, (SELECT z.tile_prefix FROM z)) > 0, -r.id)))"
+        " AND (r2.stats[8 * b2.i - 7]::integer, coalesce(strpos(r2.product_name, (SELECT z.tile_prefix FROM z)) > 0,"
+        " false), -r2.id) > (r.stats[8 * b.i - 7]::integer,"
+        " coalesce(strpos(r.product_name, (SELECT z.tile_prefix FROM z)) > 0, false), -r.id)))"
         " ORDER BY r.acquired_at, b.name, r.id"
     ).format(
         scene_cols=sql.SQL(", ").join(scene_cols),

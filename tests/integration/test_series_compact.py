@@ -71,10 +71,10 @@ def _hist(rng: random.Random) -> list[int] | None:
     return [v for c in classes for v in (c, rng.randint(1, 400))]
 
 
-def _stats(rng: random.Random, n_bands: int, tie: int) -> list[float]:
+def _stats(rng: random.Random, n_bands: int, tie: int, all_tie: bool = False) -> list[float]:
     out: list[float] = []
     for _ in range(n_bands):
-        count = rng.choice([0, tie, tie, rng.randint(1, 200)])
+        count = tie if all_tie else rng.choice([0, tie, tie, rng.randint(1, 200)])
         mean = float("nan") if rng.random() < 0.05 else rng.uniform(0, 4000)
         out += [float(count), mean, rng.uniform(0, 90), rng.uniform(0, 900), rng.uniform(1000, 5000)]
         out += [round(rng.uniform(0, 4000), 1), rng.uniform(0, 4000), float(rng.randint(0, 4000))]
@@ -94,24 +94,30 @@ def test_compact_series_matches_the_view_series(pg_dsn: str) -> None:
                 ).format(ds.parcels),
                 (pid, f"p{pid}", lon),
             )
+        # an empty geometry has no UTM zone: the rule's zone test is null for all of its scenes
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {} (pid, parcel_id, geom) VALUES (9, 'p9', ST_GeomFromText('MULTIPOLYGON EMPTY', 3035))"
+            ).format(ds.parcels)
+        )
         obs = ds.ident(f"{ds.sigs_table}_obs")
         for scene_id, _card, bands in _scenes(cur):
             cur.execute(
                 sql.SQL("INSERT INTO {} (scene_id, bands) VALUES (%s, %s)").format(ds.ident(f"{ds.sigs_table}_bands")),
                 (scene_id, bands),
             )
-            for pid in [*PARCELS, 99]:  # 99: signatures of a parcel no longer in the parcel table
-                if rng.random() < 0.15:
+            for pid in [*PARCELS, 9, 99]:  # 99: signatures of a parcel no longer in the parcel table
+                if pid != 9 and rng.random() < 0.15:
                     continue
                 cur.execute(
                     sql.SQL("INSERT INTO {} (scene_id, pid, stats, scl) VALUES (%s, %s, %s::real[], %s)").format(obs),
-                    (scene_id, pid, _stats(rng, len(bands), tie=100), _hist(rng)),
+                    (scene_id, pid, _stats(rng, len(bands), tie=100, all_tie=pid == 9), _hist(rng)),
                 )
         cur.execute("INSERT INTO users (name, password_hash, is_admin) VALUES ('cmp', 'x', true)")
 
         bodies = 0
         dropped = 0
-        for pid in [*PARCELS, 99, 12345]:
+        for pid in [*PARCELS, 9, 99, 12345]:
             for card in ("s2", "bs"):
                 for scl in (True, False):
                     for ref in (False, True):
@@ -165,5 +171,5 @@ def test_compact_series_matches_the_view_series(pg_dsn: str) -> None:
             ).format(obs)
         )
         many, unordered = cur.fetchone()
-    assert bodies == 10 * 2 * 2 * 2 * 2
+    assert bodies == 11 * 2 * 2 * 2 * 2
     assert dropped > 20 and many > 0 and unordered > 0, (dropped, many, unordered)
