@@ -32,11 +32,30 @@ def ecef(lon_deg: npt.ArrayLike, lat_deg: npt.ArrayLike, h: npt.ArrayLike) -> Fl
     lon = np.radians(np.asarray(lon_deg, dtype=np.float64))
     lat = np.radians(np.asarray(lat_deg, dtype=np.float64))
     hh = np.asarray(h, dtype=np.float64)
+    if lon.ndim and lon.shape == lat.shape == hh.shape:  # a block's grid: one compiled pass
+        out = np.empty((*lon.shape, 3))
+        _ecef_kernel(
+            np.ascontiguousarray(lon).reshape(-1),
+            np.ascontiguousarray(lat).reshape(-1),
+            np.ascontiguousarray(hh).reshape(-1),
+            out.reshape(-1, 3),
+        )
+        return out
     n = WGS84_A / np.sqrt(1 - WGS84_E2 * np.sin(lat) ** 2)
     x = (n + hh) * np.cos(lat) * np.cos(lon)
     y = (n + hh) * np.cos(lat) * np.sin(lon)
     z = (n * (1 - WGS84_E2) + hh) * np.sin(lat)
     return np.stack(np.broadcast_arrays(x, y, z), axis=-1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _ecef_kernel(lon: FloatArray, lat: FloatArray, h: FloatArray, out: FloatArray) -> None:
+    for i in range(lon.shape[0]):
+        sl, cl = np.sin(lat[i]), np.cos(lat[i])
+        n = WGS84_A / np.sqrt(1 - WGS84_E2 * sl**2)
+        out[i, 0] = (n + h[i]) * cl * np.cos(lon[i])
+        out[i, 1] = (n + h[i]) * cl * np.sin(lon[i])
+        out[i, 2] = (n * (1 - WGS84_E2) + h[i]) * sl
 
 
 @dataclass(frozen=True)
@@ -125,13 +144,22 @@ class Geocoder:
 
     def radar_position(self, points: FloatArray) -> RadarPosition:
         t = self.zero_doppler(points)
-        s, v, a = self.orbit.state(t)
-        d = s - points
-        r = np.sqrt(np.einsum("...k,...k->...", d, d))
+        o = self.orbit.orbit
+        r, vv, ft = np.empty(t.shape), np.empty(t.shape), np.empty(t.shape)
+        look = np.empty(points.shape)
+        _sensor_kernel(
+            np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 3),
+            np.ascontiguousarray(t).reshape(-1),
+            o.t,
+            np.ascontiguousarray(o.pos),
+            np.ascontiguousarray(o.vel),
+            r.reshape(-1),
+            vv.reshape(-1),
+            ft.reshape(-1),
+            look.reshape(-1, 3),
+        )
         gr, dr_dgr = self.ground_range(t, r, interpolate=self.srgr_interpolated)
         gr_smooth, _ = self.ground_range(t, r, interpolate=True)
-        vv = np.einsum("...k,...k->...", v, v)
-        ft = vv + np.einsum("...k,...k->...", d, a)  # −f′ with d = S − P
         return RadarPosition(
             line=(t - self.line_offset[0] - self.line_offset[1] * (2 * r / SPEED_OF_LIGHT) - self.ann.first_line_s)
             / self.ann.azimuth_time_interval_s,
@@ -139,7 +167,7 @@ class Geocoder:
             pixel_smooth=gr_smooth / self.ann.range_pixel_spacing_m,
             azimuth_time=t,
             slant_range=r,
-            look=d / r[..., None],
+            look=look,
             azimuth_spacing_m=self.ann.azimuth_time_interval_s * np.abs(ft) / np.sqrt(vv),
             slant_spacing_m=dr_dgr * self.ann.range_pixel_spacing_m,
         )
@@ -158,6 +186,34 @@ def line_time_offset(annotation: Annotation) -> tuple[float, float]:
     a = np.stack([np.ones_like(dt), g.slant_range_time], axis=1)
     c, *_ = np.linalg.lstsq(a, dt, rcond=None)
     return float(c[0]), float(c[1])
+
+
+@numba.njit(cache=True, nogil=True)
+def _sensor_kernel(
+    points: FloatArray,
+    t: FloatArray,
+    ot: FloatArray,
+    p: FloatArray,
+    v: FloatArray,
+    r: FloatArray,
+    vv: FloatArray,
+    ft: FloatArray,
+    look: FloatArray,
+) -> None:
+    """At each point's zero-Doppler time: slant range |S − P|, |V|², −f′ = |V|² + (S − P)·A, unit look."""
+    s, vel, acc, d = np.empty(3), np.empty(3), np.empty(3), np.empty(3)
+    for i in range(t.shape[0]):
+        hermite_at(ot, p, v, t[i], s, vel, acc)
+        dd = v2 = da = 0.0
+        for c in range(3):
+            d[c] = s[c] - points[i, c]
+            dd += d[c] * d[c]
+            v2 += vel[c] * vel[c]
+            da += d[c] * acc[c]
+        ri = np.sqrt(dd)
+        r[i], vv[i], ft[i] = ri, v2, v2 + da
+        for c in range(3):
+            look[i, c] = d[c] / ri
 
 
 @numba.njit(cache=True, nogil=True)
