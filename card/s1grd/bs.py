@@ -450,7 +450,8 @@ def generate_bs(
     # the COG copies (overviews, compression) are a fifth of the CPU and independent: in threads too
     try:
         with ThreadPoolExecutor(max(1, min(workers, len(finishing))), initializer=_thread_gdal_env()) as pool:
-            done = list(pool.map(lambda job: str(job[0].finish(job[1], resampling=job[2])), finishing))
+            # each copy may use every core too: the last one would otherwise run alone on one
+            done = list(pool.map(lambda job: str(job[0].finish(job[1], job[2], workers)), finishing))
     except BaseException:
         for r in (*rasters.values(), mask, lia):
             r.abort()

@@ -56,7 +56,12 @@ class ScratchRaster:
         window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
         self._ds.write(data.astype(self.dtype), 1, window=window)
 
-    def finish(self, tags: dict[str, str], resampling: str = "AVERAGE") -> Path:
+    def finish(self, tags: dict[str, str], resampling: str = "AVERAGE", threads: int = 1) -> Path:
+        """Copy the scratch into the COG (``threads``: GDAL's compression threads for this copy).
+
+        DEFLATE level 1: on a GRD's γ0 and local-incidence tiles it takes half the CPU of the default
+        level 6 for files 0–1.4 % larger (the COG copy was half of a full GRD's wall time).
+        """
         self._ds.update_tags(**tags)
         self._ds.close()
         rasterio.shutil.copy(
@@ -64,6 +69,8 @@ class ScratchRaster:
             self.path,
             driver="COG",
             compress="DEFLATE",
+            level="1",
+            num_threads=str(max(1, threads)),
             predictor="3" if self.dtype.startswith("float") else "2",
             overviews="AUTO",
             overview_resampling=resampling,
