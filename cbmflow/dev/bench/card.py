@@ -16,7 +16,10 @@ Cases, each in a fresh process limited to N cores (CPU affinity; ``NUMBA_NUM_THR
 affinity), so that its wall time, CPU time and peak RSS (``VmHWM``) are its own:
 
 * ``card.s1grd RTC, full scene``: ``generate_bs`` γ0-RTC, VV + VH, COGs (+ mask, LIA) on one 10 m
-  UTM 33N grid over the footprint's bounding box (``--scale`` keeps a centred fraction of its area).
+  UTM 33N grid over the footprint's bounding box (``--scale`` keeps a centred fraction of its area,
+  all of it inside the footprint: its time per pixel is the full scene's upper bound). card.s1grd
+  runs ``--workers`` block threads (default one per core) with ``GDAL_NUM_THREADS=1``; the table
+  notes how many blocks it skipped as off the image.
 * on a ``--crop-px`` square crop in the middle of the scene, VV only, the DEM warped once onto the
   crop grid as ellipsoidal heights (sarsen's output grid is its DEM grid): card.s1grd β0 GTC and γ0
   RTC, and sarsen 0.9.6 ``terrain_correction`` GTC (bilinear) and RTC (``gamma_bilinear``), so the
