@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pika
 import pika.exceptions
@@ -77,6 +77,9 @@ EXIT_UNREACHABLE = 75
 so a supervisor (systemd's Restart=on-failure on a VM) sees a failure rather than a clean drain."""
 
 
+W = TypeVar("W")
+
+
 @dataclass
 class Verdict:
     """What to tell the broker about one delivery, and why (``label`` is the metrics label)."""
@@ -84,6 +87,24 @@ class Verdict:
     action: str  # "ack" | "requeue" | "dead_letter"
     reason: str = ""
     label: str = ""
+
+
+@dataclass(frozen=True)
+class _JobSteps(Generic[W]):
+    """What differs between the job kinds (an extraction, a CARD generation); the verdicts around
+    them are one loop, :meth:`Worker._verdicts`, so both kinds answer the broker alike."""
+
+    claim: Callable[[psycopg2.extensions.connection], tuple[W, int] | None]
+    """The work and its generation, or None when it is already finished (a duplicate job)."""
+    start: Callable[[psycopg2.extensions.connection, W], None]
+    """Shows the work as this worker's current one (heartbeats, status)."""
+    run: Callable[[psycopg2.extensions.connection, W], dict[str, Any] | None]
+    """The outcome, or None when stopping during an object-store outage."""
+    done: Callable[[dict[str, Any], float], Verdict]
+    label: Callable[[PermanentJobError], str]
+    fail: Callable[[psycopg2.extensions.connection | None, str, int | None], None]
+    transient: Callable[[psycopg2.extensions.connection | None, Exception, str, int | None], Verdict]
+    release: Callable[[], None]
 
 
 class UnknownScene(PermanentJobError):
@@ -570,27 +591,115 @@ class Worker:
             log.error("job.malformed", error=f"unexpected message kind {msg.kind}")
             return Verdict("dead_letter", f"unexpected message kind {msg.kind}", "malformed")
         structlog.contextvars.bind_contextvars(scene_id=msg.scene_id, product_id=msg.product_id)
+
+        def claim(conn: psycopg2.extensions.connection) -> tuple[ClaimedScene, int] | None:
+            scene = self.jobs.claim(conn, msg)
+            return None if scene is None else (scene, scene.generation)
+
+        def start(conn: psycopg2.extensions.connection, scene: ClaimedScene) -> None:
+            self.current_scene = scene.id
+            self._mark(conn, "busy", scene.id)
+
+        def done(outcome: dict[str, Any], duration_s: float) -> Verdict:
+            log.info("job.done", duration_s=round(duration_s, 3), **outcome)
+            return Verdict("ack", "", str(outcome["status"]))
+
+        def label(exc: PermanentJobError) -> str:
+            return (
+                "unsupported"
+                if isinstance(exc, UnsupportedCard)
+                else "unknown_scene"
+                if isinstance(exc, UnknownScene)
+                else "product"
+            )
+
+        def release() -> None:
+            self.current_scene = None
+
+        return self._verdicts(
+            _JobSteps(
+                claim=claim,
+                start=start,
+                run=self._run_through_store_outages,
+                done=done,
+                label=label,
+                fail=lambda conn, reason, gen: self._fail(conn, msg.scene_id, reason, permanent=True, generation=gen),
+                transient=lambda conn, exc, what, gen: self._transient(job, msg, conn, exc, what, gen),
+                release=release,
+            )
+        )
+
+    def _handle_card(self, job: Delivery, msg: GenerateCard) -> Verdict:
+        """A ``GenerateCard`` job (``worker/cardjob.py``), with the extraction job's verdicts (see
+        :meth:`_verdicts`). After the commit the scenes' extraction jobs are published (best effort:
+        the watcher's next outbox flush publishes what this worker may not)."""
+        structlog.contextvars.bind_contextvars(card_input_id=msg.card_input_id, product_id=msg.product_id)
+
+        def claim(conn: psycopg2.extensions.connection) -> tuple[ClaimedInput, int] | None:
+            claimed = self.card_jobs.claim(conn, msg)
+            return None if claimed is None else (claimed, claimed.generation)
+
+        def start(conn: psycopg2.extensions.connection, claimed: ClaimedInput) -> None:
+            self.current_card_input = claimed.id
+            self._mark(conn, "busy", None)
+
+        def done(outcome: dict[str, Any], duration_s: float) -> Verdict:
+            log.info("job.done", kind="GenerateCard", duration_s=round(duration_s, 3), **outcome)
+            self._publish_outbox()
+            return Verdict("ack", "", "card_done")
+
+        def label(exc: PermanentJobError) -> str:
+            return (
+                "unsupported"
+                if isinstance(exc, UnsupportedCardJob)
+                else "unknown_card_input"
+                if isinstance(exc, UnknownCardInput)
+                else "product"
+            )
+
+        def release() -> None:
+            self.current_card_input = None
+
+        return self._verdicts(
+            _JobSteps(
+                claim=claim,
+                start=start,
+                run=self._run_card_through_store_outages,
+                done=done,
+                label=label,
+                fail=lambda conn, reason, gen: self._fail_card(
+                    conn, msg.card_input_id, reason, permanent=True, generation=gen
+                ),
+                transient=lambda conn, exc, what, gen: self._card_transient(job, msg, conn, exc, what, gen),
+                release=release,
+            )
+        )
+
+    def _verdicts(self, steps: _JobSteps[Any]) -> Verdict:
+        """One job, claimed, run and answered, the same for every job kind: a finished claim is a
+        duplicate (ack), a live lease is waited for, a database or object store that cannot be
+        reached is retried in place (the message and the lease kept: no delivery is used up), a
+        permanent error is dead-lettered with the reason recorded, anything else is requeued with
+        backoff up to the delivery limit."""
         db_attempt = 0
         generation: int | None = None
         while True:
             conn: psycopg2.extensions.connection | None = None
             try:
                 conn = db.connect(self.dsn)
-                scene = self.jobs.claim(conn, msg)
-                if scene is None:
+                claimed = steps.claim(conn)
+                if claimed is None:
                     log.info("job.duplicate")
                     return Verdict("ack", "", "duplicate")
-                generation = scene.generation
-                self.current_scene = scene.id
-                self._mark(conn, "busy", scene.id)
+                work, generation = claimed
+                steps.start(conn, work)
                 started = time.monotonic()
-                outcome = self._run_through_store_outages(conn, scene)
+                outcome = steps.run(conn, work)
                 if outcome is None:
                     return Verdict("requeue", "stopping while the object store is unavailable", "stopping")
-                log.info("job.done", duration_s=round(time.monotonic() - started, 3), **outcome)
-                return Verdict("ack", "", str(outcome["status"]))
+                return steps.done(outcome, time.monotonic() - started)
             except SceneChanged as exc:
-                # Our rows were rolled back; the scene is claimable again at its new generation.
+                # Our rows were rolled back; the work is claimable again at its new generation.
                 log.warning("job.scene_changed", reason=str(exc))
             except LeaseHeld as exc:
                 wait_s = min(max(exc.remaining_s, 1.0), self.settings.lease_s) + 1.0
@@ -601,14 +710,13 @@ class Worker:
                 if self.stopping.wait(min(wait_s, 30.0)):
                     return Verdict("requeue", "stopping while waiting for a lease", "stopping")
             except PermanentJobError as exc:
-                label = "unknown_scene" if isinstance(exc, UnknownScene) else "product"
-                label = "unsupported" if isinstance(exc, UnsupportedCard) else label
+                label = steps.label(exc)
                 log.error("job.failed_permanent", reason=str(exc)[:500], category=label)
-                self._fail(conn, msg.scene_id, str(exc), permanent=True, generation=generation)
+                steps.fail(conn, str(exc), generation)
                 return Verdict("dead_letter", str(exc), label)
             except psycopg2.Error as exc:
                 if not db_unavailable(exc, conn):
-                    return self._transient(job, msg, conn, exc, "database", generation)
+                    return steps.transient(conn, exc, "database", generation)
                 # Nothing wrong with the job: keep the message (no delivery is used up) and retry.
                 self._note_db(reachable=False)
                 db_attempt += 1
@@ -622,81 +730,12 @@ class Worker:
                 if self.stopping.wait(delay_s):
                     return Verdict("requeue", "stopping while the database is unavailable", "stopping")
             except OSError as exc:
-                return self._transient(job, msg, conn, exc, "io", generation)
+                return steps.transient(conn, exc, "io", generation)
             except Exception as exc:  # noqa: BLE001 - an unknown error must not kill the consumer
                 log.exception("job.failed_unexpected")
-                return self._transient(job, msg, conn, exc, "unexpected", generation)
+                return steps.transient(conn, exc, "unexpected", generation)
             finally:
-                self.current_scene = None
-                if conn is not None:
-                    self._mark_idle(conn)
-                    conn.close()
-
-    def _handle_card(self, job: Delivery, msg: GenerateCard) -> Verdict:
-        """A ``GenerateCard`` job (``worker/cardjob.py``), with the extraction job's verdicts: a done
-        input is a duplicate, a live lease is waited for, a database or object store that cannot be
-        reached is retried in place (the message and the lease kept), a bad product is dead-lettered
-        with the reason on the input, anything else is requeued with backoff up to the delivery limit.
-        After the commit the scenes' extraction jobs are published (best effort: the watcher's next
-        outbox flush publishes what this worker may not)."""
-        structlog.contextvars.bind_contextvars(card_input_id=msg.card_input_id, product_id=msg.product_id)
-        db_attempt = 0
-        generation: int | None = None
-        while True:
-            conn: psycopg2.extensions.connection | None = None
-            try:
-                conn = db.connect(self.dsn)
-                claimed = self.card_jobs.claim(conn, msg)
-                if claimed is None:
-                    log.info("job.duplicate")
-                    return Verdict("ack", "", "duplicate")
-                generation = claimed.generation
-                self.current_card_input = claimed.id
-                self._mark(conn, "busy", None)
-                started = time.monotonic()
-                outcome = self._run_card_through_store_outages(conn, claimed)
-                if outcome is None:
-                    return Verdict("requeue", "stopping while the object store is unavailable", "stopping")
-                log.info("job.done", kind="GenerateCard", duration_s=round(time.monotonic() - started, 3), **outcome)
-                self._publish_outbox()
-                return Verdict("ack", "", "card_done")
-            except SceneChanged as exc:
-                log.warning("job.scene_changed", reason=str(exc))
-            except LeaseHeld as exc:
-                wait_s = min(max(exc.remaining_s, 1.0), self.settings.lease_s) + 1.0
-                if isinstance(exc, LeaseLost):
-                    log.warning("job.lease_lost", wait_s=round(wait_s, 1))
-                else:
-                    log.info("job.lease_held", wait_s=round(wait_s, 1))
-                if self.stopping.wait(min(wait_s, 30.0)):
-                    return Verdict("requeue", "stopping while waiting for a lease", "stopping")
-            except PermanentJobError as exc:
-                label = "unknown_card_input" if isinstance(exc, UnknownCardInput) else "product"
-                label = "unsupported" if isinstance(exc, UnsupportedCardJob) else label
-                log.error("job.failed_permanent", reason=str(exc)[:500], category=label)
-                self._fail_card(conn, msg.card_input_id, str(exc), permanent=True, generation=generation)
-                return Verdict("dead_letter", str(exc), label)
-            except psycopg2.Error as exc:
-                if not db_unavailable(exc, conn):
-                    return self._card_transient(job, msg, conn, exc, "database", generation)
-                self._note_db(reachable=False)
-                db_attempt += 1
-                delay_s = backoff_s(db_attempt, self.settings.backoff_max_s)
-                log.warning(
-                    "job.database_unavailable",
-                    error=str(exc).strip()[:300],
-                    attempt=db_attempt,
-                    retry_in_s=round(delay_s, 1),
-                )
-                if self.stopping.wait(delay_s):
-                    return Verdict("requeue", "stopping while the database is unavailable", "stopping")
-            except OSError as exc:
-                return self._card_transient(job, msg, conn, exc, "io", generation)
-            except Exception as exc:  # noqa: BLE001 - an unknown error must not kill the consumer
-                log.exception("job.failed_unexpected")
-                return self._card_transient(job, msg, conn, exc, "unexpected", generation)
-            finally:
-                self.current_card_input = None
+                steps.release()
                 if conn is not None:
                     self._mark_idle(conn)
                     conn.close()
