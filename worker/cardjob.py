@@ -62,6 +62,7 @@ from cbmflow.logging import get_logger
 from cbmflow.messages import ExtractParcels, GenerateCard
 from cbmflow.outbox import enqueue
 from cbmflow.settings import StoreSettings, WorkerSettings, state_dir
+from cbmflow.vocab import CardKind
 from worker.leases import LeaseHeld, LeaseLost, SceneChanged
 
 log = get_logger("worker")
@@ -218,7 +219,7 @@ class CardJobs:
                     outputs.append(_generate_tile(claimed, grd, tg, footprint, scratch / "out", root, self.settings))
         with conn, conn.cursor() as cur:
             self._check_current(cur, claimed, lock=True)
-            scene_ids = [_register_scene(cur, claimed, out) for out in outputs]
+            scene_ids = [register_scene(cur, claimed, out, "bs") for out in outputs]
             cur.execute(
                 "UPDATE card_inputs SET status = 'done', lease_owner = NULL, lease_until = NULL, reason = NULL,"
                 " scenes_written = %s, updated_at = now() WHERE id = %s",
@@ -473,28 +474,20 @@ def _publish(files: list[Path], dest: str) -> None:
         os.replace(part, target / f.name)
 
 
-def _item(
-    claimed: ClaimedInput, out_id: str, tile: str, grid: GeoBox, footprint: BaseGeometry, files: dict[str, str]
+COG_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
+
+
+def tile_item(
+    claimed: ClaimedInput,
+    out_id: str,
+    tile: str,
+    grid: GeoBox,
+    footprint: BaseGeometry,
+    assets: dict[str, Any],
+    properties: dict[str, Any],
 ) -> dict[str, Any]:
-    """A STAC Item for one tile's COGs (relative hrefs: it lives beside them)."""
-    cog = "image/tiff; application=geotiff; profile=cloud-optimized"
-    assets: dict[str, Any] = {
-        pol.lower(): {"href": f"./{name}", "type": cog, "roles": ["data"], "title": f"{pol} backscatter (linear)"}
-        for pol, name in files.items()
-        if pol not in ("MASK", "LIA")
-    }
-    assets["mask"] = {
-        "href": f"./{files['MASK']}",
-        "type": cog,
-        "roles": ["metadata"],
-        "title": "layover/shadow/no data bits",
-    }
-    assets["lia"] = {
-        "href": f"./{files['LIA']}",
-        "type": cog,
-        "roles": ["metadata"],
-        "title": "local incidence angle (degrees)",
-    }
+    """A STAC Item for one tile's CARD COGs (relative hrefs: it lives beside them), as the worker's
+    Item reader (``card.s1rtc``) reads them back; ``properties`` add the product's own (``sar:*``, ...)."""
     epsg = int(str(grid.crs).split(":")[-1])
     return {
         "type": "Feature",
@@ -516,14 +509,38 @@ def _item(
             "proj:epsg": epsg,
             "proj:shape": list(grid.shape),
             "proj:transform": list(grid.transform)[:6],
-            "sar:polarizations": [p for p in files if p not in ("MASK", "LIA")],
-            "sar:product_type": "GRD",
             "cbmflow:card_input": claimed.product_id,
+            **properties,
             "processing:software": {"cbmflow": __version__},
         },
         "assets": assets,
         "links": [],
     }
+
+
+def _item(
+    claimed: ClaimedInput, out_id: str, tile: str, grid: GeoBox, footprint: BaseGeometry, files: dict[str, str]
+) -> dict[str, Any]:
+    cog = COG_TYPE
+    assets: dict[str, Any] = {
+        pol.lower(): {"href": f"./{name}", "type": cog, "roles": ["data"], "title": f"{pol} backscatter (linear)"}
+        for pol, name in files.items()
+        if pol not in ("MASK", "LIA")
+    }
+    assets["mask"] = {
+        "href": f"./{files['MASK']}",
+        "type": cog,
+        "roles": ["metadata"],
+        "title": "layover/shadow/no data bits",
+    }
+    assets["lia"] = {
+        "href": f"./{files['LIA']}",
+        "type": cog,
+        "roles": ["metadata"],
+        "title": "local incidence angle (degrees)",
+    }
+    properties = {"sar:polarizations": [p for p in files if p not in ("MASK", "LIA")], "sar:product_type": "GRD"}
+    return tile_item(claimed, out_id, tile, grid, footprint, assets, properties)
 
 
 def _dem(settings: WorkerSettings) -> Any:
@@ -569,17 +586,13 @@ def _generate_tile(
     settings: WorkerSettings,
 ) -> TileOutput:
     """Generate one tile's COGs into scratch, publish them and their Item, free the scratch space."""
-    import rasterio.errors
-
     from card.s1grd.bs import generate_bs, grid_name
-    from card.s1grd.dem import DemLocationError
-    from card.s1grd.safe import SafeError
 
     tile = tg.tile.removeprefix("T")
     name = f"T{tile}" if tg.whole else f"T{tile}-{grid_name(tg.grid)}"
     work = scratch / tile
     dem = _dem(settings)
-    try:
+    with generation_errors(f"CARD-BS of {claimed.product_id} on tile {tile}", settings):
         result = generate_bs(
             str(grd),
             tg.grid,
@@ -591,17 +604,6 @@ def _generate_tile(
             software=f"cbmflow {__version__}",
             workers=settings.card_threads,
         )
-    except DemLocationError as exc:  # every product would fail alike: the setting is wrong, not the GRD
-        raise ConfigError(f"CBMFLOW_WORKER_CARD_DEM_BUCKET: {exc}") from exc
-    except (SafeError, ValueError, FileNotFoundError, rasterio.errors.RasterioIOError) as exc:
-        raise PermanentJobError(f"CARD-BS of {claimed.product_id} on tile {tile} failed: {exc}") from exc
-    except Exception as exc:  # the DEM's bucket (glo30): an outage is retried in place, a refusal is ours
-        failure = _store_failure(exc, settings.card_dem_bucket)
-        if failure is None:
-            raise
-        if isinstance(failure, store.StoreUnavailable):
-            raise failure from exc
-        raise ConfigError(f"CBMFLOW_WORKER_CARD_DEM_BUCKET: {failure}") from exc
     files = {pol: Path(p).name for pol, p in result.backscatter.items()}
     files["MASK"] = Path(result.mask).name
     files["LIA"] = Path(result.local_incidence).name
@@ -618,15 +620,41 @@ def _generate_tile(
     return TileOutput(tile, product_id, acq_key, f"{dest}/{product_id}.json", tile_footprint)
 
 
-def _register_scene(cur: psycopg2.extensions.cursor, claimed: ClaimedInput, out: TileOutput) -> int:
-    """Upsert the tile's ``bs`` scene by its acquisition key and queue its extraction (in the caller's
-    transaction). An existing scene (a re-run, a changed input) is re-pointed and reset with its
-    generation bumped, so an extraction of the previous output cannot commit."""
+@contextmanager
+def generation_errors(what: str, settings: WorkerSettings) -> Iterator[None]:
+    """The CARD physics' errors as job errors: a bad product is permanent; a DEM location holding no
+    tiles, or a DEM bucket refusing us, is the worker's configuration (every product would fail
+    alike: requeued, not failed); a DEM bucket out of reach is retried in place like any store."""
+    import rasterio.errors
+
+    from card.s1grd.dem import DemLocationError
+    from card.s1grd.safe import SafeError
+
+    try:
+        yield
+    except DemLocationError as exc:
+        raise ConfigError(f"CBMFLOW_WORKER_CARD_DEM_BUCKET: {exc}") from exc
+    except (SafeError, ValueError, FileNotFoundError, rasterio.errors.RasterioIOError) as exc:
+        raise PermanentJobError(f"{what} failed: {exc}") from exc
+    except Exception as exc:
+        failure = _store_failure(exc, settings.card_dem_bucket)
+        if failure is None:
+            raise
+        if isinstance(failure, store.StoreUnavailable):
+            raise failure from exc
+        raise ConfigError(f"CBMFLOW_WORKER_CARD_DEM_BUCKET: {failure}") from exc
+
+
+def register_scene(cur: psycopg2.extensions.cursor, claimed: ClaimedInput, out: TileOutput, card: CardKind) -> int:
+    """Upsert the tile's CARD scene (``bs``, ``c6``, ``c12``) by its acquisition key and queue its
+    extraction (in the caller's transaction). An existing scene (a re-run, a changed input) is
+    re-pointed and reset with its generation bumped, so an extraction of the previous output cannot
+    commit."""
     cur.execute(
         """
         INSERT INTO scenes (product_id, product_name, mission, sensor, card, acquired_at, footprint, location,
                             acq_key, card_input_id, source_updated)
-        VALUES (%s, %s, %s, 'C-SAR', 'bs', %s, ST_Multi(ST_GeomFromWKB(%s, 4326)), %s, %s, %s, %s)
+        VALUES (%s, %s, %s, 'C-SAR', %s, %s, ST_Multi(ST_GeomFromWKB(%s, 4326)), %s, %s, %s, %s)
         ON CONFLICT (acq_key) DO UPDATE
            SET product_id = EXCLUDED.product_id, product_name = EXCLUDED.product_name,
                location = EXCLUDED.location, footprint = EXCLUDED.footprint,
@@ -639,6 +667,7 @@ def _register_scene(cur: psycopg2.extensions.cursor, claimed: ClaimedInput, out:
             out.product_id,
             out.product_id,
             claimed.mission,
+            card,
             claimed.acquired_at,
             psycopg2.Binary(shapely.to_wkb(out.footprint)),
             out.location,
@@ -650,5 +679,5 @@ def _register_scene(cur: psycopg2.extensions.cursor, claimed: ClaimedInput, out:
     row = cur.fetchone()
     assert row is not None
     scene_id = int(row[0])
-    enqueue(cur, ExtractParcels(scene_id=scene_id, product_id=out.product_id, card="bs", location=out.location))
+    enqueue(cur, ExtractParcels(scene_id=scene_id, product_id=out.product_id, card=card, location=out.location))
     return scene_id

@@ -41,18 +41,16 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 import shapely
-from shapely.geometry import mapping
 from shapely.geometry.base import BaseGeometry
 
 from card.geobox import GeoBox
 from cbmflow import __version__, store
-from cbmflow.errors import ConfigError, PermanentJobError
+from cbmflow.errors import PermanentJobError
 from cbmflow.logging import get_logger
-from cbmflow.messages import ExtractParcels
-from cbmflow.outbox import enqueue
 from cbmflow.settings import WorkerSettings
 from cbmflow.vocab import CardKind
 from worker.cardjob import (
+    COG_TYPE,
     CardJobs,
     ClaimedInput,
     TileGrid,
@@ -61,11 +59,13 @@ from worker.cardjob import (
     _dem,
     _grid_footprint,
     _publish,
-    _store_failure,
+    generation_errors,
     local_grd,
     output_root,
+    register_scene,
     scratch_dir,
     tile_grids,
+    tile_item,
 )
 
 log = get_logger("worker")
@@ -125,7 +125,7 @@ class CardJobsWithCoh(CardJobs):
                     )
         with conn, conn.cursor() as cur:
             self._check_current(cur, claimed, lock=True)
-            scene_ids = [_register_scene(cur, claimed, card, out) for out in outputs]
+            scene_ids = [register_scene(cur, claimed, out, card) for out in outputs]
             cur.execute(
                 "UPDATE card_inputs SET status = 'done', lease_owner = NULL, lease_until = NULL, reason = NULL,"
                 " scenes_written = %s, updated_at = now() WHERE id = %s",
@@ -187,48 +187,22 @@ def _item(
     files: dict[str, str],
     gap: int,
 ) -> dict[str, Any]:
-    """A STAC Item for one tile's coherence COGs (relative hrefs: it lives beside them)."""
-    cog = "image/tiff; application=geotiff; profile=cloud-optimized"
     assets = {
         pol.lower(): {
             "href": f"./{name}",
-            "type": cog,
+            "type": COG_TYPE,
             "roles": ["data"],
             "title": f"{pol} {gap}-day interferometric coherence (0..1)",
         }
         for pol, name in files.items()
     }
-    epsg = int(str(grid.crs).split(":")[-1])
-    return {
-        "type": "Feature",
-        "stac_version": "1.0.0",
-        "stac_extensions": [
-            "https://stac-extensions.github.io/projection/v1.1.0/schema.json",
-            "https://stac-extensions.github.io/sar/v1.0.0/schema.json",
-        ],
-        "id": out_id,
-        "geometry": mapping(footprint),
-        "bbox": list(footprint.bounds),
-        "properties": {
-            "datetime": claimed.acquired_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
-            "platform": f"sentinel-{claimed.mission[1:].lower()}"
-            if claimed.mission.startswith("S1")
-            else claimed.mission,
-            "constellation": "sentinel-1",
-            "grid:code": f"MGRS-{tile}",
-            "proj:epsg": epsg,
-            "proj:shape": list(grid.shape),
-            "proj:transform": list(grid.transform)[:6],
-            "sar:polarizations": list(files),
-            "sar:product_type": "SLC",
-            "cbmflow:card_input": claimed.product_id,
-            "cbmflow:partner_input": partner.product_id,
-            "cbmflow:gap_days": gap,
-            "processing:software": {"cbmflow": __version__},
-        },
-        "assets": assets,
-        "links": [],
+    properties = {
+        "sar:polarizations": list(files),
+        "sar:product_type": "SLC",
+        "cbmflow:partner_input": partner.product_id,
+        "cbmflow:gap_days": gap,
     }
+    return tile_item(claimed, out_id, tile, grid, footprint, assets, properties)
 
 
 def _generate_tile(
@@ -243,18 +217,15 @@ def _generate_tile(
     settings: WorkerSettings,
 ) -> TileOutput:
     """One tile's coherence COGs into scratch, published with their Item; the scratch space freed."""
-    import rasterio.errors
-
     from card.s1grd.bs import grid_name
-    from card.s1grd.dem import DemLocationError
-    from card.s1grd.safe import SafeError
     from card.s1slc.coh import generate_coh
 
     tile = tg.tile.removeprefix("T")
     name = f"T{tile}" if tg.whole else f"T{tile}-{grid_name(tg.grid)}"
     work = scratch / tile
     dem = _dem(settings)
-    try:
+    what = f"CARD-COH of {partner.product_id} and {claimed.product_id} on tile {tile}"
+    with generation_errors(what, settings):
         result = generate_coh(
             str(early),
             str(late),
@@ -265,19 +236,6 @@ def _generate_tile(
             name=name,
             software=f"cbmflow {__version__}",
         )
-    except DemLocationError as exc:
-        raise ConfigError(f"CBMFLOW_WORKER_CARD_DEM_BUCKET: {exc}") from exc
-    except (SafeError, ValueError, FileNotFoundError, rasterio.errors.RasterioIOError) as exc:
-        raise PermanentJobError(
-            f"CARD-COH of {partner.product_id} and {claimed.product_id} on tile {tile} failed: {exc}"
-        ) from exc
-    except Exception as exc:  # the DEM's bucket (glo30): an outage is retried in place, a refusal is ours
-        failure = _store_failure(exc, settings.card_dem_bucket)
-        if failure is None:
-            raise
-        if isinstance(failure, store.StoreUnavailable):
-            raise failure from exc
-        raise ConfigError(f"CBMFLOW_WORKER_CARD_DEM_BUCKET: {failure}") from exc
     if result.gap_days != partner.gap_days:
         raise PermanentJobError(
             f"{partner.product_id} and {claimed.product_id} are {result.gap_days} days apart, the catalogue"
@@ -304,39 +262,3 @@ def _generate_tile(
         location=dest,
     )
     return TileOutput(tile, product_id, acq_key, f"{dest}/{product_id}.json", tile_footprint)
-
-
-def _register_scene(cur: psycopg2.extensions.cursor, claimed: ClaimedInput, card: CardKind, out: TileOutput) -> int:
-    """Upsert the tile's ``c6``/``c12`` scene by its acquisition key and queue its extraction (in the
-    caller's transaction), as :func:`worker.cardjob._register_scene` does for ``bs``."""
-    cur.execute(
-        """
-        INSERT INTO scenes (product_id, product_name, mission, sensor, card, acquired_at, footprint, location,
-                            acq_key, card_input_id, source_updated)
-        VALUES (%s, %s, %s, 'C-SAR', %s, %s, ST_Multi(ST_GeomFromWKB(%s, 4326)), %s, %s, %s, %s)
-        ON CONFLICT (acq_key) DO UPDATE
-           SET product_id = EXCLUDED.product_id, product_name = EXCLUDED.product_name,
-               location = EXCLUDED.location, footprint = EXCLUDED.footprint,
-               card_input_id = EXCLUDED.card_input_id, source_updated = EXCLUDED.source_updated,
-               store_profile = NULL, deleted_at = NULL, status = 'discovered', reason = NULL,
-               generation = scenes.generation + 1, lease_owner = NULL, lease_until = NULL, updated_at = now()
-        RETURNING id
-        """,
-        (
-            out.product_id,
-            out.product_id,
-            claimed.mission,
-            card,
-            claimed.acquired_at,
-            psycopg2.Binary(shapely.to_wkb(out.footprint)),
-            out.location,
-            out.acq_key,
-            claimed.id,
-            f"card-input {claimed.id} generation {claimed.generation}",
-        ),
-    )
-    row = cur.fetchone()
-    assert row is not None
-    scene_id = int(row[0])
-    enqueue(cur, ExtractParcels(scene_id=scene_id, product_id=out.product_id, card=card, location=out.location))
-    return scene_id
