@@ -25,7 +25,16 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from card.s1grd.safe import GeolocationGrid, Orbit, SafeError, SafeSource, parse_time, read_ipf_version
+from card.s1grd.safe import (  # the annotation's field readers: one SAFE grammar for GRD and SLC
+    GeolocationGrid,
+    Orbit,
+    SafeError,
+    SafeSource,
+    _float,
+    _text,
+    parse_time,
+    read_ipf_version,
+)
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -39,17 +48,6 @@ BurstReader = Callable[[int, int, int, int], ComplexArray]
 
 def _seconds(t: np.datetime64, t0: np.datetime64) -> float:
     return float((t - t0) / np.timedelta64(1, "ns")) * 1e-9
-
-
-def _text(root: ET.Element, path: str) -> str:
-    el = root.find(path)
-    if el is None or el.text is None:
-        raise SafeError(f"missing field {path}")
-    return el.text.strip()
-
-
-def _float(root: ET.Element, path: str) -> float:
-    return float(_text(root, path))
 
 
 def _ints(root: ET.Element, path: str) -> IntArray:
