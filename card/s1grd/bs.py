@@ -9,7 +9,7 @@ the block size and the radar window of one block, never the scene.
 Blocks whose pixels cannot fall inside the image at any plausible terrain height are not
 processed (no DEM read, no geocoding): on a footprint's bounding box or an S2 tile at the swath
 edge that is a quarter of the grid or more. Independent blocks run in a thread pool
-(``workers``): numpy, GDAL reads and the numba kernel release the GIL; the writer stays in the
+(``workers``): numpy, GDAL reads and the numba kernels release the GIL; the writer stays in the
 calling thread and writes the blocks in order, so the output does not depend on ``workers``.
 
 Quantities: ``beta0``, ``sigma0`` and ``gamma0`` (ellipsoid γ0, JRC's historical "Gamma0") from
