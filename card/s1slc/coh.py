@@ -41,6 +41,7 @@ import numpy.typing as npt
 from pyproj import Transformer
 
 from card.geobox import GeoBox
+from card.s1grd.bs import _Linear  # node-to-pixel interpolation without BLAS, as the geocoder's
 from card.s1grd.cog import ScratchRaster
 from card.s1grd.dem import Dem
 from card.s1grd.geocode import SPEED_OF_LIGHT, Geocoder, ecef
@@ -134,27 +135,6 @@ def match_bursts(early: SlcSwath, late: SlcSwath) -> dict[int, int]:
         if d[k] < 0.5 * cycle:
             out[j] = k
     return out
-
-
-class _Linear:
-    """Linear interpolation from sorted node indices to 0…n−1 along one axis (no BLAS: block
-    threads must not start BLAS threads of their own)."""
-
-    def __init__(self, n: int, nodes: npt.NDArray[np.int64]) -> None:
-        idx = np.arange(n)
-        if len(nodes) == 1:
-            self.k, self.f = np.zeros(n, dtype=np.int64), np.zeros(n)
-            self.k1 = self.k
-            return
-        self.k = np.clip(np.searchsorted(nodes, idx, side="right") - 1, 0, len(nodes) - 2)
-        self.k1 = self.k + 1
-        self.f = (idx - nodes[self.k]) / (nodes[self.k1] - nodes[self.k])
-
-    def __call__(self, a: FloatArray, axis: int) -> FloatArray:
-        lo, hi = np.take(a, self.k, axis=axis), np.take(a, self.k1, axis=axis)
-        f = self.f[:, None] if axis == 0 else self.f[None, :]
-        out: FloatArray = lo + f * (hi - lo)
-        return out
 
 
 def _lagrange(levels: list[float], h: FloatArray) -> list[FloatArray]:
