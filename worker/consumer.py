@@ -102,8 +102,8 @@ class _JobSteps(Generic[W]):
     """The outcome, or None when stopping during an object-store outage."""
     done: Callable[[dict[str, Any], float], Verdict]
     label: Callable[[PermanentJobError], str]
-    fail: Callable[[psycopg2.extensions.connection | None, str, int | None], None]
-    transient: Callable[[psycopg2.extensions.connection | None, Exception, str, int | None], Verdict]
+    record: Callable[[psycopg2.extensions.connection, str, bool, int | None], None]
+    """Records a failure on the work (reason, permanent, the generation claimed)."""
     release: Callable[[], None]
 
 
@@ -617,16 +617,18 @@ class Worker:
             self.current_scene = None
 
         return self._verdicts(
+            job,
             _JobSteps(
                 claim=claim,
                 start=start,
-                run=self._run_through_store_outages,
+                run=lambda conn, scene: self._through_store_outages(
+                    conn, scene, self.jobs.run, self.jobs.note, scene.location
+                ),
                 done=done,
                 label=label,
-                fail=lambda conn, reason, gen: self._fail(conn, msg.scene_id, reason, permanent=True, generation=gen),
-                transient=lambda conn, exc, what, gen: self._transient(job, msg, conn, exc, what, gen),
+                record=lambda conn, reason, permanent, gen: self.jobs.fail(conn, msg.scene_id, reason, permanent, gen),
                 release=release,
-            )
+            ),
         )
 
     def _handle_card(self, job: Delivery, msg: GenerateCard) -> Verdict:
@@ -661,21 +663,23 @@ class Worker:
             self.current_card_input = None
 
         return self._verdicts(
+            job,
             _JobSteps(
                 claim=claim,
                 start=start,
-                run=self._run_card_through_store_outages,
+                run=lambda conn, claimed: self._through_store_outages(
+                    conn, claimed, self.card_jobs.run, self.card_jobs.note, claimed.location
+                ),
                 done=done,
                 label=label,
-                fail=lambda conn, reason, gen: self._fail_card(
-                    conn, msg.card_input_id, reason, permanent=True, generation=gen
+                record=lambda conn, reason, permanent, gen: self.card_jobs.fail(
+                    conn, msg.card_input_id, reason, permanent, gen
                 ),
-                transient=lambda conn, exc, what, gen: self._card_transient(job, msg, conn, exc, what, gen),
                 release=release,
-            )
+            ),
         )
 
-    def _verdicts(self, steps: _JobSteps[Any]) -> Verdict:
+    def _verdicts(self, job: Delivery, steps: _JobSteps[Any]) -> Verdict:
         """One job, claimed, run and answered, the same for every job kind: a finished claim is a
         duplicate (ack), a live lease is waited for, a database or object store that cannot be
         reached is retried in place (the message and the lease kept: no delivery is used up), a
@@ -712,11 +716,11 @@ class Worker:
             except PermanentJobError as exc:
                 label = steps.label(exc)
                 log.error("job.failed_permanent", reason=str(exc)[:500], category=label)
-                steps.fail(conn, str(exc), generation)
+                self._record_failure(conn, steps, str(exc), True, generation)
                 return Verdict("dead_letter", str(exc), label)
             except psycopg2.Error as exc:
                 if not db_unavailable(exc, conn):
-                    return steps.transient(conn, exc, "database", generation)
+                    return self._transient(job, conn, exc, "database", steps, generation)
                 # Nothing wrong with the job: keep the message (no delivery is used up) and retry.
                 self._note_db(reachable=False)
                 db_attempt += 1
@@ -730,36 +734,15 @@ class Worker:
                 if self.stopping.wait(delay_s):
                     return Verdict("requeue", "stopping while the database is unavailable", "stopping")
             except OSError as exc:
-                return steps.transient(conn, exc, "io", generation)
+                return self._transient(job, conn, exc, "io", steps, generation)
             except Exception as exc:  # noqa: BLE001 - an unknown error must not kill the consumer
                 log.exception("job.failed_unexpected")
-                return steps.transient(conn, exc, "unexpected", generation)
+                return self._transient(job, conn, exc, "unexpected", steps, generation)
             finally:
                 steps.release()
                 if conn is not None:
                     self._mark_idle(conn)
                     conn.close()
-
-    def _run_card_through_store_outages(
-        self, conn: psycopg2.extensions.connection, claimed: ClaimedInput
-    ) -> dict[str, Any] | None:
-        """:meth:`_run_through_store_outages` for a CARD job: the GRD's store or the CARD store being
-        unreachable keeps the message and the lease, and the wait shows on the input."""
-        attempt = 0
-        while True:
-            try:
-                return self.card_jobs.run(conn, claimed)
-            except store.StoreUnavailable as exc:
-                attempt += 1
-                delay_s = backoff_s(attempt, self.settings.backoff_max_s)
-                log.warning(
-                    "job.store_unavailable", error=str(exc).strip()[:300], attempt=attempt, retry_in_s=round(delay_s, 1)
-                )
-                self.card_jobs.note(
-                    conn, claimed, f"object store unavailable, retrying in place (attempt {attempt}): {exc}"
-                )
-                if self.stopping.wait(delay_s):
-                    return None
 
     def _publish_outbox(self) -> None:
         """Publish the extraction jobs a CARD job just committed, so they need not wait for the
@@ -770,75 +753,36 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the job is done; the watcher publishes what is left
             log.warning("job.outbox_deferred", error=str(exc).strip()[:300] or type(exc).__name__)
 
-    def _card_transient(
+    def _through_store_outages(
         self,
-        job: Delivery,
-        msg: GenerateCard,
-        conn: psycopg2.extensions.connection | None,
-        exc: Exception,
-        label: str,
-        generation: int | None = None,
-    ) -> Verdict:
-        """:meth:`_transient` for a CARD job: the reason goes on the card input."""
-        reason = f"{label}: {type(exc).__name__}: {exc}".strip()
-        if job.delivery_count >= self.bus.delivery_limit:
-            reason = f"gave up after {job.delivery_count + 1} deliveries (delivery limit {self.bus.delivery_limit}): "
-            reason += f"{label}: {type(exc).__name__}: {exc}".strip()
-            log.error("job.failed_delivery_limit", reason=reason[:500])
-            self._fail_card(conn, msg.card_input_id, reason, permanent=True, generation=generation)
-            return Verdict("requeue", reason, "delivery_limit")
-        delay_s = backoff_s(job.delivery_count + 1, self.settings.backoff_max_s)
-        log.warning("job.failed_transient", reason=reason[:500], retry_in_s=round(delay_s, 1))
-        self._fail_card(conn, msg.card_input_id, reason, permanent=False, generation=generation)
-        self.stopping.wait(delay_s)
-        return Verdict("requeue", reason, label)
-
-    def _fail_card(
-        self,
-        conn: psycopg2.extensions.connection | None,
-        input_id: int,
-        reason: str,
-        permanent: bool,
-        generation: int | None = None,
-    ) -> None:
-        fresh = conn is None or bool(conn.closed)
-        try:
-            if fresh:
-                conn = db.connect(self.dsn)
-            assert conn is not None
-            try:
-                self.card_jobs.fail(conn, input_id, reason, permanent, generation)
-            finally:
-                if fresh:
-                    conn.close()
-        except psycopg2.Error as exc:
-            log.warning("job.fail_record_failed", error=str(exc).strip()[:300])
-
-    def _run_through_store_outages(
-        self, conn: psycopg2.extensions.connection, scene: ClaimedScene
+        conn: psycopg2.extensions.connection,
+        work: W,
+        run: Callable[[psycopg2.extensions.connection, W], dict[str, Any]],
+        note: Callable[[psycopg2.extensions.connection, W, str], None],
+        location: str,
     ) -> dict[str, Any] | None:
-        """Run the job, retrying in place while the object store cannot be reached.
+        """Run the job, retrying in place while an object store cannot be reached.
 
         An unreachable store is infrastructure, like an unreachable database: the message is kept
         (no delivery is used up, so an outage can never dead-letter the backlog) and the lease stays
-        ours (``current_scene`` stays set, the heartbeat renews it). The wait shows on the scene
-        (``scenes.reason``). None when a stop was requested meanwhile.
+        ours (the current scene or card input stays set, the heartbeat renews it). The wait shows on
+        the work (its ``reason``). None when a stop was requested meanwhile.
         """
         attempt = 0
         while True:
             try:
-                return self.jobs.run(conn, scene)
+                return run(conn, work)
             except store.StoreUnavailable as exc:
                 attempt += 1
                 delay_s = backoff_s(attempt, self.settings.backoff_max_s)
                 log.warning(
                     "job.store_unavailable", error=str(exc).strip()[:300], attempt=attempt, retry_in_s=round(delay_s, 1)
                 )
-                self.jobs.note(conn, scene, f"object store unavailable, retrying in place (attempt {attempt}): {exc}")
+                note(conn, work, f"object store unavailable, retrying in place (attempt {attempt}): {exc}")
                 if self.stopping.wait(delay_s):
                     return None
                 # GDAL remembers the outage's failures as missing files; the retry must ask again.
-                store.forget_cached(scene.location)
+                store.forget_cached(location)
 
     def _mark_idle(self, conn: psycopg2.extensions.connection) -> None:
         if conn.closed:
@@ -851,42 +795,44 @@ class Worker:
     def _transient(
         self,
         job: Delivery,
-        msg: ExtractParcels,
         conn: psycopg2.extensions.connection | None,
         exc: Exception,
         label: str,
+        steps: _JobSteps[Any],
         generation: int | None = None,
     ) -> Verdict:
         """Requeue after a backoff that grows with the delivery count; on the last delivery the
-        broker allows, mark the scene failed first, since the broker is about to dead-letter it."""
+        broker allows, mark the work failed first, since the broker is about to dead-letter it."""
         reason = f"{label}: {type(exc).__name__}: {exc}".strip()
         if job.delivery_count >= self.bus.delivery_limit:
             reason = f"gave up after {job.delivery_count + 1} deliveries (delivery limit {self.bus.delivery_limit}): "
             reason += f"{label}: {type(exc).__name__}: {exc}".strip()
             log.error("job.failed_delivery_limit", reason=reason[:500])
-            self._fail(conn, msg.scene_id, reason, permanent=True, generation=generation)
+            self._record_failure(conn, steps, reason, True, generation)
             return Verdict("requeue", reason, "delivery_limit")
         delay_s = backoff_s(job.delivery_count + 1, self.settings.backoff_max_s)
         log.warning("job.failed_transient", reason=reason[:500], retry_in_s=round(delay_s, 1))
-        self._fail(conn, msg.scene_id, reason, permanent=False, generation=generation)
+        self._record_failure(conn, steps, reason, False, generation)
         self.stopping.wait(delay_s)
         return Verdict("requeue", reason, label)
 
-    def _fail(
+    def _record_failure(
         self,
         conn: psycopg2.extensions.connection | None,
-        scene_id: int,
+        steps: _JobSteps[Any],
         reason: str,
         permanent: bool,
-        generation: int | None = None,
+        generation: int | None,
     ) -> None:
+        """The reason on the scene or card input, on a fresh connection when the job's is gone; a
+        database that cannot take it is logged, never raised (the verdict must reach the broker)."""
         fresh = conn is None or bool(conn.closed)
         try:
             if fresh:
                 conn = db.connect(self.dsn)
             assert conn is not None
             try:
-                self.jobs.fail(conn, scene_id, reason, permanent, generation)
+                steps.record(conn, reason, permanent, generation)
             finally:
                 if fresh:
                     conn.close()
