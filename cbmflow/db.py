@@ -37,6 +37,35 @@ def connect(dsn: str | None = None, **kwargs: Any) -> psycopg2.extensions.connec
     return conn
 
 
+DEAD_LETTER_LOCK = 0x63626D666C6471  # "cbmfldq": one reader of the dead-letter queue at a time
+"""Advisory-lock key of the dead-letter queue's readers (the workers' reconciliation pass and
+``jobs retry``). Each takes the letters off the queue while it decides and puts back those it keeps;
+a second reader in that moment would see a queue short of them (and ``jobs retry`` would re-publish
+nothing), so they take turns on this lock, held by the database rather than the broker."""
+
+
+@contextmanager
+def advisory_lock(dsn: str | None, key: int, *, wait: bool, timeout_s: float = 60.0) -> Iterator[bool]:
+    """A session-level advisory lock held for the block; yields whether it was taken (always True
+    with ``wait``, which gives up with ``psycopg2.errors.LockNotAvailable`` after ``timeout_s``).
+    The lock dies with its session, so a reader killed mid-way never leaves it held."""
+    conn = connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            if wait:
+                cur.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(timeout_s * 1000)}ms",))
+                cur.execute("SELECT pg_advisory_lock(%s)", (key,))
+                taken = True
+            else:
+                cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                row = cur.fetchone()
+                taken = bool(row and row[0])
+        yield taken
+    finally:
+        conn.close()
+
+
 @contextmanager
 def transaction(dsn: str | None = None) -> Iterator[psycopg2.extensions.cursor]:
     """One connection, one transaction: committed on success, rolled back on any exception."""

@@ -61,6 +61,15 @@ def died_at(headers: dict[str, Any] | None) -> float | None:
 def reconcile_dead_letters(dsn: str, bus: BusSettings) -> ReconcileReport:
     """One pass over the dead-letter queue; see the module docstring for what is marked and why."""
     report = ReconcileReport()
+    with db.advisory_lock(dsn, db.DEAD_LETTER_LOCK, wait=False) as ours:
+        if not ours:  # `jobs retry` (or another pass) holds the letters now; the next period comes
+            log.info("worker.dead_letters_busy")
+            return report
+        _reconcile(dsn, bus, report)
+    return report
+
+
+def _reconcile(dsn: str, bus: BusSettings, report: ReconcileReport) -> None:
     conn = busmod.connect(bus)
     try:
         channel = conn.channel()
@@ -92,7 +101,6 @@ def reconcile_dead_letters(dsn: str, bus: BusSettings) -> ReconcileReport:
     finally:
         if conn.is_open:
             conn.close()
-    return report
 
 
 def _mark_failed(dsn: str, candidates: dict[int, float | None], report: ReconcileReport) -> None:

@@ -77,6 +77,35 @@ def retry(
     if forced and not restricted:
         raise ValueError("nothing to retry: give failed, dead_lettered, scene ids or card input ids")
     report = RetryReport()
+    # The workers' reconciliation pass holds the letters for a moment each period: wait for it
+    # rather than read a queue short of them (and re-publish nothing).
+    with db.advisory_lock(dsn, db.DEAD_LETTER_LOCK, wait=True):
+        _retry(dsn, bus, report, failed, dead_lettered, forced, restricted, only, only_cards)
+    log.info(
+        "jobs.retry",
+        republished=report.republished,
+        pending=report.pending,
+        skipped=report.skipped,
+        cards_republished=report.cards_republished,
+        cards_pending=report.cards_pending,
+        cards_skipped=report.cards_skipped,
+        letters_removed=report.letters_removed,
+        letters_kept=report.letters_kept,
+    )
+    return report
+
+
+def _retry(
+    dsn: str,
+    bus: BusSettings,
+    report: RetryReport,
+    failed: bool,
+    dead_lettered: bool,
+    forced: bool,
+    restricted: bool,
+    only: set[int],
+    only_cards: set[int],
+) -> None:
     conn = busmod.connect(bus)
     try:
         channel = conn.channel()
@@ -171,18 +200,6 @@ def retry(
     finally:
         if conn.is_open:
             conn.close()
-    log.info(
-        "jobs.retry",
-        republished=report.republished,
-        pending=report.pending,
-        skipped=report.skipped,
-        cards_republished=report.cards_republished,
-        cards_pending=report.cards_pending,
-        cards_skipped=report.cards_skipped,
-        letters_removed=report.letters_removed,
-        letters_kept=report.letters_kept,
-    )
-    return report
 
 
 def _reset_card_inputs(

@@ -377,3 +377,49 @@ def test_a_job_dead_lettered_by_the_delivery_limit_marks_its_scene_failed(
     _wait("the worker to stop before the retry publishes a job it could take", worker.exited.is_set, 30)
     assert retry(pg_dsn, bus, dead_lettered=True).republished == [sid]
     assert _queue_counts(bus) == (1, 0)
+
+
+def test_jobs_retry_waits_for_a_reconciliation_pass_that_holds_the_letters(
+    cbm_env: Any, pg_dsn: str, amqp_url: str, management_url: str
+) -> None:
+    """The workers' dead-letter pass takes the letters off the queue for a moment each period. A
+    `jobs retry --dead-lettered` in that moment once re-published nothing (it read an empty queue;
+    seen in CI). Both now take turns on one advisory lock: retry waits, a pass finding retry (or
+    another pass) at work skips its period."""
+    from datetime import UTC, datetime
+
+    bus = BusSettings(amqp_url=amqp_url, management_url=management_url)
+    rec = SceneRecord(
+        product_id="S2B_MSIL2A_20240611T102021_N0510_R065_T32UPU_L", product_name="p-lock", mission="S2B",
+        sensor="MSI", card="s2", acquired_at=datetime(2024, 6, 11, tzinfo=UTC),
+        footprint=shapely.box(11.0, 48.0, 11.5, 48.5), location="/nowhere/p-lock.SAFE", updated="2024-06-30T00:00:00Z",
+    )  # fmt: skip
+    with db.transaction(pg_dsn) as cur:
+        sid, _ = upsert_scene(cur, rec)
+    assert flush_outbox(pg_dsn, bus) == 1
+    conn = busmod.connect(bus)
+    try:
+        ch = conn.channel()
+        method = _wait("the job", lambda: ch.basic_get(bus.queue, auto_ack=False)[0], 10)
+        ch.basic_reject(method.delivery_tag, requeue=False)  # a poison verdict: dead-lettered at once
+        _wait("the letter", lambda: _queue_counts(bus) == (0, 1), 10)
+
+        ch.confirm_delivery()
+        results: list[Any] = []
+        with db.advisory_lock(pg_dsn, db.DEAD_LETTER_LOCK, wait=False) as ours:
+            assert ours
+            assert reconcile_dead_letters(pg_dsn, bus).letters == 0, "a second pass skips its period"
+            letters = busmod.fetch_dead_letters(ch, bus)  # the pass at work: the queue is empty now
+            assert len(letters) == 1 and _queue_counts(bus) == (0, 0)
+            t = threading.Thread(target=lambda: results.append(retry(pg_dsn, bus, dead_lettered=True)))
+            t.start()
+            time.sleep(1.5)
+            assert t.is_alive() and not results, "retry waits for the pass instead of reading an empty queue"
+            for letter in letters:
+                busmod.keep_dead_letter(ch, bus, letter)
+        t.join(30)
+    finally:
+        conn.close()
+    assert len(results) == 1
+    assert results[0].republished == [sid] and results[0].letters_removed == 1
+    assert _queue_counts(bus) == (1, 0)
