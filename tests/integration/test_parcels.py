@@ -337,3 +337,45 @@ def test_concurrent_imports_never_hand_out_a_pid_twice(pg_dsn: str, tmp_path: Pa
         first.close()
         second.close()
     assert {k: v[0] for k, v in _parcels(pg_dsn).items()} == {"a": 1, "x1": 2, "x2": 3}
+
+
+def _gist_indexes(dsn: str, aoi: str = "ms", year: int = 2024) -> list[str]:
+    with db.transaction(dsn) as cur:
+        cur.execute(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND tablename = %s AND indexdef ILIKE %s",
+            (aoi, f"parcels_{year}", "%USING gist (geom)%"),
+        )
+        return [str(r[0]) for r in cur.fetchall()]
+
+
+def test_first_import_builds_the_spatial_index_after_the_rows(
+    pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into an empty table the GiST index is dropped and rebuilt once; it must exist (once) after
+    the first import and after a later one into the filled table, and batches keep the file order."""
+    import cbmflow.parcels.ingest as ingest
+
+    monkeypatch.setattr(ingest, "COPY_BATCH_ROWS", 3)  # several COPY batches, each with its own WKB
+    first = [f for f in FEATURES if f[4] is None]
+    _frame(first).to_file(tmp_path / "v1.gpkg")
+    report = _import(pg_dsn, tmp_path / "v1.gpkg")
+    assert "index" in report.timings_s and report.timings_s["upsert"] >= 0
+    assert len(_gist_indexes(pg_dsn)) == 1
+    stored = _parcels(pg_dsn)
+    assert [parcel_id for parcel_id, _ in sorted(stored.items(), key=lambda kv: kv[1][0])] == [f[0] for f in first]
+    for parcel_id, code, _, geom, _ in first:  # each row got its own geometry across the batches
+        assert parcel_id is not None and stored[parcel_id][1] == code
+        assert stored[parcel_id][2] == pytest.approx(geom.area, rel=1e-9)  # type: ignore[attr-defined]
+    with db.transaction(pg_dsn) as cur:  # the index answers a bounding-box query like the worker's
+        cur.execute("SET LOCAL enable_seqscan = off")
+        cur.execute(
+            "EXPLAIN SELECT pid FROM ms.parcels_2024 WHERE geom && ST_MakeEnvelope(%s, %s, %s, %s, 3035)",
+            (X0, Y0, X0 + 10, Y0 + 10),
+        )
+        assert "parcels_2024_geom_gix" in " ".join(str(r[0]) for r in cur.fetchall())
+
+    more = [("late", "9", "rye", box(X0 + 5000, Y0, X0 + 5100, Y0 + 100), None)]
+    _frame(more).to_file(tmp_path / "v2.gpkg")
+    again = _import(pg_dsn, tmp_path / "v2.gpkg")
+    assert again.imported == 1 and "index" not in again.timings_s  # a filled table keeps its index
+    assert len(_gist_indexes(pg_dsn)) == 1
