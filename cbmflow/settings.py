@@ -291,6 +291,14 @@ class WorkerSettings(BaseSettings):
         " lowest time per scene); 1 = one core, decode and reduce take turns (run one worker per core for the"
         " most scenes per hour)",
     )
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU niceness the worker runs at (never lowered below the one it was started with): on a host"
+        " it shares with the API and PostgreSQL, requests are answered first and batch work takes the rest; on a"
+        " worker VM of its own it changes nothing",
+    )
     card_output_url: str = Field(
         "",
         description="where GenerateCard jobs write their COGs: a local directory or s3://bucket/prefix; empty ="

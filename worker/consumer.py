@@ -100,7 +100,8 @@ class _JobSteps(Generic[W]):
     """Shows the work as this worker's current one (heartbeats, status)."""
     run: Callable[[psycopg2.extensions.connection, W], dict[str, Any] | None]
     """The outcome, or None when stopping during an object-store outage."""
-    done: Callable[[dict[str, Any], float], Verdict]
+    done: Callable[[dict[str, Any], float, float], Verdict]
+    """Logs and answers a finished job: (outcome, wall seconds, process CPU seconds meanwhile)."""
     label: Callable[[PermanentJobError], str]
     record: Callable[[psycopg2.extensions.connection, str, bool, int | None], None]
     """Records a failure on the work (reason, permanent, the generation claimed)."""
@@ -600,8 +601,8 @@ class Worker:
             self.current_scene = scene.id
             self._mark(conn, "busy", scene.id)
 
-        def done(outcome: dict[str, Any], duration_s: float) -> Verdict:
-            log.info("job.done", duration_s=round(duration_s, 3), **outcome)
+        def done(outcome: dict[str, Any], duration_s: float, cpu_s: float) -> Verdict:
+            log.info("job.done", duration_s=round(duration_s, 3), cpu_s=round(cpu_s, 3), **outcome)
             return Verdict("ack", "", str(outcome["status"]))
 
         def label(exc: PermanentJobError) -> str:
@@ -645,8 +646,8 @@ class Worker:
             self.current_card_input = claimed.id
             self._mark(conn, "busy", None)
 
-        def done(outcome: dict[str, Any], duration_s: float) -> Verdict:
-            log.info("job.done", kind="GenerateCard", duration_s=round(duration_s, 3), **outcome)
+        def done(outcome: dict[str, Any], duration_s: float, cpu_s: float) -> Verdict:
+            log.info("job.done", kind="GenerateCard", duration_s=round(duration_s, 3), cpu_s=round(cpu_s, 3), **outcome)
             self._publish_outbox()
             return Verdict("ack", "", "card_done")
 
@@ -697,11 +698,11 @@ class Worker:
                     return Verdict("ack", "", "duplicate")
                 work, generation = claimed
                 steps.start(conn, work)
-                started = time.monotonic()
+                started, started_cpu = time.monotonic(), time.process_time()
                 outcome = steps.run(conn, work)
                 if outcome is None:
                     return Verdict("requeue", "stopping while the object store is unavailable", "stopping")
-                return steps.done(outcome, time.monotonic() - started)
+                return steps.done(outcome, time.monotonic() - started, time.process_time() - started_cpu)
             except SceneChanged as exc:
                 # Our rows were rolled back; the work is claimable again at its new generation.
                 log.warning("job.scene_changed", reason=str(exc))
