@@ -23,6 +23,7 @@ partner has no job to re-publish and is skipped with the reason.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from cbmflow import bus as busmod
@@ -153,14 +154,12 @@ def _retry(
                     report.skipped[sid] = "unknown scene"
                     continue
                 _, product_id, card, location, status, lease_live = row
-                if status == "processing" and lease_live:
-                    report.skipped[sid] = "being processed now"
-                    continue
-                if status in FINISHED:
+                why, done = _not_resettable(status, bool(lease_live), FINISHED, forced)
+                if done:
                     finished.add(sid)
-                    if not forced:
-                        report.skipped[sid] = f"already {status}"
-                        continue
+                if why is not None:
+                    report.skipped[sid] = why
+                    continue
                 msg = ExtractParcels(scene_id=sid, product_id=product_id, card=card, location=location)
                 cur.execute(
                     "UPDATE scenes SET status = 'discovered', reason = NULL, lease_owner = NULL, lease_until = NULL,"
@@ -202,6 +201,18 @@ def _retry(
             conn.close()
 
 
+def _not_resettable(
+    status: str, lease_live: bool, finished_states: Collection[str], forced: bool
+) -> tuple[str | None, bool]:
+    """Why a scene or card input is left as it is (None: reset it), and whether it is finished.
+    A live lease means a worker is on it now; a finished one is redone only when asked by id."""
+    if status == "processing" and lease_live:
+        return "being processed now", False
+    if status in finished_states:
+        return (None if forced else f"already {status}"), True
+    return None, False
+
+
 def _reset_card_inputs(
     cur: db.Cursor, wanted: list[int], forced: bool, report: RetryReport, outbox_ids: list[int]
 ) -> set[int]:
@@ -232,14 +243,12 @@ def _reset_card_inputs(
         if kind not in ("grd", "slc"):
             report.cards_skipped[input_id] = f"a {kind} input has no CARD job"
             continue
-        if status == "processing" and lease_live:
-            report.cards_skipped[input_id] = "being processed now"
-            continue
-        if status in CARD_FINISHED:
+        why, done = _not_resettable(status, bool(lease_live), CARD_FINISHED, forced)
+        if done:
             finished.add(input_id)
-            if not forced:
-                report.cards_skipped[input_id] = f"already {status}"
-                continue
+        if why is not None:
+            report.cards_skipped[input_id] = why
+            continue
         cur.execute(
             "UPDATE card_inputs SET status = 'awaiting_card', reason = NULL, lease_owner = NULL, lease_until = NULL,"
             " generation = generation + 1, updated_at = now() WHERE id = %s",
