@@ -40,12 +40,12 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import psycopg2
@@ -66,6 +66,7 @@ from cbmflow.vocab import CardKind
 from worker.leases import LeaseHeld, LeaseLost, SceneChanged
 
 log = get_logger("worker")
+T = TypeVar("T")
 
 SAFE_PARTS = ("manifest.safe", "annotation/", "measurement/")
 """What CARD-BS reads of a SAFE on S3: the manifest, the annotation (calibration and noise
@@ -103,6 +104,11 @@ class TileOutput:
     location: str
     footprint: BaseGeometry
     """lon/lat: the generated grid's extent within the GRD's footprint."""
+
+    @property
+    def folder(self) -> str:
+        """Where the tile's COGs and Item were published."""
+        return self.location.rsplit("/", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -197,17 +203,8 @@ class CardJobs:
     def run(self, conn: psycopg2.extensions.connection, claimed: ClaimedInput) -> dict[str, Any]:
         """Generate and publish every tile outside any transaction, then register the scenes, queue
         their extraction and mark the input done in ONE short transaction (see the module docstring)."""
-        try:
-            store.profile_settings(claimed.store_profile)
-        except store.UnknownStoreProfile as exc:
-            raise PermanentJobError(f"card input {claimed.id} ({claimed.product_id}): {exc}") from exc
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                footprint, region = _footprint_and_aoi(cur, claimed.id)
-        finally:
-            if not conn.closed:
-                conn.autocommit = False
+        require_profile(claimed.id, claimed.product_id, claimed.store_profile)
+        footprint, region = outside_transaction(conn, lambda cur: _footprint_and_aoi(cur, claimed.id))
         grids = tile_grids(region, footprint, self.settings) if region is not None else []
         outputs: list[TileOutput] = []
         if grids:
@@ -217,20 +214,28 @@ class CardJobs:
                     grd = local_grd(claimed.location, claimed.product_id, scratch / "input")
                 for tg in grids:
                     outputs.append(_generate_tile(claimed, grd, tg, footprint, scratch / "out", root, self.settings))
-        with conn, conn.cursor() as cur:
-            self._check_current(cur, claimed, lock=True)
-            scene_ids = [register_scene(cur, claimed, out, "bs") for out in outputs]
-            cur.execute(
-                "UPDATE card_inputs SET status = 'done', lease_owner = NULL, lease_until = NULL, reason = NULL,"
-                " scenes_written = %s, updated_at = now() WHERE id = %s",
-                (len(outputs), claimed.id),
-            )
+        scene_ids = self.finish(conn, claimed, outputs, "bs")
         return {
             "status": "done",
             "tiles": [o.tile for o in outputs],
             "scenes": scene_ids,
             "aoi": region is not None,
         }
+
+    def finish(
+        self, conn: psycopg2.extensions.connection, claimed: ClaimedInput, outputs: list[TileOutput], card: CardKind
+    ) -> list[int]:
+        """Register the published tiles' scenes, queue their extraction and mark the input done, in
+        one short transaction that commits only while the input is still ours at its generation."""
+        with conn, conn.cursor() as cur:
+            self._check_current(cur, claimed, lock=True)
+            scene_ids = [register_scene(cur, claimed, out, card) for out in outputs]
+            cur.execute(
+                "UPDATE card_inputs SET status = 'done', lease_owner = NULL, lease_until = NULL, reason = NULL,"
+                " scenes_written = %s, updated_at = now() WHERE id = %s",
+                (len(outputs), claimed.id),
+            )
+        return scene_ids
 
     def _check_current(self, cur: psycopg2.extensions.cursor, claimed: ClaimedInput, *, lock: bool) -> None:
         if lock:
@@ -586,11 +591,9 @@ def _generate_tile(
     settings: WorkerSettings,
 ) -> TileOutput:
     """Generate one tile's COGs into scratch, publish them and their Item, free the scratch space."""
-    from card.s1grd.bs import generate_bs, grid_name
+    from card.s1grd.bs import generate_bs
 
-    tile = tg.tile.removeprefix("T")
-    name = f"T{tile}" if tg.whole else f"T{tile}-{grid_name(tg.grid)}"
-    work = scratch / tile
+    tile, name, work = tile_work(tg, scratch)
     dem = _dem(settings)
     with generation_errors(f"CARD-BS of {claimed.product_id} on tile {tile}", settings):
         result = generate_bs(
@@ -607,16 +610,74 @@ def _generate_tile(
     files = {pol: Path(p).name for pol, p in result.backscatter.items()}
     files["MASK"] = Path(result.mask).name
     files["LIA"] = Path(result.local_incidence).name
-    product_id = f"{claimed.product_name}_{tile}_BS"
+    out = publish_tile(
+        claimed,
+        tg,
+        footprint,
+        work,
+        files,
+        product_id=f"{claimed.product_name}_{tile}_BS",
+        card="bs",
+        root=root,
+        item=lambda out_id, geom: _item(claimed, out_id, tile, tg.grid, geom, files),
+    )
+    log.info("card.tile_done", tile=tile, pixels=result.pixels, seconds=round(result.seconds, 2), location=out.folder)
+    return out
+
+
+def require_profile(input_id: int, product_id: str, profile: str) -> None:
+    """An input whose store profile this worker lacks fails for good: no retry can read it."""
+    try:
+        store.profile_settings(profile)
+    except store.UnknownStoreProfile as exc:
+        raise PermanentJobError(f"card input {input_id} ({product_id}): {exc}") from exc
+
+
+def outside_transaction(conn: psycopg2.extensions.connection, read: Callable[[psycopg2.extensions.cursor], T]) -> T:
+    """``read`` in autocommit: a CARD job runs for minutes and must hold no transaction meanwhile."""
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            return read(cur)
+    finally:
+        if not conn.closed:
+            conn.autocommit = False
+
+
+def tile_work(tg: TileGrid, scratch: Path) -> tuple[str, str, Path]:
+    """The tile's name without its T, its outputs' file stem (the grid's extent when not the
+    whole tile) and its scratch folder."""
+    from card.s1grd.bs import grid_name
+
+    tile = tg.tile.removeprefix("T")
+    return tile, f"T{tile}" if tg.whole else f"T{tile}-{grid_name(tg.grid)}", scratch / tile
+
+
+def publish_tile(
+    claimed: ClaimedInput,
+    tg: TileGrid,
+    footprint: BaseGeometry,
+    work: Path,
+    files: dict[str, str],
+    *,
+    product_id: str,
+    card: str,
+    root: str,
+    item: Callable[[str, BaseGeometry], dict[str, Any]],
+) -> TileOutput:
+    """Publish one tile's COGs, then their STAC Item (last: it names files that are all there), and
+    free the scratch space. ``card`` (bs, c6, c12) names the output folder's kind and the scene's
+    acquisition key, so a re-run of the same input replaces the same scene."""
+    tile = tg.tile.removeprefix("T")
     tile_footprint = _grid_footprint(tg.grid, footprint)
     item_path = work / f"{product_id}.json"
-    item_path.write_text(json.dumps(_item(claimed, product_id, tile, tg.grid, tile_footprint, files), indent=1))
-    dest = f"{root}/card/bs/{claimed.product_name}/g{claimed.generation}/{tile}"
+    item_path.write_text(json.dumps(item(product_id, tile_footprint), indent=1))
+    kind = "bs" if card == "bs" else "coh"
+    dest = f"{root}/card/{kind}/{claimed.product_name}/g{claimed.generation}/{tile}"
     _publish([work / n for n in files.values()], dest)
-    _publish([item_path], dest)  # last: the Item names files that are all there
+    _publish([item_path], dest)
     shutil.rmtree(work, ignore_errors=True)
-    acq_key = f"{claimed.mission}_bs_{tile}_{claimed.acquired_at.astimezone(UTC):%Y%m%dT%H%M%S}"
-    log.info("card.tile_done", tile=tile, pixels=result.pixels, seconds=round(result.seconds, 2), location=dest)
+    acq_key = f"{claimed.mission}_{card}_{tile}_{claimed.acquired_at.astimezone(UTC):%Y%m%dT%H%M%S}"
     return TileOutput(tile, product_id, acq_key, f"{dest}/{product_id}.json", tile_footprint)
 
 

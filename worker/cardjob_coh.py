@@ -30,11 +30,8 @@ store is retried in place; a DEM that cannot be set up is the worker's configura
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from dataclasses import dataclass
-from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +54,16 @@ from worker.cardjob import (
     TileOutput,
     UnknownCardInput,
     _dem,
-    _grid_footprint,
-    _publish,
     generation_errors,
     local_grd,
     output_root,
-    register_scene,
+    outside_transaction,
+    publish_tile,
+    require_profile,
     scratch_dir,
     tile_grids,
     tile_item,
+    tile_work,
 )
 
 log = get_logger("worker")
@@ -94,21 +92,9 @@ class CardJobsWithCoh(CardJobs):
     def run_coh(self, conn: psycopg2.extensions.connection, claimed: ClaimedInput) -> dict[str, Any]:
         """Generate and publish every tile's coherence outside any transaction, then register the
         scenes, queue their extraction and mark the input done in ONE short transaction."""
-        try:
-            store.profile_settings(claimed.store_profile)
-        except store.UnknownStoreProfile as exc:
-            raise PermanentJobError(f"card input {claimed.id} ({claimed.product_id}): {exc}") from exc
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                partner, overlap, region = _pair_and_aoi(cur, claimed.id)
-        finally:
-            if not conn.closed:
-                conn.autocommit = False
-        try:
-            store.profile_settings(partner.store_profile)
-        except store.UnknownStoreProfile as exc:
-            raise PermanentJobError(f"card input {partner.id} ({partner.product_id}): {exc}") from exc
+        require_profile(claimed.id, claimed.product_id, claimed.store_profile)
+        partner, overlap, region = outside_transaction(conn, lambda cur: _pair_and_aoi(cur, claimed.id))
+        require_profile(partner.id, partner.product_id, partner.store_profile)
         card: CardKind = "c6" if partner.gap_days == 6 else "c12"
         grids = tile_grids(region, overlap, self.settings) if region is not None else []
         outputs: list[TileOutput] = []
@@ -123,14 +109,7 @@ class CardJobsWithCoh(CardJobs):
                     outputs.append(
                         _generate_tile(claimed, partner, early, late, tg, overlap, scratch / "out", root, self.settings)
                     )
-        with conn, conn.cursor() as cur:
-            self._check_current(cur, claimed, lock=True)
-            scene_ids = [register_scene(cur, claimed, out, card) for out in outputs]
-            cur.execute(
-                "UPDATE card_inputs SET status = 'done', lease_owner = NULL, lease_until = NULL, reason = NULL,"
-                " scenes_written = %s, updated_at = now() WHERE id = %s",
-                (len(outputs), claimed.id),
-            )
+        scene_ids = self.finish(conn, claimed, outputs, card)
         return {
             "status": "done",
             "card": card,
@@ -217,12 +196,9 @@ def _generate_tile(
     settings: WorkerSettings,
 ) -> TileOutput:
     """One tile's coherence COGs into scratch, published with their Item; the scratch space freed."""
-    from card.s1grd.bs import grid_name
     from card.s1slc.coh import generate_coh
 
-    tile = tg.tile.removeprefix("T")
-    name = f"T{tile}" if tg.whole else f"T{tile}-{grid_name(tg.grid)}"
-    work = scratch / tile
+    tile, name, work = tile_work(tg, scratch)
     dem = _dem(settings)
     what = f"CARD-COH of {partner.product_id} and {claimed.product_id} on tile {tile}"
     with generation_errors(what, settings):
@@ -243,22 +219,23 @@ def _generate_tile(
         )
     gap = partner.gap_days
     files = {pol: Path(p).name for pol, p in result.coherence.items()}
-    product_id = f"{claimed.product_name}_{tile}_COH{gap}"
-    tile_footprint = _grid_footprint(tg.grid, footprint)
-    item_path = work / f"{product_id}.json"
-    item = _item(claimed, partner, product_id, tile, tg.grid, tile_footprint, files, gap)
-    item_path.write_text(json.dumps(item, indent=1))
-    dest = f"{root}/card/coh/{claimed.product_name}/g{claimed.generation}/{tile}"
-    _publish([work / n for n in files.values()], dest)
-    _publish([item_path], dest)  # last: the Item names files that are all there
-    shutil.rmtree(work, ignore_errors=True)
-    acq_key = f"{claimed.mission}_c{gap}_{tile}_{claimed.acquired_at.astimezone(UTC):%Y%m%dT%H%M%S}"
+    out = publish_tile(
+        claimed,
+        tg,
+        footprint,
+        work,
+        files,
+        product_id=f"{claimed.product_name}_{tile}_COH{gap}",
+        card=f"c{gap}",
+        root=root,
+        item=lambda out_id, geom: _item(claimed, partner, out_id, tile, tg.grid, geom, files, gap),
+    )
     log.info(
         "card.coh_tile_done",
         tile=tile,
         gap_days=gap,
         pixels=result.pixels,
         seconds=round(result.seconds, 2),
-        location=dest,
+        location=out.folder,
     )
-    return TileOutput(tile, product_id, acq_key, f"{dest}/{product_id}.json", tile_footprint)
+    return out
