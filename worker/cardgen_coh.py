@@ -8,71 +8,12 @@ directories or zips only (S3 inputs: the GenerateCard job stages them).
 
 from __future__ import annotations
 
-import math
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import typer
 
 from cbmflow import __version__
-
-if TYPE_CHECKING:
-    from card.geobox import GeoBox
-    from card.s1grd.dem import Dem
-
-DEM_HELP = (
-    "'flat' (height 0 on the WGS84 ellipsoid), 'glo30' (Copernicus GLO-30 tiles from S3, cached) or a DEM raster."
-)
-
-
-# The grid and DEM options mirror worker/cardgen.py's (``output_grids``, ``make_dem``); they are
-# repeated here because worker/cardgen.py registers this command (an import back would be a cycle).
-def _grids(
-    tiles: list[str], crs: str | None, bounds: tuple[float, float, float, float] | None, resolution_m: float | None
-) -> list[tuple[str | None, GeoBox]]:
-    from affine import Affine
-
-    from card.geobox import GeoBox
-    from card.mgrs import parse_tile
-
-    if tiles and (crs is not None or bounds is not None):
-        raise ValueError("give either --tile or --crs/--bounds, not both")
-    if tiles:
-        return [(t.name, t.geobox(resolution_m or 10.0)) for t in map(parse_tile, tiles)]
-    if crs is None or bounds is None:
-        raise ValueError("give the output grid: --tile 32UPU or --crs EPSG:N --bounds XMIN YMIN XMAX YMAX")
-    res = resolution_m or 10.0
-    xmin, ymin, xmax, ymax = bounds
-    if not (xmax > xmin and ymax > ymin and res > 0):
-        raise ValueError(f"bounds must be XMIN YMIN XMAX YMAX with XMAX > XMIN, YMAX > YMIN; got {bounds}")
-    x0, y1 = math.floor(xmin / res) * res, math.ceil(ymax / res) * res
-    shape = (math.ceil((y1 - ymin) / res), math.ceil((xmax - x0) / res))
-    return [(None, GeoBox(shape, Affine(res, 0.0, x0, 0.0, -res, y1), crs.upper()))]
-
-
-def _dem(dem: str, geoid: str | None, bucket: str, cache: Path | None) -> Dem:
-    from card.s1grd.dem import GLO30_AWS, FileDem, FlatDem, Glo30Dem
-
-    if dem == "flat":
-        return FlatDem()
-    if dem == "glo30":
-        client: Any
-        if bucket.rstrip("/") == GLO30_AWS:
-            import boto3
-            from botocore import UNSIGNED
-            from botocore.config import Config
-
-            client = boto3.client("s3", region_name="eu-central-1", config=Config(signature_version=UNSIGNED))
-        else:
-            from cbmflow import store
-
-            client = store.s3_client()
-        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        return Glo30Dem(client, cache or home / "cbmflow" / "glo30", bucket, geoid=geoid)
-    if not Path(dem).is_file():
-        raise FileNotFoundError(f"DEM {dem} not found")
-    return FileDem(Path(dem), geoid)
+from worker.cardopts import DEM_HELP, make_dem, output_grids
 
 
 def register_coh(card_app: typer.Typer) -> None:
@@ -107,8 +48,8 @@ def register_coh(card_app: typer.Typer) -> None:
             return typer.Exit(1)
 
         try:
-            grids = _grids(tile, crs, bounds, resolution)
-            provider = _dem(dem, dem_geoid, dem_bucket, dem_cache)
+            grids = output_grids(tile, crs, bounds, resolution)
+            provider = make_dem(dem, dem_geoid, dem_bucket, dem_cache)
             for name, grid in grids:
                 result = generate_coh(
                     str(slc_early),

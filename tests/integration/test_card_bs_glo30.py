@@ -183,7 +183,7 @@ def test_cli_card_bs_on_a_tile_with_glo30(
 def test_the_public_aws_bucket_gets_an_unsigned_client() -> None:
     from botocore import UNSIGNED
 
-    from worker.cardgen import glo30_client
+    from worker.cardopts import glo30_client
 
     c = glo30_client("s3://copernicus-dem-30m/")
     assert c.meta.region_name == "eu-central-1" and c.meta.config.signature_version is UNSIGNED

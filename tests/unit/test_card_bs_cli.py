@@ -11,7 +11,8 @@ import typer
 from typer.testing import CliRunner
 
 from card.s1grd.rtc import MASK_NODATA
-from worker.cardgen import build_grid, register
+from worker.cardgen import register
+from worker.cardopts import build_grid
 
 app = typer.Typer()
 register(app)
