@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import rasterio.errors
 import shapely
 import shapely.geometry
 from pyproj import Transformer
+from slc_pairs import EARLY, LATE, require_pair, scatterer_window, write_safe
 
 from catalog_watcher.service import upsert_card_input
 from catalog_watcher.stac import SceneRecord
@@ -37,9 +37,6 @@ from cbmflow.messages import GenerateCard, parse_message
 from cbmflow.outbox import enqueue, flush_outbox
 from cbmflow.settings import BusSettings, WorkerSettings
 
-PAIR = Path("../shared/data/sentinel1/coh-pair")
-EARLY = PAIR / "S1A_IW_SLC__1SDV_20250406T022008_20250406T022035_058630_07421F_93A7.SAFE"
-LATE = PAIR / "S1A_IW_SLC__1SDV_20250418T022008_20250418T022035_058805_074946_C7D4.SAFE"
 ORBIT = 35
 FRAME = shapely.geometry.box(-128.6, 52.6, -126.0, 54.4)  # an IW frame's extent, for the pairing checks
 
@@ -143,7 +140,6 @@ def test_the_watcher_pairs_slcs_by_orbit_and_gap_once(pg_dsn: str) -> None:
 
 # --- the job ----------------------------------------------------------------------------------------
 
-C = 299792458.0
 YEAR = 2025
 GAMMA = {"VV": 0.7, "VH": 0.3}
 """The synthetic coherence per polarisation (different, so a swapped band shows)."""
@@ -156,63 +152,11 @@ AOI_HALF_M = 400.0
 PARCEL_M = 340.0
 
 
-def _require_pair() -> None:
-    if not EARLY.is_dir() or not LATE.is_dir():
-        pytest.skip(f"shared test data missing: {PAIR}")
-
-
-def _window(swath: Any, points: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Measurement rows/cols the scatterers fall on (all bursts), with a margin for the kernels
-    (the generator's own zero-Doppler solve, as in tests/unit/test_card_coh.py)."""
-    from card.s1grd.orbit import OrbitInterpolator
-    from card.s1slc import synthetic as syn
-
-    t, r = syn.zero_doppler(OrbitInterpolator(swath.orbit), points, swath.bursts[4].azimuth_time_s)
-    sample = (2 * r / C - swath.slant_range_time_s) * swath.range_sampling_rate_hz
-    rows: list[int] = []
-    for b in swath.bursts:
-        line = (t - b.azimuth_time_s) / swath.azimuth_time_interval_s
-        if ((line > 0) & (line < b.lines)).any():
-            rows += [b.first_line + max(0, int(line.min()) - 10), b.first_line + min(b.lines, int(line.max()) + 10)]
-    return (min(rows), max(rows)), (int(sample.min()) - 10, int(sample.max()) + 10)
-
-
-def _safe(src: Path, dst: Path, data: dict[str, Any]) -> Path:
-    """A SAFE directory: the real manifest and IW2 annotations (VV, VH), and per polarisation a sparse
-    complex-int16 measurement holding the synthetic window (the rest of the swath is 0)."""
-    safe = dst / src.name
-    (safe / "annotation").mkdir(parents=True)
-    (safe / "measurement").mkdir()
-    (safe / "manifest.safe").write_bytes((src / "manifest.safe").read_bytes())
-    for pol, swath in data.items():
-        xml = next((src / "annotation").glob(f"s1a-iw2-slc-{pol.lower()}-*.xml"))
-        (safe / "annotation" / xml.name).write_bytes(xml.read_bytes())
-        sw = swath.swath
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(
-                safe / "measurement" / (xml.stem + ".tiff"),
-                "w",
-                driver="GTiff",
-                width=sw.n_samples,
-                height=sw.n_lines,
-                count=1,
-                dtype="complex_int16",
-                tiled=True,
-                blockxsize=256,
-                blockysize=256,
-                sparse_ok=True,
-            ) as ds:
-                ny, nx = swath.data.shape
-                ds.write(np.round(swath.data), 1, window=rasterio.windows.Window(swath.col0, swath.row0, nx, ny))
-    return safe
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Both dates as small synthetic SAFEs over an 800 m AOI mid-swath in burst 3 (tile 09UWT), with
     four parcels; the field extends 250 m beyond the AOI, past the job's grid and window."""
-    _require_pair()
+    require_pair()
     from affine import Affine
 
     from card.geobox import GeoBox
@@ -235,7 +179,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     rng = np.random.default_rng(13)
     common, other = syn.scatterers(field, 5.0, rng), syn.scatterers(field, 5.0, rng)
     a, noise = syn.complex_gaussian(len(common.x), rng), syn.complex_gaussian(len(other.x), rng)
-    we, wl = _window(se, common.points), _window(sl, np.concatenate([common.points, other.points]))
+    we, wl = scatterer_window(se, common.points), scatterer_window(sl, np.concatenate([common.points, other.points]))
     e_a = syn.simulate(se, common.points, a, *we)
     l_a, l_n = syn.simulate(sl, common.points, a, *wl), syn.simulate(sl, other.points, noise, *wl)
     late_pol = {
@@ -261,8 +205,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
     # VV and VH share the geometry and the field; only the late date's γ differs per polarisation.
     return {
-        "early": _safe(EARLY, root / "early", {"VV": e_a, "VH": e_a}),
-        "late": _safe(LATE, root / "late", late_pol),
+        "early": write_safe(EARLY, root / "early", {"VV": e_a, "VH": e_a}),
+        "late": write_safe(LATE, root / "late", late_pol),
         "footprints": (early.footprint_lonlat(), late.footprint_lonlat()),
         "aoi": aoi,
         "parcels": parcels,

@@ -13,7 +13,6 @@ boundary between bursts 3 and 4.
 from __future__ import annotations
 
 import math
-import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ import rasterio.errors
 import typer
 from affine import Affine
 from pyproj import Transformer
+from slc_pairs import EARLY, LATE, require_pair, scatterer_window, write_safe
 from typer.testing import CliRunner
 
 from card.geobox import GeoBox
@@ -32,20 +32,11 @@ from card.s1grd.dem import FlatDem
 from card.s1grd.orbit import OrbitInterpolator
 from card.s1slc import synthetic as syn
 from card.s1slc.coh import BlockResult, CohProcessor, SwathDate, boxcar, expected_coherence
-from card.s1slc.safe import SlcProduct, SlcSwath, open_slc
+from card.s1slc.safe import SlcProduct, open_slc
 from card.s1slc.tops import BurstCarrier
 
-PAIR = Path("../shared/data/sentinel1/coh-pair")
-EARLY = PAIR / "S1A_IW_SLC__1SDV_20250406T022008_20250406T022035_058630_07421F_93A7.SAFE"
-LATE = PAIR / "S1A_IW_SLC__1SDV_20250418T022008_20250418T022035_058805_074946_C7D4.SAFE"
-C = 299792458.0
 ROWS, COLS = 300, 150
 K = 7
-
-
-def _require_pair() -> None:
-    if not EARLY.is_dir() or not LATE.is_dir():
-        pytest.skip(f"shared test data missing: {PAIR}")
 
 
 @dataclass
@@ -68,21 +59,9 @@ class Scene:
         return proc.process_block(slice(0, ROWS), slice(0, COLS))
 
 
-def _window(swath: SlcSwath, points: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Measurement rows/cols the scatterers fall on (all bursts), with a margin for the kernels."""
-    t, r = syn.zero_doppler(OrbitInterpolator(swath.orbit), points, swath.bursts[4].azimuth_time_s)
-    sample = (2 * r / C - swath.slant_range_time_s) * swath.range_sampling_rate_hz
-    rows: list[int] = []
-    for b in swath.bursts:
-        line = (t - b.azimuth_time_s) / swath.azimuth_time_interval_s
-        if ((line > 0) & (line < b.lines)).any():
-            rows += [b.first_line + max(0, int(line.min()) - 10), b.first_line + min(b.lines, int(line.max()) + 10)]
-    return (min(rows), max(rows)), (int(sample.min()) - 10, int(sample.max()) + 10)
-
-
 @pytest.fixture(scope="module")
 def scene() -> Scene:
-    _require_pair()
+    require_pair()
     early, late = open_slc(EARLY, ("VV",), ("IW2",)), open_slc(LATE, ("VV",), ("IW2",))
     se, sl = early.swaths[("IW2", "VV")], late.swaths[("IW2", "VV")]
     # centre: the early date's burst 3|4 boundary time, mid-swath, located on the geolocation grid
@@ -102,7 +81,7 @@ def scene() -> Scene:
     other = syn.scatterers(field, 5.0, rng)  # an unrelated scene: n of s2 = γ·s1 + √(1−γ²)·n
     a = syn.complex_gaussian(len(common.x), rng)
     n = syn.complex_gaussian(len(other.x), rng)
-    we, wl = _window(se, common.points), _window(sl, np.concatenate([common.points, other.points]))
+    we, wl = scatterer_window(se, common.points), scatterer_window(sl, np.concatenate([common.points, other.points]))
     return Scene(
         early,
         late,
@@ -166,7 +145,7 @@ def _baseline_coherence(scene: Scene) -> float:
 
 
 def test_burst_list_and_polynomials_as_in_the_xml() -> None:
-    _require_pair()
+    require_pair()
     product = open_slc(EARLY)
     assert sorted(product.swaths) == [("IW2", "VH"), ("IW2", "VV")] and product.ipf_version == "003.91"
     sw = product.swaths[("IW2", "VV")]
@@ -270,42 +249,11 @@ def test_skipping_the_deramp_breaks_the_recovery(scene: Scene, identical: BlockR
 # --- files and the command -----------------------------------------------------------------------
 
 
-def _fake_safe(src: Path, dst: Path, data: syn.SyntheticSwath) -> Path:
-    """A SAFE directory: the real manifest and annotation, plus a sparse complex-int16 measurement
-    holding the synthetic window (the rest of the swath is 0, i.e. no signal)."""
-    safe = dst / src.name
-    (safe / "annotation").mkdir(parents=True)
-    (safe / "measurement").mkdir()
-    (safe / "manifest.safe").write_bytes((src / "manifest.safe").read_bytes())
-    xml = next((src / "annotation").glob("s1a-iw2-slc-vv-*.xml"))
-    (safe / "annotation" / xml.name).write_bytes(xml.read_bytes())
-    sw = data.swath
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(
-            safe / "measurement" / (xml.stem + ".tiff"),
-            "w",
-            driver="GTiff",
-            width=sw.n_samples,
-            height=sw.n_lines,
-            count=1,
-            dtype="complex_int16",
-            tiled=True,
-            blockxsize=256,
-            blockysize=256,
-            sparse_ok=True,
-        ) as ds:
-            ny, nx = data.data.shape
-            window = rasterio.windows.Window(data.col0, data.row0, nx, ny)
-            ds.write(np.round(data.data), 1, window=window)
-    return safe
-
-
 def test_card_coh_command_writes_a_tagged_cog(scene: Scene, identical: BlockResult, tmp_path: Path) -> None:
     from worker.cardgen import register
 
-    early = _fake_safe(EARLY, tmp_path / "in", scene.e_a)
-    late = _fake_safe(LATE, tmp_path / "in", scene.late_with(0.5))
+    early = write_safe(EARLY, tmp_path / "in", {"VV": scene.e_a})
+    late = write_safe(LATE, tmp_path / "in", {"VV": scene.late_with(0.5)})
     app = typer.Typer()
     register(app)
     left, bottom, right, top = scene.grid.bounds
@@ -358,7 +306,7 @@ def test_interpolated_geometry_matches_the_per_pixel_solve(scene: Scene) -> None
 
 
 def test_footprint_holds_every_geolocation_point_and_names_the_tiles() -> None:
-    _require_pair()
+    require_pair()
     from shapely.geometry import Point, Polygon
 
     from card.mgrs import tiles_intersecting
@@ -378,7 +326,7 @@ def test_sub_swath_overlap_takes_each_pixel_from_one_swath_without_a_seam() -> N
     samples out in range (same bursts), so the two overlap by ~1 350 samples (≈ 5 km on the
     ground). The range rule must split the overlap, each pixel from one swath, and γ = 1 data must
     come out at the single-swath value on both sides of the cut."""
-    _require_pair()
+    require_pair()
     shift = 23000
     products = []
     for path in (EARLY, LATE):
@@ -407,7 +355,9 @@ def test_sub_swath_overlap_takes_each_pixel_from_one_swath_without_a_seam() -> N
     readers = {}
     for name, product in (("early", early), ("late", late)):
         for key, sw in product.swaths.items():
-            readers[(name, key[0], "VV")] = syn.simulate(sw, field.points, a, *_window(sw, field.points)).reader()
+            readers[(name, key[0], "VV")] = syn.simulate(
+                sw, field.points, a, *scatterer_window(sw, field.points)
+            ).reader()
     result = CohProcessor(early, late, grid, FlatDem(), K, readers=readers).process_block(
         slice(0, rows), slice(0, cols)
     )
