@@ -199,6 +199,10 @@ class Result:
     peak_fleet: int
     fleet_timeline: list[tuple[float, int]] = field(default_factory=list)
     work_minutes: float = 0.0  # job time of the jobs done: the floor under vm_minutes
+    first_job_start_s: float = 0.0
+    """When the first job started: the fleet's boot time for a burst arriving at 0."""
+    last_job_end_s: float = 0.0
+    """When the last job done ended."""
 
     @property
     def utilisation(self) -> float:
@@ -238,6 +242,8 @@ class SimFleet:
         self.gone: list[tuple[float, float]] = []  # (created, deleted) of deleted servers
         self.queue: deque[float] = deque()  # arrival times of ready jobs
         self.waits: list[float] = []
+        self.first_start_s: float | None = None
+        self.last_end_s = 0.0
         self.done = 0
         self.work_s = 0.0
         self.busy_kills = 0
@@ -311,6 +317,7 @@ class SimFleet:
         for s in self.servers.values():
             if s.job is not None and self.now >= s.job[1]:
                 self.work_s += s.job[1] - s.job[2]
+                self.last_end_s = max(self.last_end_s, s.job[1])
                 s.job = None
                 self.done += 1
             if s.stopped or s.fate != "ok" or self.now < s.ready_s:
@@ -320,6 +327,8 @@ class SimFleet:
             elif s.draining_since_s is None and s.job is None and self.queue:
                 arrival = self.queue.popleft()
                 self.waits.append(self.now - arrival)
+                if self.first_start_s is None:
+                    self.first_start_s = self.now
                 duration = self.rng.lognormvariate(math.log(self.sc.job_median_s), self.sc.job_sigma)
                 s.job = (arrival, self.now + duration, self.now)
             beat = int(self.now - s.ready_s) % HEARTBEAT_S == 0
@@ -407,4 +416,6 @@ def simulate(scenario: Scenario, policy: Policy, seed: int = 1, reversal_window_
         peak_fleet=peak,
         fleet_timeline=timeline,
         work_minutes=fleet.work_s / 60.0,
+        first_job_start_s=fleet.first_start_s or 0.0,
+        last_job_end_s=fleet.last_end_s,
     )
