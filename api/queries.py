@@ -19,10 +19,10 @@ from urllib.parse import quote
 from psycopg2 import sql
 
 from api.auth import USER_ROW_SQL
+from api.observations import one_per_acquisition
 from api.params import PTYPE_RE
 from cbmflow.db import Cursor, Dataset
 from cbmflow.errors import NotFoundError
-from cbmflow.observations import one_per_acquisition
 
 Columns = dict[str, list[Any]]
 
@@ -226,7 +226,7 @@ def _view_series_sql(
     Histograms are aggregated once per scene in a CTE (one index range scan) rather than probed
     once per (scene, band) row.
 
-    Signatures are read through :func:`cbmflow.observations.one_per_acquisition`: a parcel in the
+    Signatures are read through :func:`api.observations.one_per_acquisition`: a parcel in the
     overlap of two Sentinel-2 tiles has one row per tile for the same acquisition, and a series with
     both would show each date twice. The ``g.pid`` filter is pushed into the rule's subquery, so
     it still reads the parcel's rows only (one index range scan); the histogram joins on the chosen
@@ -315,7 +315,7 @@ def _compact_series_sql(
     the planner merge-joined or hashed the whole ``scenes`` table, which holds every scene of every
     dataset (4.4 ms p50 per series with 5,072 scenes, against 1.7 ms this way).
 
-    The overlap rule is :func:`cbmflow.observations.one_per_acquisition`'s, applied without its
+    The overlap rule is :func:`api.observations.one_per_acquisition`'s, applied without its
     sort: a (scene, band) is kept unless another scene of the same UTC date has that band with more
     pixels, or as many and the parcel's own UTM zone where this one has not, or both alike and a
     lower id. Only dates with two scenes (``n > 1``, the window over the parcel's scenes) test it,
@@ -492,7 +492,7 @@ def scl_series(cur: Cursor, ds: Dataset, pk: int) -> Columns:
     """JRC ``tstype=scl``: one SCL histogram per scene (``obsid`` = scene id), by acquisition time.
 
     A scene whose signatures of the parcel all lost to another tile's (granule overlap,
-    :func:`cbmflow.observations.one_per_acquisition`) is left out, so the histograms are those of
+    :func:`api.observations.one_per_acquisition`) is left out, so the histograms are those of
     the observations the series returns; a histogram without signatures is kept, as before.
     """
     cur.execute(

@@ -22,12 +22,12 @@ from starlette.responses import Response
 from api import queries
 from api.auth import authorize
 from api.infra import Call, Endpoint, authenticated, state_of
+from api.observations import one_per_acquisition
 from api.openapi import BINARY, NULLNUM, OBJECT, STR, json_content
 from api.params import BAND_LIST_PATTERN, OPTIONAL_AOI, PATH_AOI, PATH_YEAR, PID, PTYPE, Param, Params
 from api.responses import ApiJSONResponse
 from cbmflow.db import Dataset
 from cbmflow.errors import InvalidInputError, NotFoundError
-from cbmflow.observations import one_per_acquisition
 from cbmflow.vocab import SCENE_STATUSES
 
 # Normalised differences (a - b) / (a + b) over S2 band means.
@@ -293,7 +293,7 @@ def index_observations(call: Call, ds: Dataset, pk: int, p: Params) -> dict[str,
     histogram (their cloudiness is unknown), are dropped unless ``max_cloud`` is 1.
 
     Where two tiles observed the parcel on one date (granule overlap), only the scene that
-    :func:`cbmflow.observations.one_per_acquisition` chooses for band ``a`` is kept; both bands and
+    :func:`api.observations.one_per_acquisition` chooses for band ``a`` is kept; both bands and
     the SCL histogram come from that one scene, so the ratio and its cloud filter describe the same
     pixels (choosing per band could pair band ``a`` of one tile with band ``b`` of the other).
     """

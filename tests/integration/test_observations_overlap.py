@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 from psycopg2 import sql
 
+from api.observations import one_per_acquisition
 from cbmflow import db
-from cbmflow.observations import one_per_acquisition
 
 DAY1 = datetime(2024, 6, 3, 10, 20, 21, tzinfo=UTC)
 DAY2 = datetime(2024, 6, 8, 10, 20, 21, tzinfo=UTC)
