@@ -7,7 +7,7 @@ The job follows the extraction job's rules (``worker/consumer.py``, docs/reliabi
   ``generation``). A redelivered job whose input is ``done`` is acknowledged without work; one whose
   input is under another worker's live lease waits for it.
 * **Work outside any transaction.** The GRD is read (an ``s3://`` product is first downloaded to
-  a scratch directory: see :func:`local_grd`), the COGs are generated tile by tile into scratch and
+  a scratch directory: see :func:`local_safe`), the COGs are generated tile by tile into scratch and
   published to the CARD store (``CBMFLOW_WORKER_CARD_OUTPUT_URL``) under a path that names the
   input's generation, then the scratch copy is deleted, so the disk holds the GRD and one tile's
   outputs at a time.
@@ -211,7 +211,7 @@ class CardJobs:
             root = output_root(self.settings)
             with scratch_dir(self.settings) as scratch:
                 with store.using_profile(claimed.store_profile):
-                    grd = local_grd(claimed.location, claimed.product_id, scratch / "input")
+                    grd = local_safe(claimed.location, claimed.product_id, scratch / "input")
                 for tg in grids:
                     outputs.append(_generate_tile(claimed, grd, tg, footprint, scratch / "out", root, self.settings))
         scene_ids = self.finish(conn, claimed, outputs, "bs")
@@ -375,23 +375,25 @@ def _store_failure(exc: BaseException, url: str) -> OSError | None:
     return None
 
 
-def local_grd(location: str, product_id: str, into: Path) -> Path:
-    """The GRD as a local SAFE directory or zip: a local location as it is; an ``s3://`` one
-    downloaded into ``into`` (the manifest, annotation and measurements only; a zip whole).
+def local_safe(location: str, product_id: str, into: Path) -> Path:
+    """The input (a GRD, or one SLC of a coherence pair) as a local SAFE directory or zip: a local
+    location as it is; an ``s3://`` one downloaded into ``into`` (the manifest, annotation and
+    measurements only; a zip whole).
 
     Downloading rather than reading ``/vsis3/`` windows in place: the chain reads every radar
     window of every output block, overlapping ones several times, and ``card.s1grd`` opens
-    local paths; a GRD is ~1 GB per polarisation, which the scratch directory holds for the job.
+    local paths; a GRD is ~1 GB per polarisation (an SLC ~4), which the scratch directory holds
+    for the job.
     A product that is not there or not a SAFE is permanent; an unreachable store is not.
     """
     parsed = urlparse(location)
     if parsed.scheme in ("", "file"):
         path = Path(parsed.path if parsed.scheme else location)
         if not path.exists():
-            raise PermanentJobError(f"unreadable GRD {product_id}: {path} does not exist")
+            raise PermanentJobError(f"unreadable SAFE {product_id}: {path} does not exist")
         return path
     if parsed.scheme != "s3":
-        raise PermanentJobError(f"unreadable GRD {product_id}: unsupported location {location!r}")
+        raise PermanentJobError(f"unreadable SAFE {product_id}: unsupported location {location!r}")
     bucket, key = store.parse_s3(location)
     key = key.removesuffix("/manifest.safe")
     client = store.s3_client()
@@ -406,17 +408,17 @@ def local_grd(location: str, product_id: str, into: Path) -> Path:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             keys += [obj["Key"] for obj in page.get("Contents", ())]
     except (FileNotFoundError, store.StoreRefused) as exc:
-        raise PermanentJobError(f"unreadable GRD {product_id} at {location}: {exc}") from exc
+        raise PermanentJobError(f"unreadable SAFE {product_id} at {location}: {exc}") from exc
     except Exception as exc:
         failure = _store_failure(exc, location)
         if failure is None:
             raise
         if isinstance(failure, store.StoreUnavailable):
             raise failure from exc
-        raise PermanentJobError(f"unreadable GRD {product_id} at {location}: {failure}") from exc
+        raise PermanentJobError(f"unreadable SAFE {product_id} at {location}: {failure}") from exc
     wanted = [k for k in keys if k[len(prefix) :].startswith(SAFE_PARTS)]
     if not any(k.endswith("/manifest.safe") for k in wanted):
-        raise PermanentJobError(f"unreadable GRD {product_id}: no manifest.safe under {location}")
+        raise PermanentJobError(f"unreadable SAFE {product_id}: no manifest.safe under {location}")
     name = key.rstrip("/").rsplit("/", 1)[-1]
     root = into / (name if name.upper().endswith(".SAFE") else f"{name}.SAFE")
     for k in wanted:

@@ -55,7 +55,7 @@ from worker.cardjob import (
     UnknownCardInput,
     _dem,
     generation_errors,
-    local_grd,
+    local_safe,
     output_root,
     outside_transaction,
     publish_tile,
@@ -102,9 +102,9 @@ class CardJobsWithCoh(CardJobs):
             root = output_root(self.settings)
             with scratch_dir(self.settings) as scratch:
                 with store.using_profile(claimed.store_profile):
-                    late = local_grd(claimed.location, claimed.product_id, scratch / "late")
+                    late = local_safe(claimed.location, claimed.product_id, scratch / "late")
                 with store.using_profile(partner.store_profile):
-                    early = local_grd(partner.location, partner.product_id, scratch / "early")
+                    early = local_safe(partner.location, partner.product_id, scratch / "early")
                 for tg in grids:
                     outputs.append(
                         _generate_tile(claimed, partner, early, late, tg, overlap, scratch / "out", root, self.settings)
