@@ -14,8 +14,7 @@ import io
 import math
 import re
 import time
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from shapely.geometry import MultiPolygon, box
 from cbmflow import db
 from cbmflow.errors import InvalidInputError
 from cbmflow.logging import get_logger
+from cbmflow.parcels.reader import PARQUET_SUFFIXES, FeatureBatch, open_features
 from cbmflow.vocab import AOI_NAME_PATTERN
 
 log = get_logger("parcels")
@@ -41,7 +41,6 @@ RESERVED_AOI_NAMES = frozenset({"public", "information_schema", "topology", "tig
 ID_COLUMN_CANDIDATES = ("parcel_id", "pid", "id")
 DEFAULT_CROP_CODE_COLUMN = "crop_code"
 DEFAULT_CROP_NAME_COLUMN = "crop_name"
-PARQUET_SUFFIXES = (".parquet", ".geoparquet")
 # Margin around the parcels' envelope when an AOI is derived from them: parcels on the edge still
 # fall well inside it after the AOI is used to select scenes, whose footprints are coarse.
 AOI_MARGIN_DEG = 0.01
@@ -122,11 +121,11 @@ def _read_frame(path: Path, layer: str | None) -> gpd.GeoDataFrame:
         raise InvalidInputError(f"{path}: cannot read: {exc}") from exc
 
 
-def _column(frame: gpd.GeoDataFrame, wanted: str | None, candidates: Sequence[str], what: str) -> str | None:
+def _column(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str) -> str | None:
     """Match column names case-insensitively: shapefile and GPKG exports differ only in case."""
-    by_lower = {str(c).lower(): str(c) for c in frame.columns if c != frame.geometry.name}
+    by_lower = {str(c).lower(): str(c) for c in columns}
     if wanted is not None:
-        if wanted in frame.columns:
+        if wanted in columns:
             return wanted
         if wanted.lower() in by_lower:
             return by_lower[wanted.lower()]
@@ -185,21 +184,6 @@ def _csv_field(value: str | None) -> str:
     return '"' + value.replace('"', '""') + '"'
 
 
-def _copy_batches(
-    rows: Sequence[tuple[int, str, str | None, str | None, int]], geoms: np.ndarray[Any, Any]
-) -> Iterator[io.StringIO]:
-    """CSV for COPY, ``COPY_BATCH_ROWS`` at a time; each row's geometry is ``geoms[row[4]]``, written
-    as hex WKB only for its batch, so a country's WKB text is never in memory at once."""
-    for start in range(0, len(rows), COPY_BATCH_ROWS):
-        batch = rows[start : start + COPY_BATCH_ROWS]
-        hexes = shapely.to_wkb(geoms[[row[4] for row in batch]], hex=True)
-        buf = io.StringIO()
-        for (ordinal, pid_text, code, name, _), wkb_hex in zip(batch, hexes, strict=True):
-            buf.write(f"{ordinal},{_csv_field(pid_text)},{_csv_field(code)},{_csv_field(name)},{wkb_hex}\n")
-        buf.seek(0)
-        yield buf
-
-
 def _aoi_exists(cur: psycopg2.extensions.cursor, name: str) -> bool:
     cur.execute("SELECT 1 FROM aois WHERE name = %s", (name,))
     return cur.fetchone() is not None
@@ -243,103 +227,106 @@ def import_parcels(
     the file's, which must then be projected, because extraction works in metres on the UTM grid and
     a geographic dataset CRS would make every area and buffer meaningless). Later imports are
     reprojected to the dataset's CRS.
+
+    The file is read ``COPY_BATCH_ROWS`` features at a time: each batch is checked, reprojected and
+    copied into a staging table before the next is read, so memory stays flat for any country; the
+    duplicate ids, which need every feature, are found in the staging table.
     """
     path = Path(path)
     aoi = aoi_name(aoi)
     if not 1990 <= year <= 2100:
         raise InvalidInputError(f"year {year} outside 1990..2100")
     clock = _PhaseClock()
-    frame = _read_frame(path, layer)
-    clock.lap("read")
-    if frame.crs is None:
-        raise InvalidInputError(f"{path}: no CRS; set one (e.g. ogr2ogr -a_srs) before importing")
-    file_crs = pyproj.CRS.from_user_input(frame.crs)
+    chosen: dict[str, str | None] = {}
 
-    dataset = db.get_dataset(cur, aoi, year)
-    if dataset is not None:
-        target_srid = dataset.srid
-        if srid is not None and srid != dataset.srid:
-            raise InvalidInputError(f"dataset {aoi}/{year} exists in EPSG:{dataset.srid}; --srid {srid} conflicts")
-    elif srid is not None:
-        target_srid = srid
-    else:
-        if file_crs.is_geographic:
+    def pick(columns: list[str]) -> list[str]:
+        chosen["id"] = _column(columns, id_column, ID_COLUMN_CANDIDATES, "parcel id")
+        if chosen["id"] is None:
             raise InvalidInputError(
-                f"{path} is in the geographic CRS {file_crs.name!r}; a new dataset needs a projected CRS "
-                "(give --srid, e.g. 3035 or the national grid, or reproject the file)"
+                f"{path}: no parcel id column (looked for {', '.join(ID_COLUMN_CANDIDATES)}); give --id-column"
             )
-        target_srid = _crs_epsg(file_crs, path)
-    target_crs = pyproj.CRS.from_epsg(target_srid)
-    if target_crs.is_geographic:
-        raise InvalidInputError(f"EPSG:{target_srid} is geographic; a dataset needs a projected CRS")
+        chosen["code"] = _column(columns, crop_code_column, (DEFAULT_CROP_CODE_COLUMN,), "crop code")
+        chosen["name"] = _column(columns, crop_name_column, (DEFAULT_CROP_NAME_COLUMN,), "crop name")
+        return list(dict.fromkeys(c for c in chosen.values() if c is not None))
 
-    id_col = _column(frame, id_column, ID_COLUMN_CANDIDATES, "parcel id")
-    if id_col is None:
-        raise InvalidInputError(
-            f"{path}: no parcel id column (looked for {', '.join(ID_COLUMN_CANDIDATES)}); give --id-column"
-        )
-    code_col = _column(frame, crop_code_column, (DEFAULT_CROP_CODE_COLUMN,), "crop code")
-    name_col = _column(frame, crop_name_column, (DEFAULT_CROP_NAME_COLUMN,), "crop name")
-
-    report = ImportReport(srid=target_srid, timings_s=clock.laps)
-    geoms = np.asarray(frame.geometry.array, dtype=object)
-    ids = [_text(v) for v in frame[id_col].tolist()]
-    codes = [_text(v) for v in frame[code_col].tolist()] if code_col else [None] * len(frame)
-    names = [_text(v) for v in frame[name_col].tolist()] if name_col else [None] * len(frame)
-
-    reasons = _geometry_rejections(geoms)
-    positions: dict[str, list[int]] = defaultdict(list)
-    for i, pid_text in enumerate(ids):
-        if pid_text is None:
-            reasons[i] = reasons[i] or "missing parcel id"
+    with open_features(path, layer, COPY_BATCH_ROWS, pick) as source:
+        if source.crs is None:
+            raise InvalidInputError(f"{path}: no CRS; set one (e.g. ogr2ogr -a_srs) before importing")
+        file_crs = source.crs
+        dataset = db.get_dataset(cur, aoi, year)
+        if dataset is not None:
+            target_srid = dataset.srid
+            if srid is not None and srid != dataset.srid:
+                raise InvalidInputError(f"dataset {aoi}/{year} exists in EPSG:{dataset.srid}; --srid {srid} conflicts")
+        elif srid is not None:
+            target_srid = srid
         else:
-            positions[pid_text].append(i)
+            if file_crs.is_geographic:
+                raise InvalidInputError(
+                    f"{path} is in the geographic CRS {file_crs.name!r}; a new dataset needs a projected CRS "
+                    "(give --srid, e.g. 3035 or the national grid, or reproject the file)"
+                )
+            target_srid = _crs_epsg(file_crs, path)
+        target_crs = pyproj.CRS.from_epsg(target_srid)
+        if target_crs.is_geographic:
+            raise InvalidInputError(f"EPSG:{target_srid} is geographic; a dataset needs a projected CRS")
+        reproject = None
+        if not file_crs.equals(target_crs, ignore_axis_order=True):
+            reproject = pyproj.Transformer.from_crs(file_crs, target_crs, always_xy=True)
+
+        report = ImportReport(srid=target_srid, timings_s=clock.laps)
+        cur.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(sql.Identifier(_STAGE_TABLE)))
+        cur.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE {} (ord integer NOT NULL, parcel_id text NOT NULL, crop_code text,"
+                " crop_name text, wkb text) ON COMMIT DROP"
+            ).format(sql.Identifier(_STAGE_TABLE))
+        )
+        copy = sql.SQL("COPY {} (ord, parcel_id, crop_code, crop_name, wkb) FROM STDIN WITH (FORMAT csv)").format(
+            sql.Identifier(_STAGE_TABLE)
+        )
+        rejected: dict[int, Rejection] = {}
+        bounds = np.array([np.inf, np.inf, -np.inf, -np.inf])
+        for batch in source.batches:
+            staged, batch_bounds = _check_batch(batch, chosen, reproject, target_srid, rejected)
+            bounds = np.concatenate(
+                [np.minimum(bounds[:2], batch_bounds[:2]), np.maximum(bounds[2:], batch_bounds[2:])]
+            )
+            cur.copy_expert(copy.as_string(cur), staged)
+    clock.lap("read+check+stage")
+
     # Every copy of a duplicated id is rejected: which row the provider meant cannot be guessed,
     # and silently keeping one would attach signatures to possibly the wrong geometry.
-    for pid_text, where in positions.items():
-        if len(where) > 1:
-            for i in where:
-                reasons[i] = f"duplicate parcel id {pid_text!r} (features {', '.join(map(str, where))})"
-
-    keep = [i for i, r in enumerate(reasons) if r is None]
-    kept = gpd.GeoSeries(shapely.force_2d(geoms[keep]), crs=file_crs)
-    if not file_crs.equals(target_crs, ignore_axis_order=True):
-        kept = kept.to_crs(target_crs)
-        # Reprojection can fold a sliver onto itself; what is stored must be valid, not the input.
-        after = shapely.is_valid_reason(np.asarray(kept.array, dtype=object))
-        for j, i in enumerate(keep):
-            if after[j] != "Valid Geometry":
-                reasons[i] = f"invalid after reprojection to EPSG:{target_srid}: {after[j]}"
-    report.rejected = [(i, ids[i], r) for i, r in enumerate(reasons) if r is not None]
-    stored = [(j, i) for j, i in enumerate(keep) if reasons[i] is None]
-    clock.lap("check")
-    if not stored:
+    cur.execute(
+        sql.SQL("SELECT parcel_id, array_agg(ord ORDER BY ord) FROM {} GROUP BY parcel_id HAVING count(*) > 1").format(
+            sql.Identifier(_STAGE_TABLE)
+        )
+    )
+    duplicates = cur.fetchall()
+    for pid_text, where in duplicates:
+        reason = f"duplicate parcel id {pid_text!r} (features {', '.join(map(str, where))})"
+        for i in where:
+            rejected[int(i)] = (int(i), pid_text, reason)
+    if duplicates:
+        cur.execute(
+            sql.SQL("UPDATE {s} SET wkb = NULL WHERE parcel_id = ANY(%s)").format(s=sql.Identifier(_STAGE_TABLE)),
+            ([d[0] for d in duplicates],),
+        )
+    report.rejected = [rejected[i] for i in sorted(rejected)]
+    cur.execute(sql.SQL("SELECT count(*) FROM {} WHERE wkb IS NOT NULL").format(sql.Identifier(_STAGE_TABLE)))
+    count_row = cur.fetchone()
+    accepted = int(count_row[0]) if count_row else 0
+    if not accepted:
+        cur.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(_STAGE_TABLE)))
         log.warning("parcels.nothing_accepted", path=str(path), aoi=aoi, year=year, rejected=len(report.rejected))
         return report
 
     if not _aoi_exists(cur, aoi):
-        kept_geoms = np.asarray(kept.array, dtype=object)[[j for j, _ in stored]]
-        bounds = shapely.total_bounds(kept_geoms)
-        _upsert_aoi_geom(cur, aoi, _aoi_from_extent(bounds, target_crs))
+        _upsert_aoi_geom(cur, aoi, _aoi_from_extent(bounds.tolist(), target_crs))
         log.info("aoi.created_from_parcels", aoi=aoi, bounds=[round(float(b), 3) for b in bounds])
     dataset = db.ensure_dataset(cur, aoi, year, target_srid)
     # Serialises imports into one dataset: new pids are max(pid)+1.. and must not be handed out twice.
     cur.execute("SELECT parcels_version FROM datasets WHERE id = %s FOR UPDATE", (dataset.id,))
-
-    rows = [(i, str(ids[i]), codes[i], names[i], j) for j, i in stored]
-    cur.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(sql.Identifier(_STAGE_TABLE)))
-    cur.execute(
-        sql.SQL(
-            "CREATE TEMP TABLE {} (ord integer NOT NULL, parcel_id text NOT NULL, crop_code text,"
-            " crop_name text, wkb text NOT NULL) ON COMMIT DROP"
-        ).format(sql.Identifier(_STAGE_TABLE))
-    )
-    copy = sql.SQL("COPY {} (ord, parcel_id, crop_code, crop_name, wkb) FROM STDIN WITH (FORMAT csv)").format(
-        sql.Identifier(_STAGE_TABLE)
-    )
-    for batch in _copy_batches(rows, np.asarray(kept.array, dtype=object)):
-        cur.copy_expert(copy.as_string(cur), batch)
-    clock.lap("stage")
     # Into an empty table (a country's first import, 770k parcels) a GiST index built once after the
     # rows, by PostGIS's sorted build, costs a fraction of maintaining it row by row. Dropping it
     # locks the table until commit, which nobody can mind while it holds no parcels.
@@ -362,6 +349,7 @@ def import_parcels(
             "        ST_Multi(ST_Force2D(ST_GeomFromWKB(decode(s.wkb, 'hex'), {srid})))"
             " FROM {stage} s LEFT JOIN {t} e ON e.parcel_id = s.parcel_id"
             " CROSS JOIN (SELECT COALESCE(max(pid), 0) AS max_pid FROM {t}) base"
+            " WHERE s.wkb IS NOT NULL"
             " ON CONFLICT (parcel_id) DO UPDATE"
             " SET crop_code = EXCLUDED.crop_code, crop_name = EXCLUDED.crop_name, geom = EXCLUDED.geom"
             " WHERE (t.crop_code, t.crop_name) IS DISTINCT FROM (EXCLUDED.crop_code, EXCLUDED.crop_name)"
@@ -377,7 +365,7 @@ def import_parcels(
         clock.lap("index")
     report.imported = sum(inserted_flags)
     report.updated = len(inserted_flags) - report.imported
-    report.unchanged = len(rows) - len(inserted_flags)
+    report.unchanged = accepted - len(inserted_flags)
     if inserted_flags:
         cur.execute(
             "UPDATE datasets SET parcels_version = parcels_version + 1 WHERE id = %s RETURNING parcels_version",
@@ -402,6 +390,56 @@ def import_parcels(
         timings_s={k: round(v, 2) for k, v in report.timings_s.items()},
     )
     return report
+
+
+def _check_batch(
+    batch: FeatureBatch,
+    chosen: dict[str, str | None],
+    reproject: pyproj.Transformer | None,
+    target_srid: int,
+    rejected: dict[int, Rejection],
+) -> tuple[io.StringIO, np.ndarray[Any, Any]]:
+    """One batch's rows for the staging table as COPY CSV, and the bounds of its accepted parcels.
+
+    Rejected features with an id are staged too, without a geometry, so that an id they share with
+    another feature still rejects both; ``rejected`` gets each rejection by its file index."""
+    n = len(batch.geoms)
+    ids = [_text(v) for v in batch.columns[chosen["id"] or ""]]
+    codes = [_text(v) for v in batch.columns[chosen["code"]]] if chosen["code"] else [None] * n
+    names = [_text(v) for v in batch.columns[chosen["name"]]] if chosen["name"] else [None] * n
+    reasons = _geometry_rejections(batch.geoms)
+    for k in np.flatnonzero(batch.unreadable).tolist():
+        reasons[k] = "unreadable geometry (not WKB)"
+    for k, pid_text in enumerate(ids):
+        if pid_text is None:
+            reasons[k] = reasons[k] or "missing parcel id"
+    keep: list[int] = [k for k, r in enumerate(reasons) if r is None]
+    geoms = shapely.force_2d(batch.geoms[keep]) if keep else np.empty(0, dtype=object)
+    if reproject is not None and keep:
+        geoms = shapely.transform(geoms, lambda xy: np.column_stack(reproject.transform(xy[:, 0], xy[:, 1])))
+        # Reprojection can fold a sliver onto itself; what is stored must be valid, not the input.
+        after = shapely.is_valid_reason(geoms)
+        for j, k in enumerate(keep):
+            if after[j] != "Valid Geometry":
+                reasons[k] = f"invalid after reprojection to EPSG:{target_srid}: {after[j]}"
+    stored = [j for j, k in enumerate(keep) if reasons[k] is None]
+    wkb_of: dict[int, str] = {}
+    if stored:
+        hexes = shapely.to_wkb(geoms[stored], hex=True)
+        wkb_of = {keep[j]: str(h) for j, h in zip(stored, hexes, strict=True)}
+    buf = io.StringIO()
+    for k in range(n):
+        ordinal = batch.offset + k
+        reason = reasons[k]
+        if reason is not None:
+            rejected[ordinal] = (ordinal, ids[k], reason)
+        if ids[k] is not None:
+            wkb = wkb_of.get(k, "")
+            buf.write(f"{ordinal},{_csv_field(ids[k])},{_csv_field(codes[k])},{_csv_field(names[k])},{wkb}\n")
+    buf.seek(0)
+    empty = np.array([np.inf, np.inf, -np.inf, -np.inf])
+    bounds = shapely.total_bounds(geoms[stored]) if stored else empty
+    return buf, np.asarray(bounds, dtype=np.float64)
 
 
 def add_aoi(cur: psycopg2.extensions.cursor, name: str, path: Path, *, layer: str | None = None) -> tuple[float, ...]:

@@ -379,3 +379,60 @@ def test_first_import_builds_the_spatial_index_after_the_rows(
     again = _import(pg_dsn, tmp_path / "v2.gpkg")
     assert again.imported == 1 and "index" not in again.timings_s  # a filled table keeps its index
     assert len(_gist_indexes(pg_dsn)) == 1
+
+
+@pytest.mark.parametrize("suffix", ["gpkg", "parquet"])
+def test_batches_reject_and_number_exactly_as_one_read(
+    pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    """The file is read in batches: a duplicate id split across two batches (features 4 | 5 with
+    batches of 5) still rejects both copies, and indexes, pids and the AOI are those of one read."""
+    import cbmflow.parcels.ingest as ingest
+
+    path = tmp_path / f"parcels.{suffix}"
+    frame = _frame(FEATURES)
+    if suffix == "parquet":
+        frame.to_parquet(path)
+    else:
+        frame.to_file(path)
+    whole = _import(pg_dsn, path, aoi="whole")
+    monkeypatch.setattr(ingest, "COPY_BATCH_ROWS", 5)
+    batched = _import(pg_dsn, path, aoi="batched")
+    assert batched.rejected == whole.rejected
+    assert [r[2] for r in batched.rejected if r[1] == "dup"] == ["duplicate parcel id 'dup' (features 4, 5)"] * 2
+    assert (batched.imported, batched.updated, batched.unchanged) == (whole.imported, 0, 0) == (4, 0, 0)
+    assert {k: v[:3] for k, v in _parcels(pg_dsn, "batched").items()} == {
+        k: v[:3] for k, v in _parcels(pg_dsn, "whole").items()
+    }
+    with db.transaction(pg_dsn) as cur:
+        cur.execute(
+            "SELECT ST_Equals(a.geom, b.geom) FROM aois a, aois b WHERE a.name = 'whole' AND b.name = 'batched'"
+        )
+        assert cur.fetchone() == (True,)
+
+
+def test_geoparquet_geometry_it_cannot_decode_is_one_rejection(pg_dsn: str, tmp_path: Path) -> None:
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import shapely
+
+    good = shapely.to_wkb(box(X0, Y0, X0 + 10, Y0 + 10))
+    geo = {"version": "1.0.0", "primary_column": "geometry",
+           "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None}}}  # fmt: skip
+    table = pa.table({"parcel_id": ["ok", "bad"], "geometry": pa.array([good, b"\x01\x02junk"], pa.binary())})
+    pq.write_table(table.replace_schema_metadata({b"geo": json.dumps(geo).encode()}), tmp_path / "x.parquet")
+    with pytest.raises(InvalidInputError, match="no CRS"):  # an explicit null CRS is an unknown one
+        _import(pg_dsn, tmp_path / "x.parquet")
+    geo["columns"]["geometry"]["crs"] = pyproj_json(3035)
+    pq.write_table(table.replace_schema_metadata({b"geo": json.dumps(geo).encode()}), tmp_path / "x.parquet")
+    report = _import(pg_dsn, tmp_path / "x.parquet")
+    assert report.imported == 1
+    assert report.rejected == [(1, "bad", "unreadable geometry (not WKB)")]
+
+
+def pyproj_json(epsg: int) -> object:
+    import pyproj
+
+    return pyproj.CRS.from_epsg(epsg).to_json_dict()
