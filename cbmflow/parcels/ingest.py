@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import geopandas as gpd
 import numpy as np
 import psycopg2.extensions
 import pyproj
@@ -30,7 +29,7 @@ from shapely.geometry import MultiPolygon, box
 from cbmflow import db
 from cbmflow.errors import InvalidInputError
 from cbmflow.logging import get_logger
-from cbmflow.parcels.reader import PARQUET_SUFFIXES, FeatureBatch, open_features
+from cbmflow.parcels.reader import FeatureBatch, open_features, read_frame
 from cbmflow.vocab import AOI_NAME_PATTERN
 
 log = get_logger("parcels")
@@ -92,33 +91,6 @@ class _PhaseClock:
         now = time.perf_counter()
         self.laps[name] = now - self._t
         self._t = now
-
-
-def _read_frame(path: Path, layer: str | None) -> gpd.GeoDataFrame:
-    if not path.exists():
-        raise InvalidInputError(f"{path}: no such file")
-    if path.suffix.lower() in PARQUET_SUFFIXES:
-        if layer is not None:
-            raise InvalidInputError(f"{path}: GeoParquet has no layers; drop --layer")
-        try:
-            return gpd.read_parquet(path)
-        except (ValueError, OSError) as exc:
-            raise InvalidInputError(f"{path}: not a readable GeoParquet file: {exc}") from exc
-    import pyogrio
-
-    try:
-        layers = pyogrio.list_layers(path)
-    except Exception as exc:  # noqa: BLE001 - GDAL raises several unrelated types for unreadable files
-        raise InvalidInputError(f"{path}: not a readable vector file: {exc}") from exc
-    names = [str(row[0]) for row in layers]
-    if layer is None and len(names) > 1:
-        raise InvalidInputError(f"{path} has {len(names)} layers ({', '.join(names)}); choose one with --layer")
-    if layer is not None and layer not in names:
-        raise InvalidInputError(f"{path}: no layer {layer!r}; layers are {', '.join(names)}")
-    try:
-        return gpd.read_file(path, layer=layer, engine="pyogrio")
-    except Exception as exc:  # noqa: BLE001 - same as above
-        raise InvalidInputError(f"{path}: cannot read: {exc}") from exc
 
 
 def _column(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str) -> str | None:
@@ -449,7 +421,7 @@ def add_aoi(cur: psycopg2.extensions.cursor, name: str, path: Path, *, layer: st
     with ``make_valid`` (and logged) rather than rejected.
     """
     name = aoi_name(name)
-    frame = _read_frame(Path(path), layer)
+    frame = read_frame(Path(path), layer)
     if frame.crs is None:
         raise InvalidInputError(f"{path}: no CRS; set one before using it as an AOI")
     geoms = np.asarray(frame.to_crs(4326).geometry.array, dtype=object)

@@ -73,25 +73,12 @@ def open_features(path: Path, layer: str | None, batch_rows: int, wanted: Any = 
 
     ``wanted(columns) -> list[str]`` picks the attribute columns to read (all when None), after
     the columns are known and before any feature is."""
-    if not path.exists():
-        raise InvalidInputError(f"{path}: no such file")
-    if path.suffix.lower() in PARQUET_SUFFIXES:
-        if layer is not None:
-            raise InvalidInputError(f"{path}: GeoParquet has no layers; drop --layer")
+    if _checked(path, layer):
         yield _open_parquet(path, batch_rows, wanted)
         return
     import pyogrio
     from pyogrio.raw import open_arrow
 
-    try:
-        layers = pyogrio.list_layers(path)
-    except Exception as exc:  # noqa: BLE001 - GDAL raises several unrelated types for unreadable files
-        raise InvalidInputError(f"{path}: not a readable vector file: {exc}") from exc
-    names = [str(row[0]) for row in layers]
-    if layer is None and len(names) > 1:
-        raise InvalidInputError(f"{path} has {len(names)} layers ({', '.join(names)}); choose one with --layer")
-    if layer is not None and layer not in names:
-        raise InvalidInputError(f"{path}: no layer {layer!r}; layers are {', '.join(names)}")
     try:
         info = pyogrio.read_info(path, layer=layer)
         fields = [str(f) for f in info["fields"]]
@@ -136,3 +123,42 @@ def _open_parquet(path: Path, batch_rows: int, wanted: Any) -> FeatureSource:
     picked = list(wanted(fields)) if wanted is not None else fields
     reader = parquet.iter_batches(batch_size=batch_rows, columns=[*picked, geometry])
     return FeatureSource(crs, fields, _stream(reader, geometry, picked))
+
+
+def _checked(path: Path, layer: str | None) -> bool:
+    """Whether ``path`` is GeoParquet; raises for a missing or unreadable file, and for a layer it
+    lacks or must be told (a multi-layer GeoPackage)."""
+    if not path.exists():
+        raise InvalidInputError(f"{path}: no such file")
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        if layer is not None:
+            raise InvalidInputError(f"{path}: GeoParquet has no layers; drop --layer")
+        return True
+    import pyogrio
+
+    try:
+        layers = pyogrio.list_layers(path)
+    except Exception as exc:  # noqa: BLE001 - GDAL raises several unrelated types for unreadable files
+        raise InvalidInputError(f"{path}: not a readable vector file: {exc}") from exc
+    names = [str(row[0]) for row in layers]
+    if layer is None and len(names) > 1:
+        raise InvalidInputError(f"{path} has {len(names)} layers ({', '.join(names)}); choose one with --layer")
+    if layer is not None and layer not in names:
+        raise InvalidInputError(f"{path}: no layer {layer!r}; layers are {', '.join(names)}")
+    return False
+
+
+def read_frame(path: Path, layer: str | None) -> Any:
+    """A small vector file whole, as a GeoDataFrame (an AOI's outline; parcels go through
+    :func:`open_features`)."""
+    import geopandas as gpd
+
+    if _checked(path, layer):
+        try:
+            return gpd.read_parquet(path)
+        except (ValueError, OSError) as exc:
+            raise InvalidInputError(f"{path}: not a readable GeoParquet file: {exc}") from exc
+    try:
+        return gpd.read_file(path, layer=layer, engine="pyogrio")
+    except Exception as exc:  # noqa: BLE001 - GDAL raises several unrelated types for unreadable files
+        raise InvalidInputError(f"{path}: cannot read: {exc}") from exc
