@@ -557,7 +557,8 @@ def _dem(settings: WorkerSettings) -> Any:
     the product's: it raises ``ConfigError``, which the consumer treats as transient (requeued, the
     input kept), so fixing the setting lets the backlog through.
     """
-    from card.s1grd.dem import GLO30_AWS, FileDem, FlatDem, Glo30Dem
+    from card.s1grd.dem import FileDem, FlatDem, Glo30Dem
+    from worker.cardopts import glo30_client
 
     spec = settings.card_dem
     geoid = settings.card_dem_geoid or None
@@ -566,16 +567,8 @@ def _dem(settings: WorkerSettings) -> Any:
             return FlatDem()
         if spec == "glo30":
             bucket = settings.card_dem_bucket
-            if bucket.rstrip("/") == GLO30_AWS:
-                import boto3
-                from botocore import UNSIGNED
-                from botocore.config import Config
-
-                client = boto3.client("s3", region_name="eu-central-1", config=Config(signature_version=UNSIGNED))
-            else:
-                client = store.s3_client(store.profile_settings(""))
             cache = settings.card_dem_cache_dir or str(state_dir() / "glo30")
-            return Glo30Dem(client, cache, bucket, geoid=geoid)
+            return Glo30Dem(glo30_client(bucket, profile=""), cache, bucket, geoid=geoid)
         if not Path(spec).is_file():
             raise FileNotFoundError(f"DEM {spec} not found")
         return FileDem(Path(spec), geoid)

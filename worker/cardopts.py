@@ -57,8 +57,10 @@ def default_dem_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cbmflow" / "glo30"
 
 
-def glo30_client(location: str) -> Any:
-    """AWS's public bucket: an unsigned client there; any other bucket: the object store's client."""
+def glo30_client(location: str, profile: str | None = None) -> Any:
+    """AWS's public bucket: an unsigned client there; any other bucket: the object store's client
+    (``profile``'s, or the current one's: the worker's job names the default profile "", since the
+    DEM is the worker's setting, not the product's)."""
     from card.s1grd.dem import GLO30_AWS
 
     if location.rstrip("/") == GLO30_AWS:
@@ -69,7 +71,7 @@ def glo30_client(location: str) -> Any:
         return boto3.client("s3", region_name="eu-central-1", config=Config(signature_version=UNSIGNED))
     from cbmflow import store
 
-    return store.s3_client()
+    return store.s3_client(None if profile is None else store.profile_settings(profile))
 
 
 def make_dem(dem: str, geoid: str | None, bucket: str, cache: Path | None) -> Dem:

@@ -63,7 +63,8 @@ class ImportReport:
     srid: int = 0
     parcels_version: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
-    """Wall seconds per phase (read, check, stage, upsert, index): where a national import's time goes."""
+    """Wall seconds per phase (read+check+stage, upsert, index when rebuilt): where a national
+    import's time goes."""
 
     @property
     def accepted(self) -> int:

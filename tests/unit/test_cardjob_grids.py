@@ -7,8 +7,10 @@ the job's arithmetic.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pyproj
+import pytest
 import shapely
 
 from card import mgrs
@@ -51,3 +53,24 @@ def test_a_window_is_clipped_to_its_tile() -> None:
     qm, tile = grids["32TQM"].grid, mgrs.tile_geobox("32TQM")
     tile.window_of(qm)
     assert qm.bounds.right == tile.bounds.right and qm.bounds.left > tile.bounds.left
+
+
+def test_job_dem_from_glo30_uses_an_unsigned_client_on_aws_and_the_default_store_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's DEM is its own setting: AWS's public bucket unsigned, any other bucket through
+    the default store profile's endpoint (not a product's)."""
+    from botocore import UNSIGNED
+
+    from worker.cardjob import _dem
+
+    monkeypatch.setenv("CBMFLOW_STORE_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    base = {"card_dem": "glo30", "card_dem_geoid": "egm96", "card_dem_cache_dir": str(tmp_path)}
+    aws = _dem(WorkerSettings(**base, card_dem_bucket="s3://copernicus-dem-30m"))
+    assert aws.client.meta.config.signature_version is UNSIGNED
+    assert "127.0.0.1" not in aws.client.meta.endpoint_url
+    cdse = _dem(WorkerSettings(**base, card_dem_bucket="s3://eodata/auxdata/CopDEM_COG/copernicus-dem-30m"))
+    assert cdse.client.meta.endpoint_url == "http://127.0.0.1:9"
+    assert cdse.client.meta.config.signature_version is not UNSIGNED
