@@ -11,6 +11,17 @@ import typer
 AUTOGROUP = Path("/proc/self/autogroup")
 
 
+def autogroup_nice() -> int | None:
+    """The niceness of this session's autogroup, or None where autogroups do not apply: a kernel
+    without them, or a task placed in a CPU cgroup (containers, systemd slices), which the
+    scheduler ranks by the cgroup's weight and whose autogroup file is empty."""
+    try:
+        fields = AUTOGROUP.read_text().split()
+        return int(fields[-1]) if fields else None
+    except (OSError, ValueError):
+        return None
+
+
 def yield_cpu(nice: int) -> int:
     """Run at niceness ``nice`` (or the higher one inherited): the API answers within milliseconds
     only if a decode loop does not hold its core for a whole time slice. Linux keeps niceness per
@@ -23,10 +34,10 @@ def yield_cpu(nice: int) -> int:
     current = os.getpriority(os.PRIO_PROCESS, 0)
     if nice > current:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
-    if os.getsid(0) == os.getpid():
-        with contextlib.suppress(OSError, ValueError, IndexError):  # no autogroups in this kernel
-            if int(AUTOGROUP.read_text().split()[-1]) < nice:
-                AUTOGROUP.write_text(str(nice))
+    group = autogroup_nice()
+    if group is not None and group < nice and os.getsid(0) == os.getpid():
+        with contextlib.suppress(OSError):  # not ours to change (another user's session)
+            AUTOGROUP.write_text(str(nice))
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
