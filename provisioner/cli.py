@@ -96,6 +96,26 @@ def _pools(names: list[str] | None, settings: ProvisionSettings | None = None) -
     return poolsmod.select(poolsmod.resolve(settings or ProvisionSettings()), names)
 
 
+def _orphans(*, reap: bool, driver: Any = None) -> list[WorkerView]:
+    """The workers of no configured pool (deleting the stopped ones when ``reap``). A failure to
+    list them is logged and never fails the pools' own step."""
+    try:
+        if reap:
+            return service.reap_orphans(driver=driver)
+        return (driver or service.orphan_driver()).list_workers()
+    except Exception as exc:  # noqa: BLE001 - cloud and registry errors come in many types
+        log.warning("provision.orphans_unavailable", error=f"{type(exc).__name__}: {exc}"[:300])
+        return []
+
+
+def _orphans_hint(orphans: list[WorkerView]) -> str:
+    pools = ", ".join(sorted({w.pool or "?" for w in orphans}))
+    return (
+        f"{len(orphans)} worker(s) of pools no longer configured ({pools}): no step scales them;"
+        " `cbmflow provision down --orphans` drains them and the next step deletes them once stopped"
+    )
+
+
 @provision_app.command("scale")
 def scale_cmd(
     min_workers: int | None = typer.Option(
@@ -135,6 +155,9 @@ def scale_cmd(
     console = Console()
     for table in _plan_tables(steps, dry_run):
         console.print(table)
+    orphans = [] if pool else _orphans(reap=not dry_run)
+    if orphans:
+        console.print(f"[yellow]{_orphans_hint(orphans)}[/yellow]")
     for ps in steps:
         if not dry_run and ps.plan and ps.applied and ps.plan.start and len(ps.applied.started) < ps.plan.start:
             console.print(
@@ -169,6 +192,7 @@ def watch_cmd(
         selected = _pools(pool, settings)
         # One driver per pool for the daemon's life: it caches the cloud connection and lookups.
         drivers = {p.name: make_driver(p.settings) for p in selected}
+        orphan_driver = None if pool else service.orphan_driver(settings)
     except CbmflowError as exc:
         raise _fail(exc) from exc
     unserved = poolsmod.unserved_kinds(poolsmod.resolve(settings))
@@ -178,6 +202,8 @@ def watch_cmd(
     while not stop:
         began = time.monotonic()
         service.scale_pools(settings, names=list(drivers), drivers=drivers)
+        if orphan_driver is not None:
+            _orphans(reap=True, driver=orphan_driver)
         steps += 1
         if iterations and steps >= iterations:
             break
@@ -201,11 +227,13 @@ def status_cmd(
         unserved = poolsmod.unserved_kinds(poolsmod.resolve(ProvisionSettings()))
     except CbmflowError as exc:
         raise _fail(exc) from exc
+    orphans = [] if pool else _orphans(reap=False)
     now = time.time()
     if as_json:
         out = {
             "pools": [st.summary() for st in statuses],
-            "workers": [{"pool": st.pool.name, **w.__dict__} for st in statuses for w in st.workers],
+            "workers": [{**w.__dict__, "pool": st.pool.name} for st in statuses for w in st.workers],
+            "orphans": [w.__dict__ for w in orphans],
             "unserved_job_kinds": unserved,
         }
         typer.echo(json.dumps(out, indent=2))
@@ -235,7 +263,10 @@ def status_cmd(
             console.print(f"[red]pool {st.pool.name}: {escape(st.error)}[/red]")
     if unserved:
         console.print(f"[yellow]no pool consumes {', '.join(unserved)}: those jobs wait in their queue[/yellow]")
+    if orphans:
+        console.print(f"[yellow]{escape(_orphans_hint(orphans))}[/yellow]")
     workers = [(st.pool.name, w) for st in statuses for w in st.workers]
+    workers += [(f"{w.pool or '?'} (orphan)", w) for w in orphans]
     table = Table(title=f"workers ({len(workers)})")
     for col in ("pool", "server", "status", "age", "worker", "job (scene)", "heartbeat", "address / log"):
         table.add_column(col)
@@ -285,18 +316,23 @@ def drain_cmd(
 def down_cmd(
     wait_s: float = typer.Option(0.0, "--wait", help="Seconds to wait for the workers to stop (0 = don't wait)."),
     pool: list[str] = typer.Option(None, "--pool", help=POOL_OPTION_HELP),
+    orphans: bool = typer.Option(
+        False, "--orphans", help="Only the workers of pools no longer configured (renamed or removed)."
+    ),
 ) -> None:
     """Drain every worker of every pool: each finishes (or requeues) its current job and exits; with
-    --wait, remove them."""
+    --wait, remove them. With --orphans, only those of pools no longer configured."""
     try:
-        fleets = service.pool_fleets(names=pool)
-        drained = [worker_id for _, driver, _ in fleets for worker_id in driver.down()]
+        if orphans and pool:
+            raise InvalidInputError("--orphans drains the workers of no configured pool: it takes no --pool")
+        drivers = [service.orphan_driver()] if orphans else [driver for _, driver, _ in service.pool_fleets(names=pool)]
+        drained = [worker_id for driver in drivers for worker_id in driver.down()]
     except CbmflowError as exc:
         raise _fail(exc) from exc
     typer.echo(f"draining {len(drained)} worker(s){': ' + ', '.join(drained) if drained else ''}")
     if wait_s > 0:
         deadline = time.monotonic() + wait_s
-        left = [w for _, driver, _ in fleets for w in wait_down(driver, max(0.0, deadline - time.monotonic()))]
+        left = [w for driver in drivers for w in wait_down(driver, max(0.0, deadline - time.monotonic()))]
         if left:
             typer.echo(f"still running after {wait_s:.0f} s: {', '.join(left)}")
             raise typer.Exit(1)

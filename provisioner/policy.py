@@ -63,6 +63,7 @@ class WorkerView:
     draining_since_s: float | None = None
     server_id: str = ""
     address: str = ""
+    pool: str = ""  # the pool the server was started for (its tag or id), which may no longer be configured
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,54 @@ def make_driver(settings: ProvisionSettings) -> WorkerDriver:
     raise ConfigError(f"CBMFLOW_PROVISION_DRIVER {settings.driver!r}: use one of {', '.join(DRIVERS)}")
 
 
+def orphan_driver(settings: ProvisionSettings | None = None) -> WorkerDriver:
+    """A driver over the workers of no configured pool: those a renamed or removed pool left
+    running, which no pool's step lists, drains or deletes. It never starts any."""
+    settings = settings or ProvisionSettings()
+    configured = [p.name for p in poolsmod.resolve(settings)]
+    if settings.driver == "local":
+        from provisioner.drivers.local import LocalDriver
+
+        return LocalDriver(state_dir() / "workers", userdata=_no_userdata, dsn=_optional_dsn(), orphans_of=configured)
+    if settings.driver == "openstack":
+        from provisioner.drivers.openstack import OpenStackDriver
+
+        return OpenStackDriver(
+            settings, userdata=lambda _name: _no_userdata(), dsn=_optional_dsn(), orphans_of=configured
+        )
+    raise ConfigError(f"CBMFLOW_PROVISION_DRIVER {settings.driver!r}: use one of {', '.join(DRIVERS)}")
+
+
+def _no_userdata() -> str:
+    raise ConfigError("the orphans' driver starts no worker: their pool is no longer configured")
+
+
+def reap_orphans(settings: ProvisionSettings | None = None, driver: WorkerDriver | None = None) -> list[WorkerView]:
+    """Delete the orphans whose worker has stopped; return those still alive.
+
+    Only a stop recorded in this deployment's registry counts: a server tagged ``cbmflow-worker``
+    that our registry does not know may belong to another deployment in the same project, so a
+    live orphan is reported (``provision.orphans``), and drained only on the operator's word
+    (``cbmflow provision down --orphans``). Once drained, its worker stops and the next step
+    deletes the server.
+    """
+    driver = driver or orphan_driver(settings)
+    workers = driver.list_workers()
+    stopped = [w.id for w in workers if w.state == "stopped"]
+    if stopped:
+        deleted = driver.delete(stopped)
+        log.info("provision.orphans_deleted", workers=deleted)
+    alive = [w for w in workers if w.state != "stopped"]
+    if alive:
+        log.warning(
+            "provision.orphans",
+            workers=[w.id for w in alive],
+            pools=sorted({w.pool for w in alive}),
+            hint="their pool is not configured: `cbmflow provision down --orphans` drains them",
+        )
+    return alive
+
+
 def _pool_key(settings: ProvisionSettings) -> str:
     return f"{settings.driver}-{settings.pool}"
 

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cbmflow.logging import get_logger
@@ -60,6 +60,16 @@ def worker_id_prefix(pool: str) -> str:
     return "local-" if pool == DEFAULT_POOL else f"local-{pool}-"
 
 
+def _id_pattern(pool: str) -> re.Pattern[str]:
+    return re.compile(re.escape(worker_id_prefix(pool)) + r"[0-9a-f]{8}")
+
+
+def pool_of_id(worker_id: str) -> str:
+    """The pool a local worker was started for, read back from its id."""
+    middle = worker_id.removeprefix("local-")[:-9]  # what is left of "-<8 hex>"
+    return middle or DEFAULT_POOL
+
+
 def _proc_start_ticks(pid: int) -> int | None:
     """Kernel start time of a live, non-zombie process, or None; a zombie is reaped if it is ours."""
     try:
@@ -83,19 +93,29 @@ class LocalDriver:
         userdata: str | Callable[[], str],
         dsn: str | None = None,
         pool: str | None = None,
+        orphans_of: Sequence[str] | None = None,
     ) -> None:
         """``userdata`` may be a callable so that listing and draining never need the secrets resolved.
 
         ``pool`` None: every worker of the directory (clean-up); a name: only that pool's workers.
+        ``orphans_of`` (the configured pool names, with ``pool`` None): only the workers of no
+        configured pool, left behind by a renamed or removed pool.
         """
+        if pool is not None and orphans_of is not None:
+            raise ValueError("a driver sees one pool's workers or the orphans, not both")
         self.workers_dir = workers_dir or state_dir() / "workers"
         self._userdata = userdata
         self.dsn = dsn
         self.pool = pool
-        self._mine = None if pool is None else re.compile(re.escape(worker_id_prefix(pool)) + r"[0-9a-f]{8}")
+        self._mine = None if pool is None else _id_pattern(pool)
+        self._configured = [_id_pattern(name) for name in orphans_of or ()]
+        self._orphans = orphans_of is not None
 
     def owns(self, worker_id: str) -> bool:
-        """Whether this driver's pool holds the worker (always, without a pool)."""
+        """Whether this driver's pool holds the worker (always, without a pool; for the orphans'
+        driver, when no configured pool does)."""
+        if self._orphans:
+            return not any(p.fullmatch(worker_id) for p in self._configured)
         return self._mine is None or self._mine.fullmatch(worker_id) is not None
 
     # ---- files ------------------------------------------------------------------------------
@@ -165,6 +185,7 @@ class LocalDriver:
                     registered=None if rows is None else row is not None,
                     server_status="running",
                     draining_since_s=draining_since,
+                    pool=pool_of_id(worker_id),
                 )
             )
         return views

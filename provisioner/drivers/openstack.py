@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +37,7 @@ log = get_logger("provisioner")
 
 TAG = "cbmflow-worker"
 META_POOL = "cbmflow-pool"
+POOL_TAG_PREFIX = "cbmflow-pool-"
 META_STATE = "cbmflow-state"
 META_DRAINING_SINCE = "cbmflow-draining-since"
 GONE_STATUSES = frozenset({"DELETED", "SOFT_DELETED"})
@@ -50,7 +51,16 @@ def pool_tag(pool: str) -> str:
             f"CBMFLOW_PROVISION_POOL {pool!r}: use 1-40 lowercase letters, digits and '-' "
             "(it becomes a tag and a host name)"
         )
-    return f"cbmflow-pool-{pool}"
+    return f"{POOL_TAG_PREFIX}{pool}"
+
+
+def server_pool(server: Any) -> str:
+    """The pool a server was booted for: its metadata, else its pool tag (metadata can be edited
+    by hand, the tag set at boot is what the listing filters on, so the tag wins when both exist)."""
+    for tag in server.tags or ():
+        if str(tag).startswith(POOL_TAG_PREFIX):
+            return str(tag)[len(POOL_TAG_PREFIX) :]
+    return str((server.metadata or {}).get(META_POOL, ""))
 
 
 def _epoch(timestamp: str | None) -> float:
@@ -91,10 +101,16 @@ class OpenStackDriver:
         dsn: str | None,
         connection: Any | None = None,
         clock: Callable[[], float] = time.time,
+        orphans_of: Sequence[str] | None = None,
     ) -> None:
-        """``userdata(name)`` renders the user-data of the server called ``name`` (its worker id)."""
+        """``userdata(name)`` renders the user-data of the server called ``name`` (its worker id).
+
+        ``orphans_of`` (the configured pool names) turns the driver to the workers of every *other*
+        pool: those left behind when a pool is renamed or removed, which no pool's step would ever
+        see, drain or delete again."""
         self.settings = settings
         self.pool_tag = pool_tag(settings.pool)
+        self.orphans_of = None if orphans_of is None else frozenset(orphans_of)
         self._userdata = userdata
         self.dsn = dsn
         self._conn = connection
@@ -142,11 +158,13 @@ class OpenStackDriver:
 
     # ---- the driver port ---------------------------------------------------------------------
     def list_workers(self) -> list[WorkerView]:
+        tags = TAG if self.orphans_of is not None else f"{TAG},{self.pool_tag}"
         try:
             servers = [
                 s
-                for s in self.conn.compute.servers(details=True, tags=f"{TAG},{self.pool_tag}")
+                for s in self.conn.compute.servers(details=True, tags=tags)
                 if str(s.status or "").upper() not in GONE_STATUSES
+                and (self.orphans_of is None or server_pool(s) not in self.orphans_of)
             ]
         except _cloud_errors() as exc:
             raise CbmflowError(f"cannot list worker servers: {exc}") from exc
@@ -186,6 +204,7 @@ class OpenStackDriver:
                     draining_since_s=float(since) if since else None,
                     server_id=str(s.id),
                     address=_address(s.addresses, s.access_ipv4),
+                    pool=server_pool(s),
                 )
             )
         if redrain:
@@ -195,6 +214,8 @@ class OpenStackDriver:
     def start(self, n: int) -> list[str]:
         if n <= 0:
             return []
+        if self.orphans_of is not None:
+            raise ConfigError("the orphans' driver starts no worker: their pool is no longer configured")
         flavor, image_id, network_id = self._resolve()
         started: list[str] = []
         import openstack.exceptions

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from cbmflow import bus as busmod
 from cbmflow import db
+from cbmflow.errors import ConfigError
 from cbmflow.settings import BusSettings, PoolSettings, ProvisionSettings
 from provisioner import pools as poolsmod
 from provisioner import service
@@ -227,3 +228,70 @@ def test_each_queues_backlog_is_read_apart_and_an_undeclared_queue_holds_nothing
         conn.close()
     assert service.queue_backlogs(["cbmflow.extract", "cbmflow.card"]) == {"cbmflow.extract": 4, "cbmflow.card": 0}
     assert service.current_backlog(("cbmflow.card",)) == 0
+
+
+def test_a_removed_pools_local_workers_are_shown_and_drained_as_orphans(
+    cbm_env: Any, local_pools: dict[str, LocalDriver]
+) -> None:
+    """Renaming or removing a pool must not leave its workers running unseen: no pool's step lists
+    them, so `status` names them and `down --orphans` drains them, and only them."""
+    [kept] = local_pools["extract"].start(1)
+    old = service.make_driver(ProvisionSettings(pool="old", pools=[]))
+    assert isinstance(old, LocalDriver)
+    [orphan] = old.start(1)
+    assert orphan.startswith("local-old-")
+
+    status = CliRunner().invoke(provision_app, ["status", "--json"])
+    assert status.exit_code == 0, status.output
+    out = json.loads(status.stdout)
+    assert [(w["id"], w["pool"]) for w in out["orphans"]] == [(orphan, "old")]
+    assert orphan not in {w["id"] for w in out["workers"]} and kept in {w["id"] for w in out["workers"]}
+    assert "pools no longer configured (old)" in " ".join(_scale().stdout.split()), "scale names them too"
+    assert old.list_workers()[0].id == orphan, "a live orphan is reported, never deleted by a step"
+
+    both = CliRunner().invoke(provision_app, ["down", "--orphans", "--pool", "card"])
+    assert both.exit_code != 0 and "takes no --pool" in both.output
+    down = CliRunner().invoke(provision_app, ["down", "--orphans", "--wait", "20"])
+    assert down.exit_code == 0, down.output
+    assert f"draining 1 worker(s): {orphan}" in down.stdout and "all stopped" in down.stdout
+    assert old.list_workers() == []
+    assert [w.id for w in local_pools["extract"].list_workers()] == [kept], "a configured pool's worker is untouched"
+
+
+def test_a_removed_pools_openstack_servers_are_deleted_only_once_their_worker_stopped(
+    pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Orphans are servers tagged cbmflow-worker whose pool tag names no configured pool. A stop in
+    our registry is the only proof a server is ours and done; one we do not know may belong to
+    another deployment in the same project, so it is reported, not deleted."""
+    monkeypatch.setenv("CBMFLOW_STATE_DIR", str(tmp_path / "state"))
+    settings = ProvisionSettings(
+        driver="openstack", cloud="cbmtest", pools=[PoolSettings(name="extract", job_kinds=["ExtractParcels"])]
+    )
+    with fake_cloud(tmp_path, monkeypatch) as cloud:
+        cloud.add("cbmflow-extract-0000000a", ["cbmflow-worker", "cbmflow-pool-extract"])
+        stopped = cloud.add("cbmflow-card-0000000b", ["cbmflow-worker", "cbmflow-pool-card"])
+        tags = ["cbmflow-worker", "cbmflow-pool-card"]
+        busy = cloud.add("cbmflow-card-0000000c", tags, metadata={"cbmflow-pool": "card"})
+        foreign = cloud.add("cbmflow-other-0000000d", ["cbmflow-worker", "cbmflow-pool-other"])
+        cloud.add("build-box", ["ci"])  # not a worker at all
+        with db.transaction(pg_dsn) as cur:
+            for name, state in (("cbmflow-card-0000000b", "stopped"), ("cbmflow-card-0000000c", "busy")):
+                cur.execute("INSERT INTO workers (id, host, pid, state) VALUES (%s, 'h', 1, %s)", (name, state))
+        monkeypatch.setenv("CBMFLOW_DB_DSN", pg_dsn)
+        driver = service.orphan_driver(settings)
+        views = {w.id: (w.pool, w.state) for w in driver.list_workers()}
+        assert views == {
+            "cbmflow-card-0000000b": ("card", "stopped"),
+            "cbmflow-card-0000000c": ("card", "busy"),
+            "cbmflow-other-0000000d": ("other", "starting"),
+        }
+        assert ("GET", "/v2.1/servers/detail?tags=cbmflow-worker") in cloud.calls()
+        with pytest.raises(ConfigError, match="starts no worker"):
+            driver.start(1)
+
+        alive = service.reap_orphans(settings, driver)
+        assert sorted(w.id for w in alive) == ["cbmflow-card-0000000c", "cbmflow-other-0000000d"]
+        deletes = [r.path for r in cloud.mock.request_history if r.method == "DELETE"]
+        assert deletes == [f"/v2.1/servers/{stopped}"], "only the server our registry saw stop"
+        assert {busy, foreign} <= set(cloud.servers)
