@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from importlib.abc import Traversable
 from typing import Any, TypeAlias
@@ -149,6 +150,8 @@ class Dataset:
     parcels_version: int
     s2_bands: list[str] | None = None
     """Sentinel-2 bands to extract; None: JRC's set (``worker/bands.py``, migration 007)."""
+    created_at: datetime | None = None
+    """Tells this deployment's dataset apart from another's with the same id (shared index cache)."""
 
     def ident(self, table: str) -> sql.Composed:
         return sql.SQL("{}.{}").format(sql.Identifier(self.schema_name), sql.Identifier(table))
@@ -168,7 +171,7 @@ class Dataset:
 
 _DATASET_COLS = (
     "id, aoi, year, schema_name, parcel_table, sigs_table, hists_table, srid, buffer_m, min_pixels, parcels_version,"
-    " s2_bands"
+    " s2_bands, created_at"
 )
 
 

@@ -268,6 +268,12 @@ class WorkerSettings(BaseSettings):
     idle_exit_s: float = Field(0.0, description="exit after this many idle seconds; 0 = never")
     drain_file: str = Field("", description="if this file exists the worker drains and exits")
     cache_dir: str = Field("", description="directory for on-disk parcel index cache; empty = memory only")
+    index_cache_url: str = Field(
+        "",
+        description="parcel index cache shared by a fleet in the object store (s3://bucket/prefix/, the default store"
+        " profile): the first transient VM to build a tile's index leaves it for the others; one prefix per"
+        " deployment; empty = none",
+    )
     backoff_max_s: float = Field(
         30.0,
         description="ceiling of the exponential backoffs: AMQP reconnects, database retries, requeue delays",

@@ -61,9 +61,10 @@ from cbmflow.settings import BusSettings, DbSettings, WorkerSettings
 from worker.cardjob import CardJobs, ClaimedInput, UnknownCardInput, UnsupportedCardJob
 from worker.cardjob_coh import CardJobsWithCoh
 from worker.deadletters import reconcile_dead_letters
+from worker.index_cache import IndexCache
 from worker.leases import LeaseHeld, LeaseLost, SceneChanged
 from worker.metrics import WorkerMetrics
-from worker.scene import ClaimedScene, IndexCache, RowSink, RowSpool, SceneResult, extract_card, extract_s2
+from worker.scene import ClaimedScene, RowSink, RowSpool, SceneResult, extract_card, extract_s2
 
 log = get_logger("worker")
 

@@ -15,10 +15,8 @@ scene of a tile shares one cache key. Pixels outside the scene's data are nodata
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from cbmflow.errors import PermanentJobError
 from cbmflow.logging import get_logger
 from worker import engine, items, pgcopy
 from worker.bands import s2_band_groups
+from worker.index_cache import IndexCache
 
 log = get_logger("worker")
 
@@ -113,72 +112,6 @@ class RowSpool:
         self.items.clear()
 
 
-class IndexCache:
-    """An LRU of parcel indexes keyed by dataset, parcel version, buffer, CRS, transform and shape,
-    backed by an optional on-disk cache (``CBMFLOW_WORKER_CACHE_DIR``).
-
-    The key includes ``parcels_version``, which every parcel import bumps, so a changed parcel set
-    can never be served from a stale index. The disk copy lets a restarted worker (or a fresh VM
-    with a persistent volume) skip the PostGIS query and the rasterization: a 100k-parcel index
-    loads in well under a second where building it takes several. Files are written to a temporary
-    name and renamed, so concurrent workers sharing the directory never read a partial file.
-    """
-
-    def __init__(self, entries: int = 8, cache_dir: str | Path | None = None) -> None:
-        self.entries = entries
-        if cache_dir is None:
-            from cbmflow.settings import WorkerSettings
-
-            cache_dir = WorkerSettings().cache_dir
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self._items: OrderedDict[tuple[Any, ...], engine.ParcelIndex] = OrderedDict()
-        self.hits = 0
-        self.disk_hits = 0
-        self.misses = 0
-
-    def _file(self, key: tuple[Any, ...]) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:40]
-        return self.cache_dir / f"index-{digest}.npz"
-
-    def get(self, key: tuple[Any, ...]) -> engine.ParcelIndex | None:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-            self.hits += 1
-            return item
-        path = self._file(key)
-        if path is not None and path.is_file():
-            try:
-                item = engine.ParcelIndex.load(path)
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("index_cache.unreadable", path=str(path), error=str(exc))
-                return None
-            self.disk_hits += 1
-            self._remember(key, item)
-        return item
-
-    def put(self, key: tuple[Any, ...], index: engine.ParcelIndex) -> None:
-        self.misses += 1
-        self._remember(key, index)
-        path = self._file(key)
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                index.save(tmp)
-                os.replace(tmp, path)
-            except OSError as exc:  # a full or read-only cache disk must not fail the job
-                log.warning("index_cache.write_failed", path=str(path), error=str(exc))
-
-    def _remember(self, key: tuple[Any, ...], index: engine.ParcelIndex) -> None:
-        self._items[key] = index
-        self._items.move_to_end(key)
-        while len(self._items) > self.entries:
-            self._items.popitem(last=False)
-
-
 def local_path(location: str) -> Path:
     """The filesystem path of a local location (a path or ``file://`` URL); anything else is refused."""
     parsed = urlparse(location)
@@ -232,7 +165,7 @@ def _open_raster(path: str | PurePath) -> Iterator[Any]:
 def datasets_for_scene(cur: psycopg2.extensions.cursor, scene_id: int) -> list[Dataset]:
     cur.execute(
         "SELECT d.id, d.aoi, d.year, d.schema_name, d.parcel_table, d.sigs_table, d.hists_table, d.srid,"
-        "       d.buffer_m, d.min_pixels, d.parcels_version, d.s2_bands"
+        "       d.buffer_m, d.min_pixels, d.parcels_version, d.s2_bands, d.created_at"
         "  FROM datasets d JOIN aois a ON a.name = d.aoi JOIN scenes s ON s.id = %s"
         " WHERE ST_Intersects(a.geom, s.footprint)"
         "   AND d.year = extract(year FROM s.acquired_at AT TIME ZONE 'UTC')::int"
@@ -277,7 +210,9 @@ def parcel_index(
     cur: psycopg2.extensions.cursor, cache: IndexCache, ds: Dataset, grid: GeoBox, epsg: int
 ) -> engine.ParcelIndex:
     """The dataset's parcel index on ``grid``, from the cache or built (and cached) from PostGIS."""
-    key = (ds.id, ds.parcels_version, ds.buffer_m, epsg, tuple(grid.transform)[:6], grid.width, grid.height)
+    # created_at tells apart two deployments' dataset 1 at parcel version 1 in a shared cache.
+    created = ds.created_at.isoformat() if ds.created_at else ""
+    key = (ds.id, created, ds.parcels_version, ds.buffer_m, epsg, tuple(grid.transform)[:6], grid.width, grid.height)
     index = cache.get(key)
     if index is None:
         pids, geoms = parcels_on_grid(cur, ds, grid, epsg)

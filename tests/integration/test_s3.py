@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 import rasterio
+import shapely
 import typer
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
@@ -36,15 +37,18 @@ from starlette.testclient import TestClient
 from test_api import ROOT, _hash, _json
 from typer.testing import CliRunner
 
+from card.geobox import GeoBox
 from card.s2 import MissingBandError, open_s2_product
 from card.testworld import WorldSummary, generate
 from catalog_watcher.service import watch_once
 from cbmflow import db, store
 from cbmflow.dev.verify import verify_truth
-from cbmflow.errors import PermanentJobError
+from cbmflow.errors import ConfigError, PermanentJobError
 from cbmflow.parcels.ingest import add_aoi, import_parcels
 from cbmflow.settings import ApiSettings, WatchSettings
-from worker.scene import ClaimedScene, IndexCache, _open_raster, extract_card, extract_s2, open_product
+from worker import engine
+from worker.index_cache import IndexCache
+from worker.scene import ClaimedScene, _open_raster, extract_card, extract_s2, open_product
 
 CBMFLOW = str(Path(sys.executable).parent / "cbmflow")
 SCENES = 2
@@ -567,3 +571,58 @@ def test_s1_card_cog_on_s3_gives_the_local_rows(
         )
         with db.transaction(pg_dsn) as cur, pytest.raises(store.StoreUnavailable):
             extract_card(cur, away, IndexCache(entries=8, cache_dir=""))
+
+
+def test_a_fresh_worker_takes_the_fleets_parcel_index_from_the_store(
+    s3: Any, world: WorldSummary, cbm_env: Any, pg_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CBMFLOW_WORKER_INDEX_CACHE_URL: the first VM builds a tile's parcel index, the next ones read
+    it from the object store and write the same rows; a bad or unreachable tier is only a miss."""
+    _catalogue(pg_dsn, world)
+    scenes = _scenes(pg_dsn)
+    bucket = f"cbm-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/fleet-a/index-cache/"
+
+    def extract(cache: IndexCache) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        with db.transaction(pg_dsn) as cur:
+            for scene in scenes:
+                extract_s2(cur, scene, cache)
+        return _rows(pg_dsn)
+
+    first = IndexCache(entries=8, cache_dir="", shared_url=url)
+    built = extract(first)
+    assert first.misses >= 1 and first.shared_hits == 0 and len(built[0]) > 40 * SCENES
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="fleet-a/index-cache/")["Contents"]
+    assert len(listed) == first.misses, "each index built is left in the store once"
+
+    disk = tmp_path / "disk"
+    fresh = IndexCache(entries=8, cache_dir=disk, shared_url=url)
+    assert extract(fresh) == built
+    assert (fresh.misses, fresh.shared_hits) == (0, first.misses), "a fresh VM builds nothing"
+    assert len(list(disk.glob("index-*.npz"))) == first.misses, "and keeps them on its own disk"
+
+    # A damaged object is a miss that is rebuilt (and replaced), never a failed job.
+    victim = listed[0]["Key"]
+    s3.put_object(Bucket=bucket, Key=victim, Body=b"not an npz")
+    capsys.readouterr()
+    third = IndexCache(entries=8, cache_dir="", shared_url=url)
+    assert extract(third) == built
+    assert third.misses == 1 and "index_cache.shared_unreadable" in capsys.readouterr().err
+    assert s3.get_object(Bucket=bucket, Key=victim)["Body"].read()[:2] == b"PK", "rebuilt and put back"
+
+
+def test_an_unreachable_shared_index_cache_is_a_miss(
+    s3: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (port,) = free_ports(1)
+    monkeypatch.setenv("CBMFLOW_STORE_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    geoms = [shapely.box(500010, 4499900, 500100, 4499990)]
+    grid = GeoBox(shape=(20, 20), transform=rasterio.Affine(10, 0, 500000, 0, -10, 4500000), crs=32633)
+    index = engine.build_index(geoms, np.arange(1), grid)
+    cache = IndexCache(entries=2, cache_dir="", shared_url="s3://nowhere/index/")
+    cache.put(("k",), index)  # the upload fails: logged, the job goes on
+    assert "index_cache.shared_write_failed" in capsys.readouterr().err
+    assert IndexCache(entries=2, cache_dir="", shared_url="s3://nowhere/index/").get(("k",)) is None
+    with pytest.raises(ConfigError, match="use s3://bucket/prefix/"):
+        IndexCache(entries=2, cache_dir="", shared_url="/mnt/shared/index")

@@ -28,7 +28,8 @@ from cbmflow.dev.verify import verify_truth
 from cbmflow.errors import PermanentJobError
 from cbmflow.parcels.ingest import add_aoi, import_parcels
 from cbmflow.settings import WatchSettings
-from worker.scene import ClaimedScene, IndexCache, extract_card, extract_s2
+from worker.index_cache import IndexCache
+from worker.scene import ClaimedScene, extract_card, extract_s2
 
 SCENES = 2
 COLLECTIONS = ["sentinel-2-l2a", "sentinel-1-card-bs"]

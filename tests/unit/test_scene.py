@@ -8,7 +8,7 @@ import numpy as np
 from test_engine import GRID, mixed_parcels
 
 from worker import engine
-from worker.scene import IndexCache
+from worker.index_cache import IndexCache
 
 
 def test_disk_cache_survives_a_restart_and_keys_on_the_parcel_version(tmp_path: Path) -> None:

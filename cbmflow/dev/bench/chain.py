@@ -267,7 +267,8 @@ def _granule_child(dsn: str, files: dict[str, str], coverages: list[float], jp2:
 
     from card.geobox import GeoBox
     from worker import engine
-    from worker.scene import IndexCache, parcel_index
+    from worker.index_cache import IndexCache
+    from worker.scene import parcel_index
 
     def grid_of(path: str) -> GeoBox:
         with rasterio.open(path) as src:
