@@ -420,9 +420,11 @@ def pair_slc(cur: psycopg2.extensions.cursor, input_id: int) -> int:
     * A changed product: the successors paired with it are reset (generation bumped, lease cleared,
       back to ``awaiting_card``) and get their job again, their coherence having been made from the
       previous version.
+    * A shorter gap: a successor paired 12 days back that this acquisition, 6 days before it, gives
+      a 6-day pair is reset and paired again (less decorrelation, and JRC's ``tstype=c6`` serves
+      6-day pairs only); its 12-day scenes stay. A pair is never redone for an equal or longer gap.
 
-    A successor already paired keeps its pair (a 6-day predecessor arriving after a 12-day pair was
-    made does not redo it). No job is written while one of the same input is still pending in the
+    No job is written while one of the same input is still pending in the
     outbox, so a re-scan or a second change does not pile jobs up.
     """
     written = int(_coh_job(cur, input_id))
@@ -440,12 +442,28 @@ def pair_slc(cur: psycopg2.extensions.cursor, input_id: int) -> int:
         (input_id,),
     )
     paired = sorted(int(r[0]) for r in cur.fetchall())
+    gaps = {s.id: gap for s in _neighbours(cur, this, +1) if (gap := coherence_gap(this, s)) is not None}
     cur.execute(
-        "SELECT id FROM card_inputs WHERE id = ANY(%s) AND partner_input_id IS NULL",
-        ([s.id for s in _neighbours(cur, this, +1) if coherence_gap(this, s) is not None],),
+        "SELECT id, partner_input_id, gap_days FROM card_inputs WHERE id = ANY(%s) AND kind = 'slc'"
+        " AND deleted_at IS NULL",
+        (list(gaps),),
     )
-    waiting = sorted(int(r[0]) for r in cur.fetchall())
-    for succ in paired + waiting:
+    waiting, shorter = [], []
+    for succ, partner, gap_days in cur.fetchall():
+        if partner is None:
+            waiting.append(int(succ))
+        elif int(partner) != input_id and gap_days is not None and gaps[int(succ)] < int(gap_days):
+            shorter.append(int(succ))
+    if shorter:
+        # A 6-day predecessor arrived after a 12-day pair was made: the successor is paired again
+        # (its c12 scenes stay; the c6 ones JRC's tstype=c6 serves are made), fenced like a change.
+        cur.execute(
+            "UPDATE card_inputs SET status = 'awaiting_card', generation = generation + 1, lease_owner = NULL,"
+            " lease_until = NULL, reason = NULL, updated_at = now() WHERE id = ANY(%s)",
+            (shorter,),
+        )
+        log.info("watch.coh_shorter_pair", card_input_id=input_id, successors=sorted(shorter))
+    for succ in sorted(set(paired + waiting + shorter)):
         written += int(_coh_job(cur, succ))
     return written
 

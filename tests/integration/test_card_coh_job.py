@@ -96,7 +96,7 @@ def test_the_watcher_pairs_slcs_by_orbit_and_gap_once(pg_dsn: str) -> None:
     assert coh_jobs() == [] and pair_of(late) == (None, None), "no predecessor yet: it waits without a job"
 
     # Late arrivals: the 12-day predecessor first (the successor gets its job with it), then the
-    # 6-day one (the pair made stands), then others that are no pair at all.
+    # 6-day one (the successor is paired again with it), then others that are no pair at all.
     with db.transaction(pg_dsn) as cur:
         d12 = t0 - timedelta(days=12, hours=3)
         e12, _ = upsert_card_input(cur, _record(_name(d12, "E012"), d12, location="/data/e12.SAFE"))
@@ -113,15 +113,16 @@ def test_the_watcher_pairs_slcs_by_orbit_and_gap_once(pg_dsn: str) -> None:
         upsert_card_input(cur, _record(_name(away, "AWAY"), away, footprint=far))
     jobs = coh_jobs()
     assert [(j.card_input_id, j.partner_input_id) for j in jobs] == [(late, e12), (e6, e12)], (
-        "the 6-day one is paired with the 12-days-3-hours one (6 days within the tolerance); the pair made stands"
+        "the 6-day one is paired with the 12-days-3-hours one (6 days within the tolerance); the successor's"
+        " job is still pending, so no second one is written: the worker reads the pair from the row"
     )
-    assert pair_of(late) == (e12, 12) and pair_of(e6) == (e12, 6)
+    assert pair_of(late) == (e6, 6) and pair_of(e6) == (e12, 6), "6 days is the shorter gap: paired again"
     # A re-scan changes nothing; a changed product re-pairs and, its job still pending, writes none.
     with db.transaction(pg_dsn) as cur:
         assert upsert_card_input(cur, _record(_name(t0, "L000"), t0)) == (late, "same")
         assert upsert_card_input(cur, _record(_name(t0, "L000"), t0, checksum="v2")) == (late, "changed")
     assert len(coh_jobs()) == 2, "the pending job runs the current pair (the worker reads it from the row)"
-    assert pair_of(late) == (e6, 6), "re-paired: the 6-day predecessor exists now"
+    assert pair_of(late) == (e6, 6), "re-paired with the same best predecessor"
     # Published, then the predecessor changes: its successor is reset and gets its job again.
     _one(pg_dsn, "UPDATE outbox SET published_at = now() RETURNING id")
     with db.transaction(pg_dsn) as cur:
@@ -136,6 +137,33 @@ def test_the_watcher_pairs_slcs_by_orbit_and_gap_once(pg_dsn: str) -> None:
     jobs = coh_jobs()
     assert len(jobs) == 5 and (jobs[-1].card_input_id, jobs[-1].partner_input_id) == (nxt, late)
     assert pair_of(nxt) == (late, 6)
+
+
+def test_a_6_day_predecessor_arriving_after_a_12_day_pair_was_made_pairs_it_again(pg_dsn: str) -> None:
+    """The c12 product made stays; the successor gets a new generation and a job for its c6 pair.
+    A predecessor giving no shorter gap (another 12-day one) leaves a finished pair alone."""
+    t0 = datetime(2025, 6, 11, 5, 40, 2, tzinfo=UTC)
+    with db.transaction(pg_dsn) as cur:
+        e12, _ = upsert_card_input(cur, _record(_name(t0 - timedelta(days=12), "P012"), t0 - timedelta(days=12)))
+        late, _ = upsert_card_input(cur, _record(_name(t0, "P000"), t0))
+    # its 12-day job published and done
+    _one(pg_dsn, "UPDATE outbox SET published_at = now() WHERE published_at IS NULL RETURNING id")
+    _one(pg_dsn, "UPDATE card_inputs SET status = 'done', generation = 2 WHERE id = %s RETURNING id", (late,))
+    with db.transaction(pg_dsn) as cur:
+        twin = t0 - timedelta(days=12, seconds=-40)  # the same 12-day gap: nothing to gain
+        upsert_card_input(cur, _record(_name(twin, "T012"), twin))
+    assert _one(pg_dsn, "SELECT status, generation, partner_input_id FROM card_inputs WHERE id = %s", (late,)) == [
+        ("done", 2, e12)
+    ]
+    with db.transaction(pg_dsn) as cur:
+        e6, _ = upsert_card_input(cur, _record(_name(t0 - timedelta(days=6), "P006"), t0 - timedelta(days=6)))
+    assert _one(
+        pg_dsn, "SELECT status, generation, partner_input_id, gap_days FROM card_inputs WHERE id = %s", (late,)
+    ) == [("awaiting_card", 3, e6, 6)]
+    pending = [parse_message(r[0]) for r in _one(pg_dsn, "SELECT body::text FROM outbox WHERE published_at IS NULL")]
+    assert sorted((m.card_input_id, m.partner_input_id) for m in pending if isinstance(m, GenerateCard)) == sorted(
+        [(e6, e12), (late, e6)]
+    ), "the new one's own 6-day pair, and the successor's"
 
 
 # --- the job ----------------------------------------------------------------------------------------
