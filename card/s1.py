@@ -32,15 +32,17 @@ from __future__ import annotations
 
 import errno
 import math
+import posixpath
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
 
 import rasterio
 import rasterio.errors
 
 from card.geobox import GeoBox
+from card.s2 import LocalProductFiles, ProductFiles
 
 POLARISATIONS: tuple[str, ...] = ("VV", "VH")
 DIMAP_DEFAULT_NODATA = 0.0
@@ -108,19 +110,26 @@ def open_s1_card(path: str | Path, polarisations: tuple[str, ...] = POLARISATION
     otherwise). A missing product raises ``FileNotFoundError``; an unreadable, non-float32 or
     ambiguous one ``ValueError``: both are permanent, per-product failures.
     """
-    pols = tuple(p.strip().upper() for p in polarisations)
-    unknown = [p for p in pols if p not in ("VV", "VH", "HH", "HV")]
-    if unknown or not pols:
-        raise ValueError(f"unknown polarisation(s) {unknown or list(polarisations)!r}")
+    pols = _polarisations(polarisations)
     text = str(path)
     local = Path(text)
     if text.startswith("/vsi"):
         return _open_geotiff(text, pols)
-    if local.suffix.lower() == ".dim" or local.suffix.lower() == ".data" or local.is_dir():
-        return _open_dimap(local, pols)
+    if local.suffix.lower() in (".dim", ".data"):
+        return open_s1_dimap(LocalProductFiles(local.parent), local.name, pols, text)
+    if local.is_dir():
+        return open_s1_dimap(LocalProductFiles(local), "", pols, text)
     if not local.exists():
         raise FileNotFoundError(errno.ENOENT, "no such CARD product", text)
     return _open_geotiff(text, pols)
+
+
+def _polarisations(polarisations: tuple[str, ...]) -> tuple[str, ...]:
+    pols = tuple(p.strip().upper() for p in polarisations)
+    unknown = [p for p in pols if p not in ("VV", "VH", "HH", "HV")]
+    if unknown or not pols:
+        raise ValueError(f"unknown polarisation(s) {unknown or list(polarisations)!r}")
+    return pols
 
 
 # --- GeoTIFF / COG ------------------------------------------------------------------------------
@@ -191,51 +200,70 @@ def _crs(crs: Any, where: str) -> tuple[str, int | None]:
 # --- BEAM-DIMAP ---------------------------------------------------------------------------------
 
 
+class CardFiles(ProductFiles, Protocol):
+    """The files of a BEAM-DIMAP product: :class:`~card.s2.ProductFiles` that can also be listed."""
+
+    def files_under(self, rel: str) -> list[str] | None:
+        """Every file below directory ``rel`` ("" = the root), as paths relative to the root; None
+        where the store does not allow listing."""
+        ...
+
+
 @dataclass(frozen=True)
 class _DimapBand:
     name: str
-    img: Path
+    img: str  # relative to the files' root
     nodata: float | None
     declared: bool
     """Whether the ``.dim`` says (``NO_DATA_VALUE_USED`` present); if not, GDAL's or the default."""
 
 
-def _dimap_paths(path: Path) -> tuple[Path | None, Path]:
-    """(the .dim if any, the .data directory) for a ``<ref>`` dir, a ``.dim`` or a ``.data`` dir."""
-    if path.suffix.lower() == ".dim":
-        if not path.is_file():
-            raise FileNotFoundError(errno.ENOENT, "no such DIMAP header", str(path))
-        return path, path.with_suffix(".data")
-    if path.suffix.lower() == ".data":
-        dim = path.with_suffix(".dim")
-        return (dim if dim.is_file() else None), path
-    if not path.is_dir():
-        raise FileNotFoundError(errno.ENOENT, "no such CARD product", str(path))
-    data_dirs = sorted(p for p in path.iterdir() if p.is_dir() and p.suffix == ".data")
-    dims = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".dim")
+def _join(*parts: str) -> str:
+    return posixpath.normpath(posixpath.join(*[p for p in parts if p]))
+
+
+def _dimap_layout(files: CardFiles, entry: str) -> tuple[str | None, str]:
+    """(the .dim if any, the .data directory), relative to the root, for a ``<ref>`` directory
+    (``entry`` "" or a directory), a ``.dim`` or a ``.data`` directory."""
+    where = files.root / entry
+    if entry.lower().endswith(".dim"):
+        if not files.exists(entry):
+            raise FileNotFoundError(errno.ENOENT, "no such DIMAP header", str(where))
+        return entry, entry[: -len(".dim")] + ".data"
+    if entry.lower().endswith(".data"):
+        dim = entry[: -len(".data")] + ".dim"
+        return (dim if files.exists(dim) else None), entry
+    listed = files.files_under(entry)
+    if listed is None:
+        raise ValueError(f"{where}: the store does not allow listing it; give the product's .dim")
+    base = f"{entry}/" if entry else ""
+    below = [rel[len(base) :] for rel in listed]
+    data_dirs = sorted({r.split("/")[0] for r in below if "/" in r and r.split("/")[0].endswith(".data")})
+    dims = sorted(r for r in below if "/" not in r and r.endswith(".dim"))
     if len(data_dirs) == 1:
-        dim = data_dirs[0].with_suffix(".dim")
-        return (dim if dim.is_file() else None), data_dirs[0]
+        dim = _join(entry, data_dirs[0][: -len(".data")] + ".dim")
+        return (dim if files.exists(dim) else None), _join(entry, data_dirs[0])
     if len(dims) == 1:
-        return dims[0], dims[0].with_suffix(".data")
+        return _join(entry, dims[0]), _join(entry, dims[0][: -len(".dim")] + ".data")
     if not data_dirs and not dims:
-        raise ValueError(f"{path}: a directory but neither a BEAM-DIMAP product (<ref>.dim, <ref>.data/) nor a raster")
-    raise ValueError(f"{path}: more than one DIMAP product in the directory ({[p.name for p in data_dirs]})")
+        raise ValueError(f"{where}: a directory but neither a BEAM-DIMAP product (<ref>.dim, <ref>.data/) nor a raster")
+    raise ValueError(f"{where}: more than one DIMAP product in the directory ({data_dirs})")
 
 
-def _dim_bands(dim: Path, data_dir: Path) -> list[_DimapBand]:
+def _dim_bands(files: CardFiles, dim: str, data_dir: str) -> list[_DimapBand]:
     """Bands listed in the ``.dim``: file from ``Data_Access``, no-data from ``Spectral_Band_Info``."""
+    where = files.root / dim
     try:
-        root = ET.parse(dim).getroot()
+        root = ET.fromstring(files.read_bytes(dim))
     except ET.ParseError as exc:
-        raise ValueError(f"{dim}: not well-formed XML ({exc})") from exc
-    files: dict[str, Path] = {}
+        raise ValueError(f"{where}: not well-formed XML ({exc})") from exc
+    paths: dict[str, str] = {}
     for df in root.iter("Data_File"):
         href = df.find("DATA_FILE_PATH")
         index = (df.findtext("BAND_INDEX") or "").strip()
         if href is not None and href.get("href"):
-            rel = Path(str(href.get("href")))
-            files[index] = dim.parent / rel.with_suffix(".img")
+            rel = PurePosixPath(str(href.get("href")).replace("\\", "/"))
+            paths[index] = _join(posixpath.dirname(dim), str(rel.with_suffix(".img")))
     out = []
     for info in root.iter("Spectral_Band_Info"):
         index = (info.findtext("BAND_INDEX") or "").strip()
@@ -248,11 +276,11 @@ def _dim_bands(dim: Path, data_dir: Path) -> list[_DimapBand]:
         try:
             nodata = _finite(value) if used and value else None
         except ValueError:
-            raise ValueError(f"{dim}: band {name} has NO_DATA_VALUE {value!r}, not a number") from None
-        img = files.get(index, data_dir / f"{name}.img")
+            raise ValueError(f"{where}: band {name} has NO_DATA_VALUE {value!r}, not a number") from None
+        img = paths.get(index, _join(data_dir, f"{name}.img"))
         out.append(_DimapBand(name, img, nodata, declared=used_text is not None))
     if not out:
-        raise ValueError(f"{dim}: no Spectral_Band_Info with a BAND_NAME")
+        raise ValueError(f"{where}: no Spectral_Band_Info with a BAND_NAME")
     return out
 
 
@@ -271,38 +299,51 @@ def _pick(candidates: list[_DimapBand], pol: str, where: Path) -> _DimapBand:
     return pick[0]
 
 
-def _open_dimap(path: Path, pols: tuple[str, ...]) -> S1CardProduct:
-    dim, data_dir = _dimap_paths(path)
+def open_s1_dimap(
+    files: CardFiles, entry: str = "", polarisations: tuple[str, ...] = POLARISATIONS, label: str = ""
+) -> S1CardProduct:
+    """A BEAM-DIMAP product from ``files`` (a local directory or an object store prefix): ``entry``
+    is its ``.dim``, its ``.data`` directory, or "" when the root is the ``<ref>`` directory.
+    Band paths are ``files.gdal_path``s; ``label`` names the product (default: its root/entry)."""
+    pols = _polarisations(polarisations)
+    dim, data_dir = _dimap_layout(files, entry)
+    where = files.root / data_dir
     if dim is not None:
-        candidates = _dim_bands(dim, data_dir)
-    elif data_dir.is_dir():
-        candidates = [_DimapBand(p.stem, p, None, False) for p in sorted(data_dir.glob("*.img"))]
+        candidates = _dim_bands(files, dim, data_dir)
     else:
-        raise FileNotFoundError(errno.ENOENT, "no such DIMAP data directory", str(data_dir))
-    product_name = data_dir.name[: -len(".data")] if data_dir.name.endswith(".data") else data_dir.name
+        listed = files.files_under(data_dir)
+        if listed is None:
+            raise ValueError(f"{where}: the store does not allow listing it; give the product's .dim")
+        if not listed:
+            raise FileNotFoundError(errno.ENOENT, "no such DIMAP data directory", str(where))
+        imgs = sorted(r for r in listed if posixpath.dirname(r) == data_dir and r.endswith(".img"))
+        candidates = [_DimapBand(PurePosixPath(r).stem, r, None, False) for r in imgs]
+    name = posixpath.basename(data_dir)
+    product_name = name[: -len(".data")] if name.endswith(".data") else name
     bands: list[PolarisationBand] = []
     grid: GeoBox | None = None
     crs_text, epsg = "", None
     for pol in pols:
-        chosen = _pick(candidates, pol, data_dir)
-        if not chosen.img.is_file():
-            raise MissingPolarisationError(pol, chosen.img, f"band {chosen.name} is listed but its file is missing")
-        hdr = chosen.img.with_suffix(".hdr")
-        if not hdr.is_file():
-            raise MissingPolarisationError(pol, hdr, f"band {chosen.name} has no ENVI header")
+        chosen = _pick(candidates, pol, where)
+        img = files.gdal_path(chosen.img)
+        if not files.exists(chosen.img):
+            raise MissingPolarisationError(pol, img, f"band {chosen.name} is listed but its file is missing")
+        hdr = str(PurePosixPath(chosen.img).with_suffix(".hdr"))
+        if not files.exists(hdr):
+            raise MissingPolarisationError(pol, files.gdal_path(hdr), f"band {chosen.name} has no ENVI header")
         try:
-            with rasterio.open(chosen.img) as src:
+            with rasterio.open(img) as src:
                 count, dtype, gdal_nodata = src.count, src.dtypes[0], src.nodatavals[0]
                 this_grid = GeoBox.from_dataset(src)
-                this_crs = _crs(src.crs, str(chosen.img))
+                this_crs = _crs(src.crs, img)
         except rasterio.errors.RasterioIOError as exc:
-            raise ValueError(f"cannot read raster {chosen.img}: {exc}") from exc
+            raise ValueError(f"cannot read raster {img}: {exc}") from exc
         if count != 1:
-            raise ValueError(f"{chosen.img}: {count} bands, a DIMAP band file holds one")
+            raise ValueError(f"{img}: {count} bands, a DIMAP band file holds one")
         if dtype != "float32":
-            raise ValueError(f"{chosen.img}: band {chosen.name} ({pol}) is {dtype}, a CARD raster must be float32")
+            raise ValueError(f"{img}: band {chosen.name} ({pol}) is {dtype}, a CARD raster must be float32")
         if grid is not None and this_grid != grid:
-            raise ValueError(f"{chosen.img}: grid differs from the other polarisation's")
+            raise ValueError(f"{img}: grid differs from the other polarisation's")
         grid = this_grid
         crs_text, epsg = this_crs
         if chosen.declared:
@@ -311,5 +352,5 @@ def _open_dimap(path: Path, pols: tuple[str, ...]) -> S1CardProduct:
             nodata = _finite(gdal_nodata)
         else:
             nodata = DIMAP_DEFAULT_NODATA
-        bands.append(PolarisationBand(pol, str(chosen.img), 1, nodata))
-    return S1CardProduct(str(path), product_name, "dimap", crs_text, epsg, tuple(bands))
+        bands.append(PolarisationBand(pol, img, 1, nodata))
+    return S1CardProduct(label or str(files.root / entry), product_name, "dimap", crs_text, epsg, tuple(bands))

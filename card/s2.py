@@ -135,6 +135,13 @@ class LocalProductFiles:
     def gdal_path(self, rel: str) -> str:
         return str(self._root / rel)
 
+    def files_under(self, rel: str) -> list[str]:
+        """Every file below directory ``rel`` ("" = the root), relative to the root (none if it is not there)."""
+        base = self._root / rel
+        if not base.is_dir():
+            return []
+        return sorted(p.relative_to(self._root).as_posix() for p in base.rglob("*") if p.is_file())
+
 
 @dataclass(frozen=True)
 class S2Product:

@@ -548,11 +548,14 @@ class S3ProductFiles:
     checks fall back to one HEAD per file. XML is fetched with GetObject; pixels are left to GDAL.
     """
 
-    def __init__(self, bucket: str, prefix: str, client: Any | None = None) -> None:
+    def __init__(self, bucket: str, prefix: str, client: Any | None = None, listing: str = "") -> None:
+        """``listing`` narrows the one listing to the keys under ``prefix/`` that start with it (the
+        ``<ref>.`` of a BEAM-DIMAP product whose ``.dim`` and ``.data/`` sit in a shared folder)."""
         if not prefix:
             raise UnsupportedLocation(f"s3://{bucket}/: a product needs a key prefix, not a whole bucket")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        self.listing = listing
         self._client = client
         self._profile = current_profile()  # the store it was opened in, whichever thread reads it later
         self._root = Path(VSIS3.rstrip("/"), bucket, *self.prefix.split("/"))  # a GDAL path, no local file
@@ -600,13 +603,27 @@ class S3ProductFiles:
     def gdal_path(self, rel: str) -> str:
         return str(self._root / rel)
 
+    def files_under(self, rel: str) -> list[str] | None:
+        """Every key below ``rel`` ("" = the root), relative to the root; None where listing is denied."""
+        with self._lock:
+            if self._listed is None and not self._heads:
+                self._listed = self._list()
+            listed = self._listed
+        if listed is None:
+            return None
+        base = f"{rel.strip('/')}/" if rel.strip("/") else ""
+        return sorted(k for k in listed if k.startswith(base))
+
     def _list(self) -> frozenset[str] | None:
-        """Every key under the prefix, relative to it; None where listing is denied."""
+        """Every key under the prefix (and ``listing``), relative to the prefix; None where listing is denied."""
         start = f"{self.prefix}/"
         keys: set[str] = set()
         try:
             with _mapped(self.url()):
-                for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+                pages = self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=start + self.listing
+                )
+                for page in pages:
                     self.list_requests += 1
                     keys.update(obj["Key"][len(start) :] for obj in page.get("Contents", ()))
         except StoreRefused as exc:
@@ -626,6 +643,27 @@ class S3ProductFiles:
 
 
 # --- products -------------------------------------------------------------------------------------
+
+
+DIMAP_SUFFIXES = (".dim", ".data")
+
+
+def dimap_files(location: str) -> tuple[S3ProductFiles, str]:
+    """The files of a BEAM-DIMAP product at ``s3://bucket/.../<ref>.dim`` (or ``<ref>.data``), and
+    the entry :func:`card.s1.open_s1_dimap` starts from.
+
+    One listing covers the product (only the keys starting with ``<ref>.``, not the archive folder
+    around it). GDAL may list the product's own keys when it opens a band: the ENVI driver finds a
+    ``.img``'s ``.hdr`` among its siblings, which :func:`gdal_s3_options` turns off elsewhere.
+    """
+    bucket, key = parse_s3(location)
+    parent, _, name = key.rpartition("/")
+    if not name.lower().endswith(DIMAP_SUFFIXES):
+        raise UnsupportedLocation(f"{location}: a BEAM-DIMAP product is addressed by its .dim or .data")
+    ref = name.rsplit(".", 1)[0]
+    files = S3ProductFiles(bucket, parent, listing=f"{ref}.")
+    _configure_vsis3({"GDAL_DISABLE_READDIR_ON_OPEN": "FALSE"}, f"{VSIS3}{bucket}/{parent}/{ref}.")
+    return files, name
 
 
 def product_files(location: str) -> Path | S3ProductFiles:

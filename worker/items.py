@@ -15,7 +15,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import urlparse
 
-from card.s1 import S1CardProduct, open_s1_card
+from card.s1 import S1CardProduct, open_s1_card, open_s1_dimap
 from card.s1rtc import open_s1_rtc_item
 from card.s2cog import S2CogProduct, gdal_href, is_item_location, open_s2_cog_item, parse_item_bytes
 from cbmflow import store
@@ -101,6 +101,12 @@ def open_card_product(location: str, polarisations: tuple[str, ...]) -> S1CardPr
     cbmflow's CARD COG / a BEAM-DIMAP product at a GDAL path (``card/s1.py``). Errors as theirs:
     ``FileNotFoundError`` (``MissingPolarisationError``) and ``ValueError`` are permanent."""
     if not is_item_location(location):
+        if urlparse(location).scheme == "s3":  # BEAM-DIMAP on S3 (a COG comes as /vsis3/)
+            try:
+                files, entry = store.dimap_files(location)
+            except store.UnsupportedLocation as exc:
+                raise ValueError(str(exc)) from exc
+            return open_s1_dimap(files, entry, polarisations, label=location)
         return open_s1_card(location, polarisations)
     item = read_item(location)
     with store.gdal_env(None if _any_s3(item) else location):

@@ -303,12 +303,16 @@ def extract_s2(
 
 
 def card_location(location: str) -> str:
-    """Where GDAL reads a CARD product: a local path, or ``/vsis3/...`` for a COG on S3 (a
-    BEAM-DIMAP product is a directory of files and is read from local disk only)."""
+    """Where a CARD product is read: a local path, ``/vsis3/...`` for a COG on S3, or the
+    ``s3://`` URL itself for a BEAM-DIMAP product (its files are listed through the store)."""
     if store.is_s3(location):
-        if not location.lower().endswith((".tif", ".tiff")):
-            raise PermanentJobError(f"{location}: on S3 a CARD product must be one GeoTIFF/COG (.tif)")
-        return store.gdal_path(location)
+        if location.lower().endswith((".tif", ".tiff")):
+            return store.gdal_path(location)
+        if location.lower().rstrip("/").endswith(store.DIMAP_SUFFIXES):
+            return location
+        raise PermanentJobError(
+            f"{location}: on S3 a CARD product is one GeoTIFF/COG (.tif) or a BEAM-DIMAP product (.dim or .data)"
+        )
     return str(local_path(location))
 
 
@@ -331,9 +335,11 @@ def extract_card(
         with store.gdal_env(location):
             product: S1CardProduct = items.open_card_product(location, tuple(names))
     except (FileNotFoundError, ValueError) as exc:  # MissingPolarisationError is a FileNotFoundError
-        if store.is_s3(location) and not isinstance(exc, MissingPolarisationError):
+        if location.startswith(store.VSIS3) and not isinstance(exc, MissingPolarisationError):
             # GDAL says "does not exist" for an unreachable endpoint too: one HEAD tells which.
             raise _raster_error(location, exc, f"unreadable product {scene.product_id} at") from exc
+        raise PermanentJobError(f"unreadable product {scene.product_id}: {exc}") from exc
+    except store.StoreRefused as exc:  # a BEAM-DIMAP's listing or .dim denied (StoreUnavailable is retried)
         raise PermanentJobError(f"unreadable product {scene.product_id}: {exc}") from exc
     if product.epsg is None:
         raise PermanentJobError(f"unreadable product {scene.product_id}: CRS {product.crs!r} has no EPSG code")

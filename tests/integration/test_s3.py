@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ import shapely
 import typer
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
+from s1_products import to_dimap
 from stackfixtures import free_ports
 from starlette.testclient import TestClient
 from test_api import ROOT, _hash, _json
@@ -73,6 +75,10 @@ def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> A
     Credentials are given the way an operator gives them (environment, read by boto3's chain);
     any profile or config file of the machine is kept out.
     """
+    return _point_at(moto_endpoint, monkeypatch, tmp_path)
+
+
+def _point_at(endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_NO_SIGN_REQUEST"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
@@ -80,7 +86,7 @@ def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> A
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "cbmflow-test-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "cbmflow-test-secret")
-    monkeypatch.setenv("CBMFLOW_STORE_S3_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("CBMFLOW_STORE_S3_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("CBMFLOW_STORE_S3_REGION", "us-east-1")
     monkeypatch.setenv("CBMFLOW_STORE_S3_PATH_STYLE", "true")
     return store.s3_client()
@@ -529,7 +535,7 @@ def test_s1_card_cog_on_s3_gives_the_local_rows(
     s3: Any, cbm_env: Any, pg_dsn: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """An S1 CARD COG at an s3:// location is read through /vsis3/ like an S2 band: the same rows
-    as from the local file; a DIMAP directory on S3 is refused as permanent."""
+    as from the local file; a location that is neither a .tif nor a BEAM-DIMAP is refused."""
     s1world = generate(
         tmp_path_factory.mktemp("s1s3"), parcels=30, scenes=1, seed=12, aoi_name="ms", year=2024, s1_scenes=1
     )
@@ -558,9 +564,9 @@ def test_s1_card_cog_on_s3_gives_the_local_rows(
         extract_card(cur, remote, IndexCache(entries=8, cache_dir=""))
     assert _rows(pg_dsn)[0] == local_rows
 
-    dimap = ClaimedScene(scene.id, scene.product_id, "bs", f"s3://{bucket}/card/X.data", 2024)
-    with db.transaction(pg_dsn) as cur, pytest.raises(PermanentJobError, match="one GeoTIFF/COG"):
-        extract_card(cur, dimap, cache)
+    folder = ClaimedScene(scene.id, scene.product_id, "bs", f"s3://{bucket}/card/X", 2024)
+    with db.transaction(pg_dsn) as cur, pytest.raises(PermanentJobError, match="GeoTIFF/COG .* or a BEAM-DIMAP"):
+        extract_card(cur, folder, cache)
 
     # The store away while the COG is opened: transient (retried in place), never a corrupt product.
     (port,) = free_ports(1)
@@ -626,3 +632,82 @@ def test_an_unreachable_shared_index_cache_is_a_miss(
     assert IndexCache(entries=2, cache_dir="", shared_url="s3://nowhere/index/").get(("k",)) is None
     with pytest.raises(ConfigError, match="use s3://bucket/prefix/"):
         IndexCache(entries=2, cache_dir="", shared_url="/mnt/shared/index")
+
+
+@pytest.fixture
+def s3_apart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
+    """Like ``s3``, with moto in a process of its own: GDAL checks an ENVI band for a ``.msk``
+    sibling with the GIL held (rasterio's mask flags), which an S3 server in one of our own
+    threads could never answer; a real store is always another process."""
+    (port,) = free_ports(1)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = _point_at(f"http://127.0.0.1:{port}", monkeypatch, tmp_path)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.list_buckets()
+                break
+            except Exception:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield client
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_jrc_beam_dimap_on_s3_gives_the_local_rows(
+    s3_apart: Any, cbm_env: Any, pg_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """JRC's CARD archive (<ref>.dim + <ref>.data/ of ENVI bands) read in place on S3, addressed by
+    its .dim or its .data: the rows of the same product as a local COG. One listing covers the
+    product's own keys, not the archive folder around it."""
+    s3 = s3_apart
+    s1world = generate(
+        tmp_path_factory.mktemp("s1dimap"), parcels=30, scenes=1, seed=12, aoi_name="ms", year=2024, s1_scenes=1
+    )
+    with db.transaction(pg_dsn) as cur:
+        add_aoi(cur, "ms", s1world.aoi_path)
+        import_parcels(cur, s1world.parcels_path, "ms", 2024)
+    watch_once(
+        dsn=pg_dsn,
+        settings=WatchSettings(
+            catalog_url=str(s1world.stac_catalog_path), lookback_days=0, collections=["sentinel-1-card-bs"]
+        ),
+    )
+    (scene,) = _scenes(pg_dsn)
+    with db.transaction(pg_dsn) as cur:
+        extract_card(cur, scene, IndexCache(entries=8, cache_dir=""))
+    local_rows = _rows(pg_dsn)[0]
+    assert {r[2] for r in local_rows} == {"VVb", "VHb"} and len(local_rows) > 30
+
+    bucket = f"cbm-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    archive = tmp_path_factory.mktemp("dimap")
+    product = to_dimap(Path(scene.location), archive / "a")
+    neighbour = to_dimap(Path(scene.location), archive / "b", names={"VV": "Sigma0_VV", "VH": "Sigma0_VH"})
+    ref = product.name
+    for root, prefix in ((product, "archive/"), (neighbour, "archive/X")):  # X<ref>: never listed
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            s3.upload_file(str(path), bucket, f"{prefix}{path.relative_to(root).as_posix()}")
+    for entry in (f"{ref}.dim", f"{ref}.data"):
+        dimap = ClaimedScene(scene.id, scene.product_id, "bs", f"s3://{bucket}/archive/{entry}", 2024)
+        with db.transaction(pg_dsn) as cur:
+            extract_card(cur, dimap, IndexCache(entries=8, cache_dir=""))
+        assert _rows(pg_dsn)[0] == local_rows, entry
+    files, entry = store.dimap_files(f"s3://{bucket}/archive/{ref}.dim")
+    assert entry == f"{ref}.dim"
+    assert files.files_under("") == sorted(p.relative_to(product).as_posix() for p in product.rglob("*") if p.is_file())
+
+    # Without its .dim the bands are found by name; a missing one is a permanent error naming it.
+    s3.delete_object(Bucket=bucket, Key=f"archive/{ref}.dim")
+    s3.delete_object(Bucket=bucket, Key=f"archive/{ref}.data/Gamma0_VH.img")
+    gone = ClaimedScene(scene.id, scene.product_id, "bs", f"s3://{bucket}/archive/{ref}.data", 2024)
+    with db.transaction(pg_dsn) as cur, pytest.raises(PermanentJobError, match="polarisation VH has no band file"):
+        extract_card(cur, gone, IndexCache(entries=8, cache_dir=""))
