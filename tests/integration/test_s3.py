@@ -531,11 +531,11 @@ def test_chip_of_an_s3_product_holds_its_pixels(
         assert chip.status_code == 503 and "object store" in chip.json()["error"]["message"]
 
 
-def test_s1_card_cog_on_s3_gives_the_local_rows(
-    s3: Any, cbm_env: Any, pg_dsn: str, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """An S1 CARD COG at an s3:// location is read through /vsis3/ like an S2 band: the same rows
-    as from the local file; a location that is neither a .tif nor a BEAM-DIMAP is refused."""
+def _s1_scene_from_its_local_cog(
+    pg_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ClaimedScene, list[tuple[Any, ...]]]:
+    """A generated S1 CARD-BS scene catalogued and extracted from its local COG: the rows any other
+    copy of the product must give."""
     s1world = generate(
         tmp_path_factory.mktemp("s1s3"), parcels=30, scenes=1, seed=12, aoi_name="ms", year=2024, s1_scenes=1
     )
@@ -550,11 +550,20 @@ def test_s1_card_cog_on_s3_gives_the_local_rows(
     )
     (scene,) = _scenes(pg_dsn)
     assert scene.card == "bs" and scene.location.endswith(".tif")
-    cache = IndexCache(entries=8, cache_dir="")
     with db.transaction(pg_dsn) as cur:
-        extract_card(cur, scene, cache)
+        extract_card(cur, scene, IndexCache(entries=8, cache_dir=""))
     local_rows = _rows(pg_dsn)[0]
     assert {r[2] for r in local_rows} == {"VVb", "VHb"} and len(local_rows) > 30
+    return scene, local_rows
+
+
+def test_s1_card_cog_on_s3_gives_the_local_rows(
+    s3: Any, cbm_env: Any, pg_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """An S1 CARD COG at an s3:// location is read through /vsis3/ like an S2 band: the same rows
+    as from the local file; a location that is neither a .tif nor a BEAM-DIMAP is refused."""
+    scene, local_rows = _s1_scene_from_its_local_cog(pg_dsn, tmp_path_factory)
+    cache = IndexCache(entries=8, cache_dir="")
 
     bucket = f"cbm-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
@@ -669,23 +678,7 @@ def test_jrc_beam_dimap_on_s3_gives_the_local_rows(
     its .dim or its .data: the rows of the same product as a local COG. One listing covers the
     product's own keys, not the archive folder around it."""
     s3 = s3_apart
-    s1world = generate(
-        tmp_path_factory.mktemp("s1dimap"), parcels=30, scenes=1, seed=12, aoi_name="ms", year=2024, s1_scenes=1
-    )
-    with db.transaction(pg_dsn) as cur:
-        add_aoi(cur, "ms", s1world.aoi_path)
-        import_parcels(cur, s1world.parcels_path, "ms", 2024)
-    watch_once(
-        dsn=pg_dsn,
-        settings=WatchSettings(
-            catalog_url=str(s1world.stac_catalog_path), lookback_days=0, collections=["sentinel-1-card-bs"]
-        ),
-    )
-    (scene,) = _scenes(pg_dsn)
-    with db.transaction(pg_dsn) as cur:
-        extract_card(cur, scene, IndexCache(entries=8, cache_dir=""))
-    local_rows = _rows(pg_dsn)[0]
-    assert {r[2] for r in local_rows} == {"VVb", "VHb"} and len(local_rows) > 30
+    scene, local_rows = _s1_scene_from_its_local_cog(pg_dsn, tmp_path_factory)
 
     bucket = f"cbm-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
