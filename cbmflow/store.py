@@ -461,7 +461,7 @@ def read_failure(path: str | PurePath, exc: BaseException) -> OSError | None:
     try:
         s3_client().head_object(Bucket=bucket, Key=key)
     except Exception as probe:
-        failure = _store_error(probe, s3_url(bucket, key))
+        failure = store_error(probe, s3_url(bucket, key))
         if failure is None:
             raise
         return failure
@@ -508,7 +508,7 @@ def _client(store_json: str, _keys: tuple[str, ...]) -> Any:
     return session.client("s3", endpoint_url=endpoint_url or None, config=Config(**options))
 
 
-def _store_error(exc: BaseException, url: str) -> OSError | None:
+def store_error(exc: BaseException, url: str) -> OSError | None:
     """The :class:`StoreError` (or ``FileNotFoundError``) for a boto3/botocore failure; None if not one."""
     from botocore import exceptions as bce
 
@@ -534,7 +534,7 @@ def _mapped(url: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        mapped = _store_error(exc, url)
+        mapped = store_error(exc, url)
         if mapped is None:
             raise
         raise mapped from exc
@@ -589,13 +589,18 @@ class S3ProductFiles:
             finally:
                 body.close()
 
+    def _listing(self) -> frozenset[str] | None:
+        """The one listing, made on first use (under the lock); None once listing proved denied."""
+        if self._listed is None and not self._heads:
+            self._listed = self._list()
+        return self._listed
+
     def exists(self, rel: str) -> bool:
         rel = rel.lstrip("/")
         with self._lock:
-            if self._listed is None and not self._heads:
-                self._listed = self._list()
-            if self._listed is not None:
-                return rel in self._listed
+            listed = self._listing()
+            if listed is not None:
+                return rel in listed
             if rel not in self._heads:
                 self._heads[rel] = self._head(rel)
             return self._heads[rel]
@@ -606,9 +611,7 @@ class S3ProductFiles:
     def files_under(self, rel: str) -> list[str] | None:
         """Every key below ``rel`` ("" = the root), relative to the root; None where listing is denied."""
         with self._lock:
-            if self._listed is None and not self._heads:
-                self._listed = self._list()
-            listed = self._listed
+            listed = self._listing()
         if listed is None:
             return None
         base = f"{rel.strip('/')}/" if rel.strip("/") else ""

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +106,8 @@ class IndexCache:
         self.misses += 1
         self._remember(key, index)
         path = self._file(key)
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                index.save(tmp)
-                os.replace(tmp, path)
-            except OSError as exc:  # a full or read-only cache disk must not fail the job
-                log.warning("index_cache.write_failed", path=str(path), error=str(exc))
-                path = None
+        if path is not None and not _keep(path, index.save):
+            path = None
         if self.shared is not None:
             self._publish(key, index, path)
 
@@ -130,16 +124,12 @@ class IndexCache:
                         out.write(chunk)
                 item = engine.ParcelIndex.load(tmp)
             except Exception as exc:  # noqa: BLE001 - a miss, the store away or a bad object: build it
-                if _is_missing(exc):
+                if isinstance(store.store_error(exc, url), FileNotFoundError):
                     return None
                 log.warning("index_cache.shared_unreadable", url=url, error=f"{type(exc).__name__}: {exc}"[:300])
                 return None
             if path is not None:
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    _copy(tmp, path)
-                except OSError as exc:
-                    log.warning("index_cache.write_failed", path=str(path), error=str(exc))
+                _keep(path, lambda part: shutil.copyfile(tmp, part))
         log.info("index_cache.shared_hit", url=url)
         return item
 
@@ -165,16 +155,16 @@ class IndexCache:
             self._items.popitem(last=False)
 
 
-def _is_missing(exc: BaseException) -> bool:
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
+def _keep(path: Path, write: Callable[[Path], object]) -> bool:
+    """Into the cache directory by a temporary name and a rename, so that workers sharing it never
+    read a partial file; False (logged) where the disk refuses: a full or read-only cache disk
+    must not fail the job."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        write(part)
+        os.replace(part, path)
+    except OSError as exc:
+        log.warning("index_cache.write_failed", path=str(path), error=str(exc))
         return False
-    code = str(response.get("Error", {}).get("Code", ""))
-    return code in ("NoSuchKey", "404", "NotFound")
-
-
-def _copy(src: Path, dst: Path) -> None:
-    """Into the cache directory by a temporary name and a rename, as ``put`` writes."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    return True
