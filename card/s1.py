@@ -222,6 +222,13 @@ def _join(*parts: str) -> str:
     return posixpath.normpath(posixpath.join(*[p for p in parts if p]))
 
 
+def _files_under(files: CardFiles, rel: str) -> list[str]:
+    listed = files.files_under(rel)
+    if listed is None:
+        raise ValueError(f"{files.root / rel}: the store does not allow listing it; give the product's .dim")
+    return listed
+
+
 def _dimap_layout(files: CardFiles, entry: str) -> tuple[str | None, str]:
     """(the .dim if any, the .data directory), relative to the root, for a ``<ref>`` directory
     (``entry`` "" or a directory), a ``.dim`` or a ``.data`` directory."""
@@ -233,9 +240,7 @@ def _dimap_layout(files: CardFiles, entry: str) -> tuple[str | None, str]:
     if entry.lower().endswith(".data"):
         dim = entry[: -len(".data")] + ".dim"
         return (dim if files.exists(dim) else None), entry
-    listed = files.files_under(entry)
-    if listed is None:
-        raise ValueError(f"{where}: the store does not allow listing it; give the product's .dim")
+    listed = _files_under(files, entry)
     base = f"{entry}/" if entry else ""
     below = [rel[len(base) :] for rel in listed]
     data_dirs = sorted({r.split("/")[0] for r in below if "/" in r and r.split("/")[0].endswith(".data")})
@@ -311,9 +316,7 @@ def open_s1_dimap(
     if dim is not None:
         candidates = _dim_bands(files, dim, data_dir)
     else:
-        listed = files.files_under(data_dir)
-        if listed is None:
-            raise ValueError(f"{where}: the store does not allow listing it; give the product's .dim")
+        listed = _files_under(files, data_dir)
         if not listed:
             raise FileNotFoundError(errno.ENOENT, "no such DIMAP data directory", str(where))
         imgs = sorted(r for r in listed if posixpath.dirname(r) == data_dir and r.endswith(".img"))
