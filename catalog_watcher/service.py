@@ -435,13 +435,6 @@ def pair_slc(cur: psycopg2.extensions.cursor, input_id: int) -> int:
     if row is None or row[1] is None:
         return written
     this = _slc(row)
-    cur.execute(
-        "UPDATE card_inputs SET status = 'awaiting_card', generation = generation + 1, lease_owner = NULL,"
-        " lease_until = NULL, reason = NULL, updated_at = now()"
-        " WHERE partner_input_id = %s AND kind = 'slc' AND deleted_at IS NULL RETURNING id",
-        (input_id,),
-    )
-    paired = sorted(int(r[0]) for r in cur.fetchall())
     gaps = {s.id: gap for s in _neighbours(cur, this, +1) if (gap := coherence_gap(this, s)) is not None}
     cur.execute(
         "SELECT id, partner_input_id, gap_days FROM card_inputs WHERE id = ANY(%s) AND kind = 'slc'"
@@ -454,16 +447,19 @@ def pair_slc(cur: psycopg2.extensions.cursor, input_id: int) -> int:
             waiting.append(int(succ))
         elif int(partner) != input_id and gap_days is not None and gaps[int(succ)] < int(gap_days):
             shorter.append(int(succ))
+    # Reset (generation bumped, lease cleared): the successors made from this input, whose product
+    # may have changed, and those it gives a shorter gap (a 6-day predecessor arriving after a
+    # 12-day pair was made: their c12 scenes stay, the c6 ones JRC's tstype=c6 serves are made).
+    cur.execute(
+        "UPDATE card_inputs SET status = 'awaiting_card', generation = generation + 1, lease_owner = NULL,"
+        " lease_until = NULL, reason = NULL, updated_at = now()"
+        " WHERE (partner_input_id = %s OR id = ANY(%s)) AND kind = 'slc' AND deleted_at IS NULL RETURNING id",
+        (input_id, shorter),
+    )
+    reset = [int(r[0]) for r in cur.fetchall()]
     if shorter:
-        # A 6-day predecessor arrived after a 12-day pair was made: the successor is paired again
-        # (its c12 scenes stay; the c6 ones JRC's tstype=c6 serves are made), fenced like a change.
-        cur.execute(
-            "UPDATE card_inputs SET status = 'awaiting_card', generation = generation + 1, lease_owner = NULL,"
-            " lease_until = NULL, reason = NULL, updated_at = now() WHERE id = ANY(%s)",
-            (shorter,),
-        )
         log.info("watch.coh_shorter_pair", card_input_id=input_id, successors=sorted(shorter))
-    for succ in sorted(set(paired + waiting + shorter)):
+    for succ in sorted(set(reset + waiting)):
         written += int(_coh_job(cur, succ))
     return written
 
