@@ -99,18 +99,12 @@ def orphan_driver(settings: ProvisionSettings | None = None) -> WorkerDriver:
     if settings.driver == "local":
         from provisioner.drivers.local import LocalDriver
 
-        return LocalDriver(state_dir() / "workers", userdata=_no_userdata, dsn=_optional_dsn(), orphans_of=configured)
+        return LocalDriver(state_dir() / "workers", userdata="", dsn=_optional_dsn(), orphans_of=configured)
     if settings.driver == "openstack":
         from provisioner.drivers.openstack import OpenStackDriver
 
-        return OpenStackDriver(
-            settings, userdata=lambda _name: _no_userdata(), dsn=_optional_dsn(), orphans_of=configured
-        )
+        return OpenStackDriver(settings, userdata=lambda _name: "", dsn=_optional_dsn(), orphans_of=configured)
     raise ConfigError(f"CBMFLOW_PROVISION_DRIVER {settings.driver!r}: use one of {', '.join(DRIVERS)}")
-
-
-def _no_userdata() -> str:
-    raise ConfigError("the orphans' driver starts no worker: their pool is no longer configured")
 
 
 def reap_orphans(settings: ProvisionSettings | None = None, driver: WorkerDriver | None = None) -> list[WorkerView]:

@@ -7,9 +7,16 @@ exercised identically against all three.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NoReturn, Protocol
 
+from cbmflow.errors import ConfigError
 from provisioner.policy import WorkerView
+
+
+def refuse_orphans_start() -> NoReturn:
+    """A driver over the orphans (the workers of pools no longer configured) drains and deletes;
+    it has no pool to boot workers for."""
+    raise ConfigError("the orphans' driver starts no worker: their pool is no longer configured")
 
 
 class WorkerDriver(Protocol):

@@ -29,6 +29,7 @@ from pathlib import Path
 from cbmflow.logging import get_logger
 from cbmflow.settings import state_dir
 from provisioner import registry
+from provisioner.drivers import refuse_orphans_start
 from provisioner.policy import WorkerView
 from provisioner.userdata import parse_worker_launch
 
@@ -193,6 +194,8 @@ class LocalDriver:
     def start(self, n: int) -> list[str]:
         if n <= 0:
             return []
+        if self._orphans:
+            refuse_orphans_start()
         userdata = self._userdata() if callable(self._userdata) else self._userdata
         file_env, command = parse_worker_launch(userdata)
         self.workers_dir.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from cbmflow.errors import CbmflowError, ConfigError
 from cbmflow.logging import get_logger
 from cbmflow.settings import ProvisionSettings
 from provisioner import registry
+from provisioner.drivers import refuse_orphans_start
 from provisioner.policy import WorkerView
 from provisioner.userdata import nova_user_data
 
@@ -215,7 +216,7 @@ class OpenStackDriver:
         if n <= 0:
             return []
         if self.orphans_of is not None:
-            raise ConfigError("the orphans' driver starts no worker: their pool is no longer configured")
+            refuse_orphans_start()
         flavor, image_id, network_id = self._resolve()
         started: list[str] = []
         import openstack.exceptions

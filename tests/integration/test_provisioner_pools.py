@@ -245,6 +245,8 @@ def test_a_removed_pools_local_workers_are_shown_and_drained_as_orphans(
     assert status.exit_code == 0, status.output
     out = json.loads(status.stdout)
     assert [(w["id"], w["pool"]) for w in out["orphans"]] == [(orphan, "old")]
+    with pytest.raises(ConfigError, match="starts no worker"):
+        service.orphan_driver().start(1)
     assert orphan not in {w["id"] for w in out["workers"]} and kept in {w["id"] for w in out["workers"]}
     assert "pools no longer configured (old)" in " ".join(_scale().stdout.split()), "scale names them too"
     assert old.list_workers()[0].id == orphan, "a live orphan is reported, never deleted by a step"
