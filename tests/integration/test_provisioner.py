@@ -433,11 +433,15 @@ def test_local_views_join_the_registry(pg_dsn: str, tmp_path: Path) -> None:
     finishing = [
         sys.executable,
         "-c",
-        "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(30)",
+        "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(30)",
     ]
     driver = LocalDriver(tmp_path / "workers", userdata=render_userdata(ENV, worker_command=finishing), dsn=pg_dsn)
     try:
         a, b, c = driver.start(3)
+        # A SIGTERM sent before the interpreter has set SIG_IGN would end it (CI's loaded 2 cores).
+        deadline = time.monotonic() + 30
+        while "ready" not in driver.log_path(a).read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
         with db.transaction(pg_dsn) as cur:
             cur.execute("INSERT INTO workers (id, host, pid, state, current_scene) VALUES"
                         " (%s, 'h', 1, 'busy', 9), (%s, 'h', 1, 'stopped', NULL)", (a, b))  # fmt: skip
