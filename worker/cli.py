@@ -12,9 +12,10 @@ AUTOGROUP = Path("/proc/self/autogroup")
 
 
 def autogroup_nice() -> int | None:
-    """The niceness of this session's autogroup, or None where autogroups do not apply: a kernel
-    without them, or a task placed in a CPU cgroup (containers, systemd slices), which the
-    scheduler ranks by the cgroup's weight and whose autogroup file is empty."""
+    """The niceness of this session's autogroup, or None where there is none to change: a kernel
+    without autogroups (no file), or a session the kernel left in its default group (the file
+    reads empty), as for a process whose session no ``setsid`` created since boot (CI's runner).
+    A new session always gets its own group."""
     try:
         fields = AUTOGROUP.read_text().split()
         return int(fields[-1]) if fields else None
