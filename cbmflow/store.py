@@ -509,7 +509,13 @@ def _client(store_json: str, _keys: tuple[str, ...]) -> Any:
 
 
 def store_error(exc: BaseException, url: str) -> OSError | None:
-    """The :class:`StoreError` (or ``FileNotFoundError``) for a boto3/botocore failure; None if not one."""
+    """The :class:`StoreError` (or ``FileNotFoundError``) for a boto3/botocore failure; None if not one.
+
+    The one classification every reader and writer of the store uses, so that a job is retried
+    for the same failures wherever it meets them: the transport's (refused, cut, timed out, a
+    short or corrupt body, an instance-metadata blip) and the server's throttling and 5xx are
+    transient; any other botocore error is the configuration's and a later attempt would fail
+    alike."""
     from botocore import exceptions as bce
 
     if isinstance(exc, bce.ClientError):
@@ -522,9 +528,18 @@ def store_error(exc: BaseException, url: str) -> OSError | None:
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
             return StoreUnavailable(f"{url}: {code or status}: {message}")
         return StoreRefused(f"{url}: {code or status}: {message}")
-    if isinstance(exc, bce.ConnectionError | bce.HTTPClientError):
+    transport = (
+        bce.ConnectionError,  # refused, timed out connecting or reading
+        bce.HTTPClientError,  # a cut connection, a broken response stream
+        bce.IncompleteReadError,
+        bce.ChecksumError,
+        bce.FlexibleChecksumError,  # a body damaged on the way
+        bce.CredentialRetrievalError,
+        bce.MetadataRetrievalError,  # the credential or metadata service did not answer
+    )
+    if isinstance(exc, transport):
         return StoreUnavailable(f"{url}: {exc}")
-    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError | bce.ParamValidationError):
+    if isinstance(exc, bce.BotoCoreError):  # configuration: no region, bad endpoint, no credentials
         return StoreRefused(f"{url}: {exc}")
     return None
 

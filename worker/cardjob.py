@@ -355,26 +355,6 @@ def scratch_dir(settings: WorkerSettings) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _store_failure(exc: BaseException, url: str) -> OSError | None:
-    """The store error a boto3/botocore failure stands for (None: not one of theirs)."""
-    from botocore import exceptions as bce
-
-    if isinstance(exc, bce.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        if code in ("NoSuchKey", "404", "NotFound"):
-            return FileNotFoundError(f"{url}: no such object")
-        if status >= 500 or status == 429 or code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError"):
-            return store.StoreUnavailable(f"{url}: {code or status}: {error.get('Message', '')}")
-        return store.StoreRefused(f"{url}: {code or status}: {error.get('Message', '')}")
-    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError | bce.ParamValidationError):
-        return store.StoreRefused(f"{url}: {exc}")
-    if isinstance(exc, bce.BotoCoreError):  # connection refused or cut, timeouts, a broken stream
-        return store.StoreUnavailable(f"{url}: {exc}")
-    return None
-
-
 def local_safe(location: str, product_id: str, into: Path) -> Path:
     """The input (a GRD, or one SLC of a coherence pair) as a local SAFE directory or zip: a local
     location as it is; an ``s3://`` one downloaded into ``into`` (the manifest, annotation and
@@ -410,7 +390,7 @@ def local_safe(location: str, product_id: str, into: Path) -> Path:
     except (FileNotFoundError, store.StoreRefused) as exc:
         raise PermanentJobError(f"unreadable SAFE {product_id} at {location}: {exc}") from exc
     except Exception as exc:
-        failure = _store_failure(exc, location)
+        failure = store.store_error(exc, location)
         if failure is None:
             raise
         if isinstance(failure, store.StoreUnavailable):
@@ -440,7 +420,7 @@ def _download(client: Any, bucket: str, key: str, target: Path) -> None:
         finally:
             body.close()
     except Exception as exc:
-        failure = _store_failure(exc, url)
+        failure = store.store_error(exc, url)
         if failure is None:
             raise
         raise failure from exc
@@ -468,7 +448,7 @@ def _publish(files: list[Path], dest: str) -> None:
                 with open(f, "rb") as fh:
                     client.put_object(Bucket=bucket, Key=key, Body=fh)
             except Exception as exc:
-                failure = _store_failure(exc, store.s3_url(bucket, key))
+                failure = store.store_error(exc, store.s3_url(bucket, key))
                 if failure is None:
                     raise
                 raise failure from exc
@@ -693,7 +673,7 @@ def generation_errors(what: str, settings: WorkerSettings) -> Iterator[None]:
     except (SafeError, ValueError, FileNotFoundError, rasterio.errors.RasterioIOError) as exc:
         raise PermanentJobError(f"{what} failed: {exc}") from exc
     except Exception as exc:
-        failure = _store_failure(exc, settings.card_dem_bucket)
+        failure = store.store_error(exc, settings.card_dem_bucket)
         if failure is None:
             raise
         if isinstance(failure, store.StoreUnavailable):
