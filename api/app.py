@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import chips, explorer, openapi, routes, tiles, v1
 from api.aiodb import AsyncPool
-from api.auth import LoginThrottle
+from api.auth import LoginThrottle, SharedLoginThrottle
 from api.errors import add_exception_handlers
 from api.infra import AppState, DatasetCache, Endpoint, Pool, route
 from cbmflow.logging import get_logger
@@ -52,6 +52,12 @@ def create_app(dsn: str, settings: ApiSettings | None = None) -> Starlette:
             datasets=DatasetCache(api_settings.dataset_cache_s),
             throttle=LoginThrottle(
                 api_settings.login_backoff_base_s, api_settings.login_backoff_max_s, api_settings.login_free_failures
+            ),
+            shared_throttle=SharedLoginThrottle(
+                chip_secret,
+                api_settings.login_backoff_base_s,
+                api_settings.login_backoff_max_s,
+                api_settings.login_free_failures,
             ),
         )
         log.info("api.started", pool_size=size)

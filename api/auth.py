@@ -25,12 +25,13 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+import psycopg2
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
@@ -189,8 +190,12 @@ class Authenticator:
         with self._lock:
             self._entries.clear()
 
-    def authenticate(self, cur: Cursor, header: str | None) -> User:
-        """The caller of this request, or AuthenticationError; ``cur`` is a psycopg2 cursor."""
+    def authenticate(self, cur: Cursor, header: str | None, before_verify: Callable[[], None] | None = None) -> User:
+        """The caller of this request, or AuthenticationError; ``cur`` is a psycopg2 cursor.
+
+        ``before_verify`` runs just before a password is verified (never for a token or a
+        recently verified password): the shared throttle's check, which costs a round trip that
+        only a verification, at ~0.1 s of argon2, can afford on every request."""
         scheme, _, rest = (header or "").strip().partition(" ")
         if scheme.lower() == "bearer":
             return self._token_user(cur, rest.strip(), None)
@@ -201,14 +206,18 @@ class Authenticator:
         if USER_NAME_RE.match(name) and len(password) <= _MAX_PASSWORD_CHARS:
             cur.execute(USER_ROW_SQL, {"user": name})
             row = cur.fetchone()
-        return self.check_password(name, password, row)
+        return self.check_password(name, password, row, before_verify)
 
-    def check_password(self, name: str, password: str, row: Any) -> User:
+    def check_password(
+        self, name: str, password: str, row: Any, before_verify: Callable[[], None] | None = None
+    ) -> User:
         """The user of ``row`` (a USER_ROW_SQL row, None when there is no such user) if the password fits.
 
         Split from :meth:`authenticate` so a route may fetch the row inside a larger statement.
         """
         if row is None:
+            if before_verify is not None:
+                before_verify()
             # Same work as a real check, so timing does not tell unknown users apart.
             with self._verify_slots:
                 verify(_dummy_hash(), password[:_MAX_PASSWORD_CHARS])
@@ -222,6 +231,8 @@ class Authenticator:
                 # sends the same credentials on all of them before the first is verified; they
                 # wait for that one verification instead of each running argon2.
                 if not self._cached(key, password_hash):
+                    if before_verify is not None:
+                        before_verify()
                     with self._verify_slots:
                         ok = verify(password_hash, password)
                     if not ok:
@@ -339,6 +350,12 @@ def basic_name(header: str | None) -> str:
     return name[:64]
 
 
+def _credentials_digest(secret: bytes, name: str, credentials: str) -> bytes:
+    """What tells two failed credentials apart without holding either: a keyed hash, truncated."""
+    material = name.encode("utf-8", "surrogatepass") + b"\0" + credentials.encode("utf-8", "surrogatepass")
+    return hmac.new(secret, material, hashlib.sha256).digest()[:16]
+
+
 @dataclass
 class _Failures:
     count: int = 0
@@ -359,7 +376,8 @@ class LoginThrottle:
     Only distinct failures count: a client retrying the same stale password (a notebook loop)
     is a configuration error, not a guess, and must not lock anyone out; it still gets 401s.
 
-    State lives in each API process (per worker); a restart forgets it.
+    State lives in each API process (per worker), answers without a database round trip and is
+    forgotten on a restart; :class:`SharedLoginThrottle` is the record all processes share.
     """
 
     def __init__(
@@ -403,11 +421,7 @@ class LoginThrottle:
         if self._base_s <= 0:
             return
         now = time.monotonic() if now is None else now
-        digest = hmac.new(
-            self._secret,
-            name.encode("utf-8", "surrogatepass") + b"\0" + secret.encode("utf-8", "surrogatepass"),
-            hashlib.sha256,
-        ).digest()[:16]
+        digest = _credentials_digest(self._secret, name, secret)
         with self._lock:
             if len(self._entries) >= self._max_entries:
                 for k in [k for k, e in self._entries.items() if self._expired(e, now)]:
@@ -428,7 +442,104 @@ class LoginThrottle:
                     entry.locked_until = max(entry.locked_until, now + lock_s)
                     log.warning("auth.throttled", key=key[0], user=name or None, address=address, lock_s=lock_s)
 
-    def succeeded(self, name: str, address: str) -> None:
-        """A success clears the (user, address) record; the address's own record stays."""
+    def succeeded(self, name: str, address: str) -> bool:
+        """A success clears the (user, address) record; the address's own record stays. True when
+        there was one to clear."""
         with self._lock:
-            self._entries.pop(("user", name, address), None)
+            return self._entries.pop(("user", name, address), None) is not None
+
+
+class SharedLoginThrottle:
+    """The failed-login record every API process and host shares, in the database (sql/015).
+
+    Why besides :class:`LoginThrottle`: with ``CBMFLOW_API_WORKERS=4`` and two hosts behind a load
+    balancer a guesser's allowance was eight times the setting, one per process. Same keys, same
+    allowances and backoff; what differs is where the record lives and when it is consulted: only
+    before a password is verified (a recently verified password, a token or a session costs no
+    round trip), and written only after a verification failed. The API role writes nothing but
+    through the three SECURITY DEFINER functions of sql/015.
+
+    Distinct failures are told apart by a keyed hash under ``secret`` (the host's chip secret), so
+    a stale password repeated through two hosts counts once on each. Where the record cannot be
+    read or written (a database not yet migrated to sql/015) the in-memory throttle still holds and
+    ``auth.shared_throttle_unavailable`` is logged; a login is never refused for it.
+    """
+
+    def __init__(
+        self,
+        secret: bytes,
+        base_s: float,
+        max_s: float,
+        free_failures: int,
+        address_free_failures: int | None = None,
+    ) -> None:
+        self._secret = hmac.new(secret, b"cbmflow login throttle", hashlib.sha256).digest()
+        self._base_s = max(0.0, base_s)
+        self._max_s = max(self._base_s, max_s)
+        self._free = max(0, free_failures)
+        self._addr_free = 5 * self._free if address_free_failures is None else max(0, address_free_failures)
+
+    @property
+    def enabled(self) -> bool:
+        return self._base_s > 0
+
+    def check(self, cur: Cursor, name: str, address: str) -> None:
+        """Raise TooManyAttemptsError while (name, address) or address is locked by any process."""
+        if not self.enabled:
+            return
+        try:
+            cur.execute("SELECT login_wait_s(%s, %s)", (name, address))
+            row = cur.fetchone()
+        except psycopg2.Error as exc:
+            self._unavailable(cur, exc)
+            return
+        wait = float(row[0]) if row is not None and row[0] is not None else 0.0
+        if wait > 0:
+            raise TooManyAttemptsError("too many failed logins; retry later", retry_after_s=wait)
+
+    def failed(self, cur: Cursor, name: str, address: str, credentials: str) -> None:
+        """Count a verified failure; the API's read-only session opens one read-write transaction
+        for the function call (the role can write nothing else in it)."""
+        if not self.enabled:
+            return
+        digest = _credentials_digest(self._secret, name, credentials)
+        try:
+            cur.execute(
+                "START TRANSACTION READ WRITE; SELECT login_failed(%s, %s, %s, %s, %s, %s, %s); COMMIT",
+                (name, address, psycopg2.Binary(digest), self._free, self._addr_free, self._base_s, self._max_s),
+            )
+        except psycopg2.Error as exc:
+            self._unavailable(cur, exc)
+
+    def succeeded(self, cur: Cursor, name: str, address: str) -> None:
+        """A verified password clears its (user, address) record; the address's own stays."""
+        if not self.enabled:
+            return
+        try:
+            cur.execute("START TRANSACTION READ WRITE; SELECT login_succeeded(%s, %s); COMMIT", (name, address))
+        except psycopg2.Error as exc:
+            self._unavailable(cur, exc)
+
+    @staticmethod
+    def _unavailable(cur: Cursor, exc: psycopg2.Error) -> None:
+        # An error inside the explicit transaction leaves the session in it, aborted: end it, or
+        # the pooled connection refuses every later statement.
+        if not cur.connection.closed:
+            try:
+                cur.execute("ROLLBACK")
+            except psycopg2.Error:
+                cur.connection.close()  # the pool drops a closed connection
+        log.warning("auth.shared_throttle_unavailable", error=str(exc).strip().splitlines()[0][:200])
+
+
+class VerificationGuard:
+    """``before_verify`` for :meth:`Authenticator.authenticate`: the shared check, remembering
+    whether a verification was about to run (only then is its outcome worth a write)."""
+
+    def __init__(self, throttle: SharedLoginThrottle, cur: Cursor, name: str, address: str) -> None:
+        self._throttle, self._cur, self._name, self._address = throttle, cur, name, address
+        self.ran = False
+
+    def __call__(self) -> None:
+        self.ran = True
+        self._throttle.check(self._cur, self._name, self._address)

@@ -24,6 +24,7 @@ import hmac
 import json
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -110,12 +111,12 @@ class SessionAuthenticator(Authenticator):
         super().__init__(cache_s)
         self._session_key = key
 
-    def authenticate(self, cur: Any, header: str | None) -> User:
+    def authenticate(self, cur: Any, header: str | None, before_verify: Callable[[], None] | None = None) -> User:
         scheme, _, rest = (header or "").strip().partition(" ")
         token = rest.strip()
         if scheme.lower() == "bearer" and token.startswith(SESSION_PREFIX):
             return self.session_user(cur, token)
-        return super().authenticate(cur, header)
+        return super().authenticate(cur, header, before_verify)
 
     def session_user(self, cur: Any, token: str) -> User:
         name, fingerprint, _ = open_session(self._session_key, token)

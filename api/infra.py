@@ -30,7 +30,9 @@ from api.auth import (
     Authenticator,
     InsecureTransportError,
     LoginThrottle,
+    SharedLoginThrottle,
     User,
+    VerificationGuard,
     basic_name,
     is_local_peer,
 )
@@ -198,6 +200,7 @@ class AppState:
     chip_secret: bytes
     datasets: DatasetCache
     throttle: LoginThrottle
+    shared_throttle: SharedLoginThrottle
 
 
 def state_of(request: Request) -> AppState:
@@ -246,21 +249,28 @@ def check_transport(request: Request, settings: ApiSettings) -> None:
 def authenticated(request: Request) -> Iterator[Call]:
     """Borrow a connection, authenticate the caller on it, and keep it for the request's queries.
 
-    Failed logins are throttled (:class:`~api.auth.LoginThrottle`): a locked caller gets 429
-    before any password is verified, so a locked-out guesser costs no argon2 run."""
+    Failed logins are throttled (:class:`~api.auth.LoginThrottle` in this process, then
+    :class:`~api.auth.SharedLoginThrottle` across processes and hosts just before a password is
+    verified): a locked caller gets 429 before any password is verified, so a locked-out guesser
+    costs no argon2 run."""
     state = state_of(request)
     check_transport(request, state.settings)
     header = request.headers.get("authorization")
     name, address = basic_name(header), client_address(request)
     state.throttle.check(name, address)
     with state.pool.cursor() as cur:
+        guard = VerificationGuard(state.shared_throttle, cur, name, address)
         try:
-            user = state.auth.authenticate(cur, header)
+            user = state.auth.authenticate(cur, header, guard)
         except AuthenticationError:
             state.throttle.failed(name, address, header or "")
+            if guard.ran:
+                state.shared_throttle.failed(cur, name, address, header or "")
             raise
-        if name:
-            state.throttle.succeeded(name, address)
+        # The shared record is cleared after a verification, or where this process saw the
+        # failures (a password verified recently needs none): not a write on every request.
+        if name and (state.throttle.succeeded(name, address) or guard.ran):
+            state.shared_throttle.succeeded(cur, name, address)
         request.state.user = user
         yield Call(cur=cur, user=user, request=request, state=state)
 

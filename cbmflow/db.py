@@ -256,7 +256,8 @@ ROLE_GRANTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("workers", "SELECT, INSERT, UPDATE"),
         ("worker_tasks", "SELECT, INSERT, UPDATE"),
     ),
-    # Reads what it serves and its auth tables; never writes (token use is not recorded).
+    # Reads what it serves and its auth tables; writes no table (token use is not recorded; failed
+    # logins go through the EXECUTE-only functions of sql/015, granted there).
     "cbmflow_api": (
         ("aois", "SELECT"),
         ("datasets", "SELECT"),

@@ -131,6 +131,73 @@ def test_failed_logins_are_throttled_without_starving_the_valid_user(api_dsn: st
         assert alice_home.get(url, auth=ALICE).status_code == 200
 
 
+def test_the_failed_login_record_is_shared_by_every_api_process(seed: Seed, api_dsn: str) -> None:
+    """Two app instances stand for two uvicorn workers (or hosts): each has its own in-memory
+    throttle, so only the database record (sql/015) can make their allowance one."""
+    settings = ApiSettings(allow_plain_basic=True, login_backoff_base_s=30.0, login_free_failures=3)
+    url = f"{BASE}/parcel?pid=P-1"
+    first, second = create_app(api_dsn, settings), create_app(api_dsn, settings)
+    guesser = ("203.0.113.70", 40000)
+    with TestClient(first, client=guesser) as a, TestClient(second, client=guesser) as b:
+        for n, client in enumerate((a, b, a, b)):  # the allowance, spread over both processes
+            _error(client.get(url, auth=("alice", f"guess-{n}")), 401, "unauthorized")
+        # Each process alone has seen two failures, under its allowance: only the shared record locks.
+        locked = a.get(url, auth=("alice", "guess-4"))
+        _error(locked, 429, "too_many_requests")
+        _error(b.get(url, auth=("alice", "guess-5")), 429, "too_many_requests")
+        assert 29 <= int(locked.headers["retry-after"]) <= 30
+        # The API role wrote the rows only through sql/015's functions; they hold no credentials.
+        rows = _db_value(
+            seed.dsn, "SELECT array[count(*), max(failures)] FROM login_failures WHERE address = '203.0.113.70'"
+        )
+        assert rows == [2, 4], rows
+        seen = _db_value(seed.dsn, "SELECT seen FROM login_failures WHERE kind = 'user' AND address = '203.0.113.70'")
+        assert len(seen) == 4 and all(len(bytes(d)) == 16 for d in seen)
+        assert not any(b"guess" in bytes(d) for d in seen)
+        # alice at home, through either process, is not locked out by the guesser using her name.
+        for app in (first, second):
+            assert TestClient(app, client=("198.51.100.7", 1)).get(url, auth=ALICE).status_code == 200
+
+        # One stale password repeated through both processes counts once: never a lock.
+        for app in (first, second) * 4:
+            stale = TestClient(app, client=("198.51.100.8", 2))
+            _error(stale.get(url, auth=("alice", "last-years-password")), 401, "unauthorized")
+        assert (
+            _db_value(seed.dsn, "SELECT failures FROM login_failures WHERE kind = 'user' AND address = '198.51.100.8'")
+            == 1
+        )
+        # A verified login through the other process clears that (user, address) record.
+        assert TestClient(second, client=("198.51.100.8", 2)).get(url, auth=ALICE).status_code == 200
+        assert (
+            _db_value(seed.dsn, "SELECT count(*) FROM login_failures WHERE kind = 'user' AND address = '198.51.100.8'")
+            == 0
+        )
+
+    # A restarted API (a fresh process, empty memory) still refuses the locked guesser.
+    with TestClient(create_app(api_dsn, settings), client=guesser) as restarted:
+        _error(restarted.get(url, auth=("alice", "guess-6")), 429, "too_many_requests")
+
+
+def test_an_api_on_a_database_without_the_shared_record_still_answers(seed: Seed, api_dsn: str) -> None:
+    """A database not migrated to sql/015 (or its functions dropped): logins are neither refused nor
+    broken by it, and the pooled connection is not left in an aborted transaction."""
+    with db.transaction(seed.dsn) as cur:
+        cur.execute(
+            "DROP FUNCTION login_failed(text, text, bytea, integer, integer, double precision, double precision)"
+        )
+        cur.execute("DROP FUNCTION login_wait_s(text, text)")
+        cur.execute("DROP FUNCTION login_succeeded(text, text)")
+    settings = ApiSettings(allow_plain_basic=True, login_backoff_base_s=1.0, login_free_failures=3, pool_size=1)
+    url = f"{BASE}/parcel?pid=P-1"
+    with TestClient(create_app(api_dsn, settings), client=("198.51.100.9", 1)) as client:
+        for n in range(3):  # the same pooled connection serves each failure and then alice
+            _error(client.get(url, auth=("alice", f"wrong-{n}")), 401, "unauthorized")
+            assert client.get(url, auth=ALICE).status_code == 200
+        for n in range(3, 7):  # the in-memory throttle still holds: the fourth failure locks
+            client.get(url, auth=("alice", f"wrong-{n}"))
+        _error(client.get(url, auth=("alice", "wrong-9")), 429, "too_many_requests")
+
+
 def test_basic_over_plain_http_is_refused_off_loopback(api_dsn: str) -> None:
     url = f"{BASE}/parcel?pid=P-1"
     app = create_app(api_dsn, ApiSettings())

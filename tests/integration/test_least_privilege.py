@@ -113,8 +113,19 @@ def test_api_role_reads_what_it_serves_and_cannot_write(pg_dsn: str) -> None:
     assert _denied(api, "INSERT INTO ms.sigs_2024 (pid, scene_id, band, count) VALUES (1, 1, 'X', 1)")
     assert _denied(api, "CREATE TABLE ms.evil (x int)")
     assert _denied(api, "SELECT * FROM outbox") and _denied(api, "SELECT * FROM workers")
+    # The shared login throttle (sql/015): its three functions only, never its table.
+    assert _denied(api, "SELECT * FROM login_failures")
+    assert _denied(api, "DELETE FROM login_failures")
+    assert _denied(api, "INSERT INTO login_failures (kind, user_name, address) VALUES ('addr', '', 'x')")
+    assert _one(api, "SELECT login_wait_s('alice', '192.0.2.1')") == 0
+    with db.transaction(api) as cur:
+        cur.execute("SET TRANSACTION READ WRITE")
+        cur.execute("SELECT login_failed('alice', '192.0.2.1', '\\x01'::bytea, 0, 0, 60.0, 300.0)")
+        assert 59 < cur.fetchone()[0] <= 60  # past an allowance of 0: locked for the base
+    assert 0 < float(str(_one(api, "SELECT login_wait_s('alice', '192.0.2.1')"))) <= 60
     # the owner's rows are intact
     assert _one(pg_dsn, "SELECT count(*) FROM users") == 3
+    assert _one(pg_dsn, "SELECT count(*) FROM login_failures") == 2  # ('user', alice, ...) and ('addr', ...)
 
 
 def test_worker_role_writes_its_rows_and_cannot_read_users_or_tokens(pg_dsn: str) -> None:
