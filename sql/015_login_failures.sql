@@ -33,8 +33,8 @@ AS $$
 $$;
 
 -- Count one failed login (once per distinct p_digest) and lock a key past its allowance, for
--- base * 2^(failures past the allowance - 1) seconds, at most p_max_s. Returns the longest lock
--- now in effect on the two keys (0: none).
+-- base * 2^(failures past the allowance - 1) seconds, at most p_max_s (itself at most a day).
+-- Returns the longest lock now in effect on the two keys (0: none).
 CREATE OR REPLACE FUNCTION login_failed(
     p_user text, p_address text, p_digest bytea,
     p_free integer, p_address_free integer, p_base_s double precision, p_max_s double precision
@@ -50,9 +50,12 @@ DECLARE
     lock_s double precision;
     longest double precision := 0;
 BEGIN
-    IF p_base_s <= 0 OR octet_length(p_digest) > 32 THEN
+    IF p_base_s IS NULL OR p_base_s <= 0 OR p_digest IS NULL OR octet_length(p_digest) > 32 THEN
         RETURN 0;
     END IF;
+    -- Bounded whatever the caller passes: a lock of at most a day, rows that always expire.
+    p_max_s := least(greatest(coalesce(p_max_s, 0), p_base_s), 86400);
+    p_base_s := least(p_base_s, p_max_s);
     DELETE FROM public.login_failures
     WHERE last_at < now_ - make_interval(secs => 2 * p_max_s) AND locked_until <= now_;
     FOR k IN

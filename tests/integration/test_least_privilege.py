@@ -122,10 +122,12 @@ def test_api_role_reads_what_it_serves_and_cannot_write(pg_dsn: str) -> None:
         cur.execute("SET TRANSACTION READ WRITE")
         cur.execute("SELECT login_failed('alice', '192.0.2.1', '\\x01'::bytea, 0, 0, 60.0, 300.0)")
         assert 59 < cur.fetchone()[0] <= 60  # past an allowance of 0: locked for the base
+        cur.execute("SELECT login_failed('bob', '192.0.2.2', '\\x02'::bytea, 0, 0, 1e12, 1e12)")
+        assert 86_000 < cur.fetchone()[0] <= 86_400  # whatever the caller asks: at most a day
     assert 0 < float(str(_one(api, "SELECT login_wait_s('alice', '192.0.2.1')"))) <= 60
     # the owner's rows are intact
     assert _one(pg_dsn, "SELECT count(*) FROM users") == 3
-    assert _one(pg_dsn, "SELECT count(*) FROM login_failures") == 2  # ('user', alice, ...) and ('addr', ...)
+    assert _one(pg_dsn, "SELECT count(*) FROM login_failures") == 4  # ('user', name, address) and ('addr', address)
 
 
 def test_worker_role_writes_its_rows_and_cannot_read_users_or_tokens(pg_dsn: str) -> None:
