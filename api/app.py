@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 
 from api import chips, explorer, openapi, routes, tiles, v1
 from api.aiodb import AsyncPool
@@ -69,7 +70,18 @@ def create_app(dsn: str, settings: ApiSettings | None = None) -> Starlette:
             await run_in_threadpool(pool.close)
             log.info("api.stopped")
 
-    app = Starlette(routes=[explorer.token_route(), *(route(endpoint) for endpoint in endpoints())], lifespan=lifespan)
+    middleware = []
+    if api_settings.proxy_hosts():
+        # In the app, not as uvicorn's option: the app factory is what every server (and the test
+        # client) runs, so the throttle and the plain-HTTP check see the same client everywhere.
+        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+        middleware.append(Middleware(ProxyHeadersMiddleware, trusted_hosts=api_settings.proxy_hosts()))
+    app = Starlette(
+        routes=[explorer.token_route(), *(route(endpoint) for endpoint in endpoints())],
+        lifespan=lifespan,
+        middleware=middleware,
+    )
     add_exception_handlers(app)
     return app
 

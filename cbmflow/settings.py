@@ -7,6 +7,7 @@ explicit values from its cloud-init environment file.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -403,6 +404,29 @@ class ApiSettings(BaseSettings):
     )
     tls_cert: str = Field("", description="PEM certificate: serve HTTPS (with tls_key)")
     tls_key: str = Field("", description="PEM private key of tls_cert")
+    trusted_proxies: str = Field(
+        "",
+        description="addresses or networks (comma-separated, e.g. 127.0.0.1 or 10.0.0.0/24) of reverse proxies"
+        " whose X-Forwarded-For and X-Forwarded-Proto name the client and scheme (login throttle, plain-HTTP"
+        " refusal); empty = none, the connecting peer is the client",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: str) -> str:
+        # No '*': a header believed from anyone lets every client pick the address it is throttled by.
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return value
+
+    def proxy_hosts(self) -> list[str]:
+        """``trusted_proxies`` as a list (empty: no proxy is trusted)."""
+        return [part.strip() for part in self.trusted_proxies.split(",") if part.strip()]
 
     def resolved_dsn(self) -> str:
         """The API role's DSN, else the general database DSN (the owner's: works, but can write)."""

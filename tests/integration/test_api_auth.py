@@ -198,6 +198,40 @@ def test_an_api_on_a_database_without_the_shared_record_still_answers(seed: Seed
         _error(client.get(url, auth=("alice", "wrong-9")), 429, "too_many_requests")
 
 
+def test_behind_a_trusted_proxy_the_forwarded_client_is_throttled_not_the_proxy(api_dsn: str) -> None:
+    """Behind a reverse proxy every connection comes from the proxy: without
+    CBMFLOW_API_TRUSTED_PROXIES, one client spraying names would lock the proxy's address, i.e.
+    everyone. With it, the throttle and the plain-HTTP check see the client the proxy names."""
+    settings = ApiSettings(login_backoff_base_s=30.0, login_free_failures=3, trusted_proxies="127.0.0.1, 10.0.0.0/8")
+    url = f"{BASE}/parcel?pid=P-1"
+
+    def forwarded(client: str, proto: str = "https") -> dict[str, str]:
+        return {"X-Forwarded-For": client, "X-Forwarded-Proto": proto}
+
+    app = create_app(api_dsn, settings)
+    with TestClient(app, client=("127.0.0.1", 40000)) as proxy:
+        answers = [
+            proxy.get(url, auth=(f"user{n}", "password-1"), headers=forwarded("203.0.113.66")).status_code
+            for n in range(17)
+        ]
+        assert answers[:16] == [401] * 16 and answers[16] == 429, answers
+        _error(proxy.get(url, auth=ALICE, headers=forwarded("203.0.113.66")), 429, "too_many_requests")
+        # Everyone else behind the same proxy, and behind a second one in a trusted network, is served.
+        assert proxy.get(url, auth=ALICE, headers=forwarded("198.51.100.7")).status_code == 200
+        other = TestClient(app, client=("10.1.2.3", 40001))
+        assert other.get(url, auth=ALICE, headers=forwarded("198.51.100.8")).status_code == 200
+        # The proxy's own hop is plain HTTP; X-Forwarded-Proto tells what the client used.
+        _error(proxy.get(url, auth=ALICE, headers=forwarded("198.51.100.7", "http")), 403, "insecure_transport")
+
+        # A client that is not a trusted proxy cannot choose the address it is throttled by.
+        direct = TestClient(app, base_url="https://testserver", client=("192.0.2.50", 40002))
+        answers = [
+            direct.get(url, auth=(f"user{n}", "password-2"), headers={"X-Forwarded-For": f"198.18.0.{n}"}).status_code
+            for n in range(17)
+        ]
+        assert answers[:16] == [401] * 16 and answers[16] == 429, answers
+
+
 def test_basic_over_plain_http_is_refused_off_loopback(api_dsn: str) -> None:
     url = f"{BASE}/parcel?pid=P-1"
     app = create_app(api_dsn, ApiSettings())

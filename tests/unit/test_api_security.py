@@ -11,12 +11,14 @@ from datetime import timedelta
 
 import pytest
 import structlog
+from pydantic import ValidationError
 
 from api.auth import LoginThrottle, TooManyAttemptsError, is_local_peer
 from api.users import parse_expires
 from api.v1 import tenant_reason
 from cbmflow.errors import InvalidInputError
 from cbmflow.logging import configure, get_logger, redact_secrets
+from cbmflow.settings import ApiSettings
 
 
 def _locked_for(throttle: LoginThrottle, name: str, address: str, now: float) -> float:
@@ -145,3 +147,11 @@ def test_plot_renders_without_pyplot() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_trusted_proxies_are_addresses_or_networks_never_everyone() -> None:
+    assert ApiSettings(trusted_proxies="127.0.0.1, 10.0.0.0/8,::1").proxy_hosts() == ["127.0.0.1", "10.0.0.0/8", "::1"]
+    assert ApiSettings().proxy_hosts() == []
+    for bad in ("*", "proxy.example.org", "10.0.0.0/33"):
+        with pytest.raises(ValidationError, match="not an IP address or network"):
+            ApiSettings(trusted_proxies=bad)
