@@ -226,6 +226,59 @@ def users_token(
     )
 
 
+@users_app.command("locks")
+def users_locks(
+    locked: bool = typer.Option(False, "--locked", help="Only the keys locked now."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
+) -> None:
+    """Failed logins that every API process shares: per (user, address) and per address."""
+    import dataclasses
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from api import users
+
+    rows: list[users.LoginRecord] = []
+    _run("users locks", lambda cur: rows.extend(users.list_login_records(cur, locked_only=locked)))
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(r) for r in rows]))
+        return
+    table = Table("user", "address", "distinct failures", "locked for", "last failure")
+    for r in rows:
+        locked_for = f"{r.locked_for_s:.0f} s" if r.locked_for_s else ""
+        table.add_row(r.user or "(any)", r.address, str(r.failures), locked_for, r.last_at)
+    Console().print(table)
+
+
+@users_app.command("unlock")
+def users_unlock(
+    name: str = typer.Argument("", help="User name: their failed logins from every address."),
+    address: str = typer.Option("", "--address", help="Client address: its failed logins (with NAME: that pair)."),
+) -> None:
+    """Forget failed logins in the shared record (a locked-out user at the helpdesk).
+
+    Each API process also keeps its own short record, which runs out by itself within
+    CBMFLOW_API_LOGIN_BACKOFF_MAX_S."""
+    from api import users
+    from cbmflow.errors import CbmflowError
+
+    if not name and not address:
+        typer.echo("users unlock: name a user, --address, or both", err=True)
+        raise typer.Exit(2)
+    try:
+        if name:
+            users.check_name(name)
+    except CbmflowError as exc:
+        typer.echo(f"users unlock: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    removed: list[int] = []
+    _run("users unlock", lambda cur: removed.append(users.clear_login_records(cur, name, address)))
+    who = " from ".join(w for w in (name, address) if w)
+    typer.echo(f"{who}: {removed[0]} failed-login record(s) removed")
+
+
 def register(app: typer.Typer) -> None:
     app.command("api")(api)
     app.add_typer(users_app, name="users", help="API users and their dataset grants.")

@@ -196,3 +196,43 @@ def list_tokens(cur: Cursor, name: str) -> list[TokenInfo]:
         (check_name(name),),
     )
     return [TokenInfo(str(i), str(u), str(c), str(e), bool(x)) for i, u, c, e, x in cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class LoginRecord:
+    """One key of the shared failed-login record (sql/015): a (user, address) or an address."""
+
+    kind: str
+    user: str
+    address: str
+    failures: int
+    locked_for_s: float
+    """Seconds the key stays locked; 0 when it is not locked now."""
+    last_at: str
+
+
+def list_login_records(cur: Cursor, locked_only: bool = False) -> list[LoginRecord]:
+    """The shared record's keys, locked ones first: who is being guessed at, and from where."""
+    cur.execute(
+        "SELECT kind, user_name, address, failures,"
+        " CASE WHEN locked_until > clock_timestamp()"
+        " THEN extract(epoch FROM locked_until - clock_timestamp())::float8 ELSE 0 END,"
+        " to_char(last_at, 'YYYY-MM-DD\"T\"HH24:MI:SSOF')"
+        " FROM login_failures WHERE NOT %s OR locked_until > clock_timestamp()"
+        " ORDER BY locked_until DESC, last_at DESC",
+        (locked_only,),
+    )
+    return [LoginRecord(str(k), str(u), str(a), int(f), float(w), str(t)) for k, u, a, f, w, t in cur.fetchall()]
+
+
+def clear_login_records(cur: Cursor, name: str = "", address: str = "") -> int:
+    """Forget failed logins of a user (every address), of an address (its own key and the users'
+    keys from it), or of that user from that address; returns the keys removed."""
+    if not name and not address:
+        raise InvalidInputError("name a user, an address or both")
+    cur.execute(
+        "DELETE FROM login_failures WHERE (%(user)s = '' OR (kind = 'user' AND user_name = %(user)s))"
+        " AND (%(address)s = '' OR address = %(address)s)",
+        {"user": check_name(name) if name else "", "address": address.strip()},
+    )
+    return int(cur.rowcount)

@@ -5,6 +5,7 @@ plot route under concurrent requests."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -131,7 +132,9 @@ def test_failed_logins_are_throttled_without_starving_the_valid_user(api_dsn: st
         assert alice_home.get(url, auth=ALICE).status_code == 200
 
 
-def test_the_failed_login_record_is_shared_by_every_api_process(seed: Seed, api_dsn: str) -> None:
+def test_the_failed_login_record_is_shared_by_every_api_process(
+    seed: Seed, api_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two app instances stand for two uvicorn workers (or hosts): each has its own in-memory
     throttle, so only the database record (sql/015) can make their allowance one."""
     settings = ApiSettings(allow_plain_basic=True, login_backoff_base_s=30.0, login_free_failures=3)
@@ -176,6 +179,23 @@ def test_the_failed_login_record_is_shared_by_every_api_process(seed: Seed, api_
     # A restarted API (a fresh process, empty memory) still refuses the locked guesser.
     with TestClient(create_app(api_dsn, settings), client=guesser) as restarted:
         _error(restarted.get(url, auth=("alice", "guess-6")), 429, "too_many_requests")
+
+    # The helpdesk sees the lock and lifts it: `cbmflow users locks` and `users unlock`.
+    monkeypatch.setenv("CBMFLOW_DB_DSN", seed.dsn)
+    shown = CliRunner().invoke(_cli(), ["users", "locks", "--locked", "--json"])
+    assert shown.exit_code == 0, shown.output
+    (lock,) = json.loads(shown.stdout)
+    assert (lock["kind"], lock["user"], lock["address"], lock["failures"]) == ("user", "alice", "203.0.113.70", 4)
+    assert 0 < lock["locked_for_s"] <= 30
+    table = CliRunner().invoke(_cli(), ["users", "locks"])
+    assert "203.0.113.70" in table.stdout and "(any)" in table.stdout  # the address's own key, not locked
+    lifted = CliRunner().invoke(_cli(), ["users", "unlock", "alice", "--address", "203.0.113.70"])
+    assert lifted.exit_code == 0 and "1 failed-login record(s) removed" in lifted.stdout, lifted.output
+    assert json.loads(CliRunner().invoke(_cli(), ["users", "locks", "--locked", "--json"]).stdout) == []
+    with TestClient(create_app(api_dsn, settings), client=guesser) as after:
+        _error(after.get(url, auth=("alice", "guess-7")), 401, "unauthorized")  # a wrong password again, not a lock
+    refused = CliRunner().invoke(_cli(), ["users", "unlock"])
+    assert refused.exit_code == 2 and "name a user" in refused.output
 
 
 def test_an_api_on_a_database_without_the_shared_record_still_answers(seed: Seed, api_dsn: str) -> None:
