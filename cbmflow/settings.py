@@ -425,8 +425,10 @@ class ApiSettings(BaseSettings):
         return value
 
     def proxy_hosts(self) -> list[str]:
-        """``trusted_proxies`` as a list (empty: no proxy is trusted)."""
-        return [part.strip() for part in self.trusted_proxies.split(",") if part.strip()]
+        """``trusted_proxies`` as a list (empty: no proxy is trusted), networks in canonical form:
+        uvicorn would take ``10.1.2.3/8`` for a name, not a network, and never match it."""
+        parts = [part.strip() for part in self.trusted_proxies.split(",") if part.strip()]
+        return [str(ipaddress.ip_network(p, strict=False)) if "/" in p else p for p in parts]
 
     def resolved_dsn(self) -> str:
         """The API role's DSN, else the general database DSN (the owner's: works, but can write)."""

@@ -222,7 +222,7 @@ def test_behind_a_trusted_proxy_the_forwarded_client_is_throttled_not_the_proxy(
     """Behind a reverse proxy every connection comes from the proxy: without
     CBMFLOW_API_TRUSTED_PROXIES, one client spraying names would lock the proxy's address, i.e.
     everyone. With it, the throttle and the plain-HTTP check see the client the proxy names."""
-    settings = ApiSettings(login_backoff_base_s=30.0, login_free_failures=3, trusted_proxies="127.0.0.1, 10.0.0.0/8")
+    settings = ApiSettings(login_backoff_base_s=30.0, login_free_failures=3, trusted_proxies="127.0.0.1, 10.9.9.9/8")
     url = f"{BASE}/parcel?pid=P-1"
 
     def forwarded(client: str, proto: str = "https") -> dict[str, str]:

@@ -152,6 +152,7 @@ def test_plot_renders_without_pyplot() -> None:
 def test_trusted_proxies_are_addresses_or_networks_never_everyone() -> None:
     assert ApiSettings(trusted_proxies="127.0.0.1, 10.0.0.0/8,::1").proxy_hosts() == ["127.0.0.1", "10.0.0.0/8", "::1"]
     assert ApiSettings().proxy_hosts() == []
+    assert ApiSettings(trusted_proxies="10.1.2.3/8").proxy_hosts() == ["10.0.0.0/8"]  # as uvicorn matches it
     for bad in ("*", "proxy.example.org", "10.0.0.0/33"):
         with pytest.raises(ValidationError, match="not an IP address or network"):
             ApiSettings(trusted_proxies=bad)
