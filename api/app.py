@@ -43,6 +43,9 @@ def create_app(dsn: str, settings: ApiSettings | None = None) -> Starlette:
         pool = await run_in_threadpool(Pool, dsn, size, api_settings.statement_timeout_s)
         aio = AsyncPool(pool.dsn, size)
         chip_secret = chips.load_secret(api_settings)
+        throttle = LoginThrottle(
+            api_settings.login_backoff_base_s, api_settings.login_backoff_max_s, api_settings.login_free_failures
+        )
         app.state.cbmflow = AppState(
             settings=api_settings,
             pool=pool,
@@ -51,15 +54,8 @@ def create_app(dsn: str, settings: ApiSettings | None = None) -> Starlette:
             polygon_limit=max(1, api_settings.polygon_limit),
             chip_secret=chip_secret,
             datasets=DatasetCache(api_settings.dataset_cache_s),
-            throttle=LoginThrottle(
-                api_settings.login_backoff_base_s, api_settings.login_backoff_max_s, api_settings.login_free_failures
-            ),
-            shared_throttle=SharedLoginThrottle(
-                chip_secret,
-                api_settings.login_backoff_base_s,
-                api_settings.login_backoff_max_s,
-                api_settings.login_free_failures,
-            ),
+            throttle=throttle,
+            shared_throttle=SharedLoginThrottle(chip_secret, throttle.allowance),
         )
         log.info("api.started", pool_size=size)
         try:

@@ -356,6 +356,26 @@ def _credentials_digest(secret: bytes, name: str, credentials: str) -> bytes:
     return hmac.new(secret, material, hashlib.sha256).digest()[:16]
 
 
+@dataclass(frozen=True)
+class LoginAllowance:
+    """The throttle's numbers, normalised once: this process's record and the shared one are
+    built from the same instance, so both lock after the same failures for the same time."""
+
+    base_s: float
+    max_s: float
+    free: int
+    address_free: int
+
+    @classmethod
+    def of(
+        cls, base_s: float, max_s: float, free_failures: int, address_free_failures: int | None = None
+    ) -> LoginAllowance:
+        base = max(0.0, base_s)
+        free = max(0, free_failures)
+        address_free = 5 * free if address_free_failures is None else max(0, address_free_failures)
+        return cls(base, max(base, max_s), free, address_free)
+
+
 @dataclass
 class _Failures:
     count: int = 0
@@ -383,28 +403,25 @@ class LoginThrottle:
     def __init__(
         self, base_s: float, max_s: float, free_failures: int, address_free_failures: int | None = None
     ) -> None:
-        self._base_s = max(0.0, base_s)
-        self._max_s = max(self._base_s, max_s)
-        self._free = max(0, free_failures)
-        self._addr_free = 5 * self._free if address_free_failures is None else max(0, address_free_failures)
+        self.allowance = LoginAllowance.of(base_s, max_s, free_failures, address_free_failures)
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, ...], _Failures] = {}
         self._secret = secrets.token_bytes(32)
         self._max_entries = 100_000
 
     def _keys(self, name: str, address: str) -> list[tuple[tuple[str, ...], int]]:
-        keys: list[tuple[tuple[str, ...], int]] = [(("addr", address), self._addr_free)]
+        keys: list[tuple[tuple[str, ...], int]] = [(("addr", address), self.allowance.address_free)]
         if name:
-            keys.insert(0, (("user", name, address), self._free))
+            keys.insert(0, (("user", name, address), self.allowance.free))
         return keys
 
     def _expired(self, entry: _Failures, now: float) -> bool:
         # Forgotten after a quiet spell twice the longest lock.
-        return now - entry.last > 2 * self._max_s and now >= entry.locked_until
+        return now - entry.last > 2 * self.allowance.max_s and now >= entry.locked_until
 
     def check(self, name: str, address: str, now: float | None = None) -> None:
         """Raise TooManyAttemptsError while (name, address) or address is locked."""
-        if self._base_s <= 0:
+        if self.allowance.base_s <= 0:
             return
         now = time.monotonic() if now is None else now
         with self._lock:
@@ -418,7 +435,7 @@ class LoginThrottle:
 
     def failed(self, name: str, address: str, secret: str, now: float | None = None) -> None:
         """Count a failure (once per distinct credentials) and lock when past the allowance."""
-        if self._base_s <= 0:
+        if self.allowance.base_s <= 0:
             return
         now = time.monotonic() if now is None else now
         digest = _credentials_digest(self._secret, name, secret)
@@ -438,7 +455,8 @@ class LoginThrottle:
                     entry.seen.add(digest)
                 entry.count += 1
                 if entry.count > free:
-                    lock_s = min(self._max_s, self._base_s * 2 ** min(30, entry.count - free - 1))
+                    a = self.allowance
+                    lock_s = min(a.max_s, a.base_s * 2 ** min(30, entry.count - free - 1))
                     entry.locked_until = max(entry.locked_until, now + lock_s)
                     log.warning("auth.throttled", key=key[0], user=name or None, address=address, lock_s=lock_s)
 
@@ -465,23 +483,13 @@ class SharedLoginThrottle:
     ``auth.shared_throttle_unavailable`` is logged; a login is never refused for it.
     """
 
-    def __init__(
-        self,
-        secret: bytes,
-        base_s: float,
-        max_s: float,
-        free_failures: int,
-        address_free_failures: int | None = None,
-    ) -> None:
+    def __init__(self, secret: bytes, allowance: LoginAllowance) -> None:
         self._secret = hmac.new(secret, b"cbmflow login throttle", hashlib.sha256).digest()
-        self._base_s = max(0.0, base_s)
-        self._max_s = max(self._base_s, max_s)
-        self._free = max(0, free_failures)
-        self._addr_free = 5 * self._free if address_free_failures is None else max(0, address_free_failures)
+        self.allowance = allowance
 
     @property
     def enabled(self) -> bool:
-        return self._base_s > 0
+        return self.allowance.base_s > 0
 
     def check(self, cur: Cursor, name: str, address: str) -> None:
         """Raise TooManyAttemptsError while (name, address) or address is locked by any process."""
@@ -502,21 +510,22 @@ class SharedLoginThrottle:
         for the function call (the role can write nothing else in it)."""
         if not self.enabled:
             return
-        digest = _credentials_digest(self._secret, name, credentials)
-        try:
-            cur.execute(
-                "START TRANSACTION READ WRITE; SELECT login_failed(%s, %s, %s, %s, %s, %s, %s); COMMIT",
-                (name, address, psycopg2.Binary(digest), self._free, self._addr_free, self._base_s, self._max_s),
-            )
-        except psycopg2.Error as exc:
-            self._unavailable(cur, exc)
+        digest = psycopg2.Binary(_credentials_digest(self._secret, name, credentials))
+        a = self.allowance
+        self._write(
+            cur,
+            "SELECT login_failed(%s, %s, %s, %s, %s, %s, %s)",
+            (name, address, digest, a.free, a.address_free, a.base_s, a.max_s),
+        )
 
     def succeeded(self, cur: Cursor, name: str, address: str) -> None:
         """A verified password clears its (user, address) record; the address's own stays."""
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._write(cur, "SELECT login_succeeded(%s, %s)", (name, address))
+
+    def _write(self, cur: Cursor, call: str, args: tuple[Any, ...]) -> None:
         try:
-            cur.execute("START TRANSACTION READ WRITE; SELECT login_succeeded(%s, %s); COMMIT", (name, address))
+            cur.execute(f"START TRANSACTION READ WRITE; {call}; COMMIT", args)
         except psycopg2.Error as exc:
             self._unavailable(cur, exc)
 
